@@ -1,0 +1,153 @@
+"""save / load: the checkpoint contract of conventions section 4.
+
+A checkpoint is one safetensors file: every adapter tensor, every base weight the variant rewrote
+(as `<target>::base_weight`, dense (d_out, d_in)), and metadata (format version, variant, full config,
+runtime knobs, targets, per-target base hashes). load never reruns an init, SVD or calibration pass, and it
+validates the whole file against the model before touching it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from . import layers, runtime
+from .config import Config
+from .errors import AdapterError, CheckpointError
+from .registry import REGISTRY
+from .targeting import find_targets
+
+FORMAT = "lora-verify-adapter/1"
+_SEP = "::"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write data to path atomically: a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the attached adapter of model to path (safetensors), atomically."""
+    st = runtime.state_of(model)
+    tensors: dict[str, torch.Tensor] = {}
+    knobs = {}
+    for name, layer in st.targets.items():
+        ad = layer.adapter
+        for tname, t in ad.tensors().items():
+            tensors[f"{name}{_SEP}{tname}"] = t.detach().cpu().contiguous().clone()
+        if ad.rewritten:
+            tensors[f"{name}{_SEP}base_weight"] = layers.dense_weight(layer).detach().cpu().contiguous().clone()
+        knobs[name] = ad.knobs
+    meta = {
+        "format": FORMAT,
+        "variant": st.cfg.variant,
+        "config": json.dumps(st.cfg.to_dict(), sort_keys=True),
+        "knobs": json.dumps(knobs, sort_keys=True),
+        "targets": json.dumps(list(st.targets)),
+        "base_hashes": json.dumps(st.base_hashes, sort_keys=True),
+    }
+    data = safetensors.torch.save(dict(sorted(tensors.items())), metadata=meta)
+    atomic_write_bytes(path, data)
+
+
+def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    try:
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + n])
+        meta = header.get("__metadata__") or {}
+        tensors = safetensors.torch.load(raw)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt): {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r} (foreign or other version)")
+    try:
+        meta = {
+            "variant": meta["variant"],
+            "config": json.loads(meta["config"]),
+            "knobs": json.loads(meta["knobs"]),
+            "targets": json.loads(meta["targets"]),
+            "base_hashes": json.loads(meta["base_hashes"]),
+        }
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: metadata incomplete or corrupt ({e})") from None
+    return meta, tensors
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, allow_base_mismatch: bool = False) -> nn.Module:
+    """Attach the adapter saved at path to model, with no init, SVD or calibration pass.
+
+    Refuses (CheckpointError, model untouched) a corrupt or foreign file, another variant's or shape's
+    tensors, a missing or unexpected tensor, and targeted base weights that hash differently from the ones
+    the adapter was trained on (unless allow_base_mismatch=True).
+    """
+    meta, tensors = _read(path)
+    if runtime.is_attached(model):
+        raise CheckpointError("an adapter is already attached to this model; detach it before load")
+    try:
+        cfg = Config.from_dict(meta["config"])
+    except AdapterError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if cfg.variant != meta["variant"]:
+        raise CheckpointError(f"{path}: metadata variant {meta['variant']!r} != config variant {cfg.variant!r}")
+    variant = REGISTRY.get(cfg.variant)()
+    try:
+        targets = find_targets(model, cfg)
+    except AdapterError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if list(targets) != meta["targets"]:
+        raise CheckpointError(
+            f"{path}: checkpoint targets {meta['targets']} but this model's matching layers are {list(targets)}"
+        )
+    by_target: dict[str, dict[str, torch.Tensor]] = {n: {} for n in targets}
+    for key, t in tensors.items():
+        name, _, tname = key.rpartition(_SEP)
+        if name not in by_target:
+            raise CheckpointError(f"{path}: unexpected tensor '{key}' for a layer the config does not target")
+        by_target[name][tname] = t
+    for name, layer in targets.items():
+        d_in, d_out = layers.dims(layer)
+        expected = {k: d.shape for k, d in variant.tensors(d_in, d_out, cfg).items()}
+        if variant.rewrites_base and "base_weight" in by_target[name]:
+            expected["base_weight"] = (d_out, d_in)
+        got = by_target[name]
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        if missing or extra:
+            raise CheckpointError(f"{path}: layer '{name}': missing tensors {missing}, unexpected tensors {extra}")
+        for k, shape in expected.items():
+            if tuple(got[k].shape) != tuple(shape):
+                raise CheckpointError(
+                    f"{path}: layer '{name}' tensor '{k}' has shape {tuple(got[k].shape)}, expected {tuple(shape)}"
+                )
+        if not allow_base_mismatch:
+            h = layers.weight_hash(layer)
+            if h != meta["base_hashes"].get(name):
+                raise CheckpointError(
+                    f"{path}: the base weight of layer '{name}' differs from the one this adapter was trained on "
+                    "(sha256 mismatch); pass allow_base_mismatch=True to load anyway"
+                )
+    runtime.attach(model, cfg, _restore=by_target)
+    for name, ad in runtime.adapters(model).items():
+        ad.knobs.update(meta["knobs"].get(name, {}))
+    runtime.state_of(model).base_hashes.update(meta["base_hashes"])
+    return model

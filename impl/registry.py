@@ -1,0 +1,144 @@
+"""The variant protocol and the registry a variant file registers itself in.
+
+A variant is a class with declarative attributes and a few pure tensor functions. The runtime
+(`impl.runtime`) owns hooks, freezing, dtypes, layouts, quantized weights and checkpoints, so a variant
+file only states its math. A user's own variant registers the same way from any importable module.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from .errors import ConfigError
+
+Init = str | Callable[[torch.Tensor, torch.Generator | None], None]
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """One adapter tensor: its shape, how it starts, and whether it trains.
+
+    init: "zeros", "ones", "kaiming" (kaiming-uniform a=sqrt(5), as nn.Linear), "empty" (filled by the
+    variant's init), or a callable filling the tensor in place. Trainable tensors are Parameters in the
+    config's param_dtype; frozen ones are persistent buffers in the config's dtype.
+    """
+
+    shape: tuple[int, ...]
+    init: Init = "zeros"
+    trainable: bool = True
+
+
+class Variant:
+    """Base class of every variant. Subclasses set the class attributes and implement the math."""
+
+    name: ClassVar[str]
+    fields: ClassVar[dict[str, Any]] = {}  # the variant's own config fields and their defaults
+    knobs: ClassVar[tuple[str, ...]] = ()  # runtime knobs (config fields changeable on the live model)
+    side: ClassVar[str] = "output"  # "output": forward(ad, x, y); "input": forward_input(ad, x)
+    dropout: ClassVar[bool] = True  # honours dropout on its adapter input; False: dropout > 0 rejected
+    quantized: ClassVar[bool] = True  # works on bitsandbytes layers; False: attach raises
+    rewrites_base: ClassVar[bool] = False  # init writes a residual into the base weight
+    data: ClassVar[str] = "none"  # "none" | "optional" | "required" calibration data
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """Raise ConfigError for field values this variant cannot use (checked at config time)."""
+
+    @classmethod
+    def check_layer(cls, cfg, d_in: int, d_out: int, name: str) -> None:
+        """Raise for a layer this config cannot adapt (default: r larger than the layer's width)."""
+        if cfg.r > min(d_in, d_out):
+            raise ValueError(f"r={cfg.r} exceeds min(d_in={d_in}, d_out={d_out}) of layer '{name}'")
+
+    def tensors(self, d_in: int, d_out: int, cfg) -> dict[str, TensorDecl]:
+        raise NotImplementedError
+
+    def init(self, ad, W: torch.Tensor, cfg) -> torch.Tensor | None:
+        """Deterministic init from the dense fp32 base weight W (d_out, d_in). Return a new base weight
+        (fp32, d_out x d_in) if the variant rewrites it, else None."""
+        return None
+
+    def group_init(self, adapters: dict, acts: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+        """Data-driven init. acts[name] is the (N, d_in) fp32 input of each target over the non-padding
+        calibration tokens. Return {name: new fp32 base weight} for the layers it rewrites."""
+        return {}
+
+    def forward(self, ad, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_input(self, ad, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merged(self, ad, W: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense (W', b') in fp32 such that F.linear(x, W', b') equals the adapted layer (eval mode)."""
+        raise NotImplementedError
+
+
+class Registry:
+    """Name -> variant class. One instance (`REGISTRY`) serves impl and users' own variants."""
+
+    def __init__(self) -> None:
+        self._variants: dict[str, type[Variant]] = {}
+
+    def register(self, cls: type[Variant]) -> type[Variant]:
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"variant class {cls.__qualname__} has no name")
+        if name in self._variants and self._variants[name] is not cls:
+            raise ConfigError(f"variant '{name}' is already registered by {self._variants[name].__module__}")
+        if cls.side not in ("output", "input"):
+            raise ConfigError(f"variant '{name}': side must be 'output' or 'input', not {cls.side!r}")
+        if cls.data not in ("none", "optional", "required"):
+            raise ConfigError(f"variant '{name}': data must be none/optional/required, not {cls.data!r}")
+        self._variants[name] = cls
+        return cls
+
+    def unregister(self, name: str) -> None:
+        self._variants.pop(name, None)
+
+    def get(self, name: str) -> type[Variant]:
+        try:
+            return self._variants[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown variant '{name}'; registered: {', '.join(sorted(self._variants)) or 'none'}"
+            ) from None
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._variants)
+
+
+REGISTRY = Registry()
+register = REGISTRY.register
+
+
+def load_builtin_variants() -> None:
+    """Import every module in impl/variants so that each registers itself."""
+    from . import variants
+
+    for info in sorted(pkgutil.iter_modules(variants.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{variants.__name__}.{info.name}")
+
+
+def load_variant_module(module: str) -> None:
+    """Import a user's variant module (dotted name or path to a .py file) so it registers itself."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(module)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise ConfigError(f"variant module file not found: {path}")
+        mod_name = f"user_variant_{path.stem}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = mod
+        spec.loader.exec_module(mod)
+    else:
+        importlib.import_module(module)

@@ -1,0 +1,1 @@
+"""One file per variant; each registers itself with `impl.registry.register`."""
