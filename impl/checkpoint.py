@@ -42,6 +42,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+_DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a deterministic header (sorted keys), so equal content gives equal files.
+
+    (safetensors' own writer orders the metadata through a hash map, which differs between processes.)
+    """
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the attached adapter of model to path (safetensors), atomically."""
     st = runtime.state_of(model)
@@ -62,7 +85,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "targets": json.dumps(list(st.targets)),
         "base_hashes": json.dumps(st.base_hashes, sort_keys=True),
     }
-    data = safetensors.torch.save(dict(sorted(tensors.items())), metadata=meta)
+    data = serialize(tensors, meta)
     atomic_write_bytes(path, data)
 
 

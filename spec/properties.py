@@ -1,0 +1,770 @@
+"""The property library: each property is one generic function over a spec, a backend and a drawn case.
+
+No property has per-variant code: everything variant-specific comes from the spec (oracle, init formula,
+tensors, claims, declarations). A check raises `Falsified` (an AssertionError) naming what broke, and
+returns the worst scaled error it measured (conventions section 3) or None.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+from impl.errors import AdapterError, AttachError, CheckpointError, ConfigError
+
+from . import tolerance as tol
+from .backends import single
+from .schema import Spec
+from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
+
+
+class Falsified(AssertionError):
+    """A property does not hold on this case."""
+
+
+def require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise Falsified(msg)
+
+
+@dataclass(frozen=True)
+class Property:
+    name: str
+    doc: str
+    check: Callable[[Spec, object, Case], float | None]
+    strategy: Callable[[Spec, str], st.SearchStrategy]
+    applies: Callable[[Spec, object], str | None] = lambda spec, be: None
+    max_examples: int | None = None  # cap for properties with little to draw
+
+
+PROPERTIES: dict[str, Property] = {}
+
+
+def prop(name: str, strategy, applies=None, max_examples=None):
+    def deco(fn):
+        PROPERTIES[name] = Property(name, (fn.__doc__ or "").strip(), fn, strategy,
+                                    applies or (lambda spec, be: None), max_examples)
+        return fn
+
+    return deco
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _dt(*dtypes):
+    return lambda spec, device: cases(spec, dtypes=dtypes, device=device)
+
+
+@dataclass
+class Setup:
+    W: torch.Tensor  # original base weight, float64, rounded to the case dtype
+    b: torch.Tensor | None
+    model: torch.nn.Module
+    x: torch.Tensor
+    cal: list | None
+    y0: torch.Tensor  # base output before attach
+
+
+def setup(spec: Spec, be, case: Case, layout: str = "linear", kind: str = "random", attach: bool = True,
+          with_data: bool = True, **over) -> Setup:
+    """Build a single-layer model for the case, record its base output, attach the variant."""
+    W, b = base_weight(case, kind)
+    W = W.to(case.dtype).double()
+    b = None if b is None else b.to(case.dtype).double()
+    model = single(W, b, case.dtype, layout, case.device)
+    x = inputs(case).to(case.dtype).to(case.device)
+    with torch.no_grad():
+        y0 = model(x)
+    cal = calibration(case, W, case.fields["r"]) if spec.data != "none" and with_data else None
+    if cal is not None:
+        cal = [{k: v.to(case.device) for k, v in batch.items()} for batch in cal]
+    if attach:
+        torch.manual_seed(case.seed)
+        if case.dtype == torch.float64 and "param_dtype" not in over:
+            over["param_dtype"] = torch.float64
+        be.attach(model, spec, case, cal, **over)
+    return Setup(W, b, model, x, cal, y0)
+
+
+def perturb(spec: Spec, be, model, case: Case, scale: float = 1.0) -> None:
+    """Move every trainable tensor away from its init (conventions section 8)."""
+    g = case.gen(3)
+    live = be.tensors(model)
+    with torch.no_grad():
+        for ts in spec.trainable:
+            t = live[ts.name]
+            new = ts.perturb(tuple(t.shape), g) if ts.perturb else torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.5
+            t.copy_((new.double() * scale if ts.perturb is None else new).to(t.dtype))
+
+
+def cfg_of(spec: Spec, case: Case, **over):
+    import impl
+
+    return impl.config(spec.name, **{**case.fields, **over})
+
+
+def oracle_output(spec: Spec, be, s: Setup, case: Case, x64: torch.Tensor, xd=None, grad: bool = False, **over):
+    """The spec's float64 oracle on the backend's live tensors, base weight and knobs."""
+    T = {}
+    for name, t in be.tensors(s.model).items():
+        T[name] = t.detach().double().cpu().requires_grad_(grad and t.requires_grad)
+    W = be.base_weight(s.model).detach().double().cpu()
+    layer_b = getattr(s.model.layer, "bias", None)
+    b = None if layer_b is None else layer_b.detach().double().cpu()
+    y = spec.oracle(W, b, T, x64, cfg_of(spec, case, **over), be.knobs(s.model), xd=xd)
+    return y, T
+
+
+def base_out(s: Setup, x64):
+    y = x64 @ s.W.T
+    return y if s.b is None else y + s.b
+
+
+def loss_weights(y: torch.Tensor, case: Case) -> torch.Tensor:
+    return torch.randn(y.shape, generator=case.gen(4), dtype=torch.float64)
+
+
+def compute_dtype(case: Case) -> torch.dtype:
+    return case.dtype
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def grad_flags(model) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def untouched(be, s_model, before_state, before_flags, what: str) -> None:
+    require(same_state(snapshot(s_model), before_state), f"{what}: the model's state dict changed")
+    require(not be.hooks_left(s_model), f"{what}: hooks or adapters left on {be.hooks_left(s_model)}")
+    require(grad_flags(s_model) == before_flags, f"{what}: requires_grad flags changed")
+
+
+# ----------------------------------------------------------------------------------------------- identity
+
+
+@prop("identity_at_init", _dt(torch.float32, torch.bfloat16, torch.float64))
+def identity_at_init(spec, be, case):
+    """The adapted output at init equals the base output in the spec's identity class (bitwise, within a
+    dtype-derived tolerance, or off by at most the declared start size)."""
+    s = setup(spec, be, case)
+    with torch.no_grad():
+        y = s.model(s.x)
+    diff = tol.maxabs(y.double() - s.y0.double())
+    if spec.identity == "bitwise":
+        require(torch.equal(y, s.y0), f"not bitwise identical at init: max |y - y_base| = {diff:.3g}")
+        return 0.0
+    rel = diff / (tol.maxabs(s.y0) + 1e-300)
+    if spec.identity == "tolerance":
+        ok, err = tol.close(y, s.y0, None, case.dtype, spec.identity_factor)
+        require(ok, f"identity off by {rel:.3g} relative, beyond {tol.ACCUMULATION[case.dtype] * spec.identity_factor:g} eps({case.dtype})")
+        return err
+    require(0 < rel <= spec.init_shrink, f"declared start size {spec.init_shrink:g}, measured {rel:.3g}")
+    return rel
+
+
+@prop("knob_identity", _dt(torch.float32, torch.float64),
+      applies=lambda spec, be: None if spec.knobs else "the spec declares no runtime knob")
+def knob_identity(spec, be, case):
+    """With a knob set to its identity value on the live model after attach, the output equals the layer
+    with every trainable at its identity (init) value, for any values of the trainables."""
+    worst = 0.0
+    for knob, value in spec.knobs.items():
+        s = setup(spec, be, case)
+        init = {n: t.detach().clone() for n, t in be.tensors(s.model).items()}
+        default = be.knobs(s.model)[knob]
+        with torch.no_grad():
+            y_init = s.model(s.x)
+        perturb(spec, be, s.model, case)
+        be.set_knob(s.model, knob, value)
+        with torch.no_grad():
+            y_knob = s.model(s.x)
+        be.set_knob(s.model, knob, default)
+        with torch.no_grad():
+            for n, t in be.tensors(s.model).items():
+                t.copy_(init[n])
+            y_back = s.model(s.x)
+        require(torch.equal(y_back, y_init), f"{knob}: restoring the init tensors does not restore the init output")
+        ok, err = tol.close(y_knob, y_init, s.y0, case.dtype)
+        require(ok, f"{knob}={value} set after attach: output is not the identity-valued layer's (scaled error {err:.3g})")
+        worst = max(worst, err)
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------- oracle
+
+
+@prop("oracle", _dt(torch.float64, torch.float32, torch.bfloat16))
+def oracle(spec, be, case):
+    """On random non-init adapter tensors, the output and the gradients of every trainable tensor and of the
+    input equal the spec's float64 oracle (written from the paper, sharing no code with the implementation)."""
+    s = setup(spec, be, case)
+    perturb(spec, be, s.model, case)
+    x = s.x.detach().clone().requires_grad_(True)
+    y = s.model(x)
+    c = loss_weights(y, case)
+    (y.double() * c.to(y.device)).sum().backward()
+    x64 = s.x.detach().double().cpu().requires_grad_(True)
+    y_ref, T = oracle_output(spec, be, s, case, x64, grad=True)
+    (y_ref * c).sum().backward()
+    ok, worst = tol.close(y.cpu(), y_ref, base_out(s, x64), case.dtype, spec.identity_factor)
+    require(ok, f"output differs from the float64 oracle (scaled error {worst:.3g})")
+    live = be.tensors(s.model)
+    grads = {n: (live[n].grad, T[n].grad) for n in T if T[n].requires_grad}
+    grads["input"] = (x.grad, x64.grad)
+    for n, (g, g_ref) in grads.items():
+        require(g is not None, f"no gradient reached '{n}'")
+        ok, err = tol.close(g.cpu(), g_ref, None, case.dtype, spec.identity_factor)
+        require(ok, f"gradient of '{n}' differs from the oracle's (max diff {tol.maxabs(g.cpu().double() - g_ref):.3g}, scale {tol.maxabs(g_ref):.3g})")
+        worst = max(worst, err)
+    return worst
+
+
+@prop("init_formula", _dt(torch.float32),
+      applies=lambda spec, be: None if spec.init_oracle else "the init has no deterministic part")
+def init_formula(spec, be, case):
+    """The init equals the spec's float64 init formula wherever it is deterministic (up to sign where the
+    spec says so)."""
+    s = setup(spec, be, case)
+    X = calibration_tokens(s.cal) if s.cal is not None else None
+    expected = spec.init_oracle(s.W, cfg_of(spec, case), X)
+    actual = {n: t.detach().double().cpu() for n, t in be.tensors(s.model).items()}
+    actual["base_weight"] = be.base_weight(s.model).detach().double().cpu()
+    worst = 0.0
+    for name, e in expected.items():
+        require(name in actual, f"init formula names '{name}', which the implementation lacks")
+        a = actual[name]
+        require(a.shape == e.shape, f"'{name}' has shape {tuple(a.shape)}, the formula {tuple(e.shape)}")
+        if name in spec.sign_free:
+            dim = spec.sign_free[name]
+            dots = (a * e).sum(dim=1 - dim if a.dim() == 2 else 0, keepdim=True)
+            e = e * torch.where(dots < 0, -1.0, 1.0).to(e.dtype)
+        ok, err = tol.close(a, e, None, case.dtype, 4 * spec.identity_factor * max(s.W.shape))
+        require(ok, f"init of '{name}' differs from the spec's formula (max diff {tol.maxabs(a - e):.3g}, scale {tol.maxabs(e):.3g})")
+        worst = max(worst, err)
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@prop("config_constraints", _dt(torch.float32), max_examples=1,
+      applies=lambda spec, be: None if be.name == "impl" else "config constraints are impl's config-time checks")
+def config_constraints(spec, be, case):
+    """Every config constraint the spec declares is enforced at config time with an error naming the field."""
+    for c in spec.constraints:
+        try:
+            cfg_of(spec, case, **c.bad)
+        except ConfigError as e:
+            require(any(k in str(e) for k in c.bad), f"'{c.text}': the error does not name {sorted(c.bad)}: {e}")
+            continue
+        raise Falsified(f"constraint '{c.text}' not enforced: config accepted {dict(c.bad)}")
+    try:
+        cfg_of(spec, case, no_such_field=1)
+    except ConfigError as e:
+        require("no_such_field" in str(e), f"unknown field error does not name it: {e}")
+    else:
+        raise Falsified("an unknown config field was accepted")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- gradients
+
+
+def _grads(be, s: Setup, case: Case) -> dict[str, torch.Tensor | None]:
+    for t in be.tensors(s.model).values():
+        t.grad = None
+    y = s.model(s.x)
+    (y.double() * loss_weights(y, case).to(y.device)).sum().backward()
+    return {n: t.grad for n, t in be.tensors(s.model).items() if t.requires_grad}
+
+
+@prop("gradient_pattern", lambda spec, device: cases(spec, device=device, defaults_only=True))
+def gradient_pattern(spec, be, case):
+    """With the default config: exactly the tensors the spec declares have zero gradient at init, every other
+    trainable has a non-zero one, and all are non-zero once every tensor is perturbed."""
+    s = setup(spec, be, case)
+    g0 = _grads(be, s, case)
+    for ts in spec.trainable:
+        g = g0.get(ts.name)
+        zero = g is None or not torch.any(g != 0)
+        if ts.zero_grad_at_init:
+            require(zero, f"'{ts.name}' has a non-zero gradient at init, but the spec declares zero ({ts.zero_grad_at_init})")
+        else:
+            require(not zero, f"'{ts.name}' has an all-zero gradient at init (dead start)")
+    perturb(spec, be, s.model, case)
+    g1 = _grads(be, s, case)
+    for ts in spec.trainable:
+        g = g1.get(ts.name)
+        require(g is not None and bool(torch.any(g != 0)), f"'{ts.name}' has an all-zero gradient after perturbing")
+        require(bool(torch.isfinite(g).all()), f"'{ts.name}' has a non-finite gradient")
+    return None
+
+
+@prop("training_step", _dt(torch.float32, torch.bfloat16))
+def training_step(spec, be, case):
+    """From the perturbed state, one AdamW step (weight_decay 0) in the declared param_dtype changes every
+    trainable tensor and leaves every base parameter unchanged and without gradient."""
+    s = setup(spec, be, case)
+    perturb(spec, be, s.model, case)
+    live = be.tensors(s.model)
+    before = {n: t.detach().clone() for n, t in live.items()}
+    base_before = {k: v.clone() for k, v in snapshot(s.model).items() if not any(k.endswith("." + n) for n in live)}
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    y = s.model(s.x)
+    (y.double() * loss_weights(y, case).to(y.device)).sum().backward()
+    opt.step()
+    for ts in spec.trainable:
+        require(not torch.equal(live[ts.name].detach(), before[ts.name]), f"'{ts.name}' did not move after one AdamW step")
+    for ts in spec.tensors:
+        if not ts.trainable:
+            require(torch.equal(live[ts.name].detach(), before[ts.name]), f"frozen '{ts.name}' changed in training")
+    after = snapshot(s.model)
+    for k, v in base_before.items():
+        require(k in after and torch.equal(after[k], v), f"base tensor '{k}' changed in training")
+    leaks = [n for n, p in s.model.named_parameters() if not p.requires_grad and p.grad is not None]
+    require(not leaks, f"frozen parameters received gradients: {leaks}")
+    return None
+
+
+@prop("trainable_set", _dt(torch.float32), max_examples=8)
+def trainable_set(spec, be, case):
+    """Base parameters are frozen; the trainable tensors are exactly the spec's, with the spec's shapes, and
+    their count equals the spec's formula; frozen adapter tensors are persistent buffers, not Parameters."""
+    s = setup(spec, be, case)
+    y = s.model(s.x)  # a forward and backward first: a base parameter a forward unfroze is caught too
+    y.float().sum().backward()
+    leaks = [n for n, p in s.model.named_parameters() if p.grad is not None and not any(p is t for t in be.tensors(s.model).values())]
+    require(not leaks, f"base parameters received gradients: {leaks}")
+    live = be.tensors(s.model)
+    cfg = cfg_of(spec, case)
+    require(set(live) == {t.name for t in spec.tensors},
+            f"adapter tensors {sorted(live)} != spec's {sorted(t.name for t in spec.tensors)}")
+    param_ids = {id(p) for p in s.model.parameters()}
+    state = s.model.state_dict(keep_vars=True)
+    state_ids = {id(v) for v in state.values()}
+    for ts in spec.tensors:
+        t = live[ts.name]
+        shape = spec.shape_of(ts, case.d_in, case.d_out, cfg)
+        require(tuple(t.shape) == shape, f"'{ts.name}' has shape {tuple(t.shape)}, spec says {ts.shape} = {shape}")
+        if ts.trainable:
+            require(isinstance(t, torch.nn.Parameter) and t.requires_grad, f"'{ts.name}' should be a trainable Parameter")
+        else:
+            require(id(t) not in param_ids and not t.requires_grad, f"frozen '{ts.name}' is a Parameter, not a buffer")
+            require(id(t) in state_ids, f"frozen '{ts.name}' is not in the state dict (not persistent)")
+    trainable = [p for p in s.model.parameters() if p.requires_grad]
+    adapter_ids = {id(live[t.name]) for t in spec.trainable}
+    require(all(id(p) in adapter_ids for p in trainable), "a base parameter is left trainable")
+    n = sum(p.numel() for p in trainable)
+    expected = spec.count(case.d_in, case.d_out, cfg)
+    require(n == expected, f"{n} trainable parameters, the spec's formula {spec.param_count} gives {expected}")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- bias, claims
+
+
+@prop("bias_invariance", lambda spec, device: cases(spec, device=device, bias=True),
+      applies=lambda spec, be: None if spec.bias == "passthrough" else f"declared: {spec.bias_note or 'the bias is scaled'}")
+def bias_invariance(spec, be, case):
+    """After perturbing, the output with bias equals the output without bias plus the bias."""
+    s = setup(spec, be, case)
+    perturb(spec, be, s.model, case)
+    with torch.no_grad():
+        y_b = s.model(s.x)
+        b = s.model.layer.bias.detach().clone()
+        s.model.layer.bias.zero_()
+        y_0 = s.model(s.x)
+        s.model.layer.bias.copy_(b)
+    err = tol.maxabs((y_b - y_0).double() - b.double())
+    limit = tol.ACCUMULATION[case.dtype] * tol.eps(case.dtype) * (tol.maxabs(y_b) + tol.maxabs(b))
+    require(err <= limit, f"(y with bias) - (y without) differs from the bias by {err:.3g} (bias scale {tol.maxabs(b):.3g})")
+    return err / (tol.maxabs(b) + 1e-300)
+
+
+class Probe:
+    """What a claim may measure on the implementation: its tensors, knobs and dense input->output map."""
+
+    def __init__(self, spec, be, s: Setup, case: Case):
+        self.spec, self.be, self.s, self.case = spec, be, s, case
+        self.cfg = cfg_of(spec, case)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().double().cpu() for n, t in self.be.tensors(self.s.model).items()}
+
+    def knobs(self) -> dict[str, float]:
+        return self.be.knobs(self.s.model)
+
+    def base_weight(self) -> torch.Tensor:
+        return self.be.base_weight(self.s.model).detach().double().cpu()
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        t = self.be.tensors(self.s.model)[name]
+        with torch.no_grad():
+            t.copy_(value.to(t.dtype))
+
+    def set_knob(self, name: str, value: float) -> None:
+        self.be.set_knob(self.s.model, name, value)
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.s.model(x.to(self.case.dtype).to(self.case.device)).double().cpu()
+
+    def dense_map(self) -> torch.Tensor:
+        """M (d_out, d_in) with y(x) = M x + y(0), measured from the implementation's outputs."""
+        d_in = self.case.d_in
+        eye = torch.eye(d_in, dtype=torch.float64)
+        y = self.output(torch.cat([eye, torch.zeros(1, d_in, dtype=torch.float64)], 0))
+        return (y[:-1] - y[-1:]).T
+
+
+def _check_claim(claim, obj, dtype) -> float:
+    eps = tol.ACCUMULATION[dtype] * tol.eps(dtype)
+    if claim.kind == "nonnegative":
+        low = float(obj.min())
+        require(low >= 0, f"{claim.text}: minimum {low:.3g} < 0")
+        return max(0.0, -low)
+    if claim.kind == "unit_interval":
+        lo, hi = float(obj.min()), float(obj.max())
+        require(lo >= -eps and hi <= 1 + eps, f"{claim.text}: values span [{lo:.6g}, {hi:.6g}]")
+        return max(0.0, -lo, hi - 1)
+    if claim.kind == "bounded":
+        hi = float(obj.max())
+        require(hi <= claim.bound * (1 + eps) + eps, f"{claim.text}: maximum {hi:.6g} exceeds {claim.bound:g}")
+        return hi
+    if claim.kind == "orthogonal_det1":
+        R = obj.double()
+        n = R.shape[-1]
+        eye = torch.eye(n, dtype=R.dtype)
+        orth = tol.maxabs(R.transpose(-1, -2) @ R - eye)
+        det = R.det()
+        require(orth <= eps * n, f"{claim.text}: |RᵀR − I| = {orth:.3g}")
+        require(tol.maxabs(det - 1) <= eps * n, f"{claim.text}: det R ranges in [{float(det.min()):.6g}, {float(det.max()):.6g}]")
+        return orth
+    if claim.kind == "norm_preserving":
+        x, rx = obj
+        err = tol.maxabs(x.norm(dim=-1) - rx.norm(dim=-1)) / (tol.maxabs(x.norm(dim=-1)) + 1e-300)
+        require(err <= eps * x.shape[-1], f"{claim.text}: norms differ by {err:.3g} relative")
+        return err
+    raise ValueError(claim.kind)
+
+
+@prop("spectrum", _dt(torch.float64, torch.float32),
+      applies=lambda spec, be: None if spec.claims else "the spec makes no spectral claim")
+def spectrum(spec, be, case):
+    """Each spectral claim of the spec (non-negative gains, bounded derivatives, eigenvalues in [0, 1],
+    orthogonal rotations with det +1, norm preservation) holds on the implementation, from saturated inputs."""
+    worst = 0.0
+    for claim in spec.claims:
+        s = setup(spec, be, case)
+        perturb(spec, be, s.model, case, scale=claim.saturate)
+        worst = max(worst, _check_claim(claim, claim.of(Probe(spec, be, s, case)), case.dtype))
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------- dropout
+
+
+@prop("dropout", _dt(torch.float32))
+def dropout(spec, be, case):
+    """Dropout is honoured (train output equals the hand computation with the same mask under a shared seed;
+    eval is deterministic and drops nothing) or rejected at config time, as the spec declares."""
+    p = 0.3
+    if spec.dropout == "rejected":
+        try:
+            be.attach(setup(spec, be, case, attach=False).model, spec, case, None, dropout=p)
+        except (ConfigError, AttachError) as e:
+            require("dropout" in str(e), f"dropout rejection does not name the field: {e}")
+            return None
+        raise Falsified(f"dropout={p} accepted, but the spec declares it rejected")
+    s = setup(spec, be, case, dropout=p)
+    perturb(spec, be, s.model, case)
+    s.model.train()
+    torch.manual_seed(case.seed)
+    with torch.no_grad():
+        y = s.model(s.x)
+    torch.manual_seed(case.seed)
+    mask = F.dropout(torch.ones_like(s.x), p=p, training=True)
+    x64 = s.x.double().cpu()
+    y_ref, _ = oracle_output(spec, be, s, case, x64, xd=(s.x * mask).double().cpu(), dropout=p)
+    ok, err = tol.close(y.cpu(), y_ref, base_out(s, x64), case.dtype, spec.identity_factor)
+    require(ok, f"train-mode output is not the hand computation with the shared dropout mask (scaled error {err:.3g})")
+    s.model.eval()
+    with torch.no_grad():
+        e1, e2 = s.model(s.x), s.model(s.x)
+    require(torch.equal(e1, e2), "eval mode is not deterministic")
+    y_eval, _ = oracle_output(spec, be, s, case, x64, dropout=p)
+    ok, err2 = tol.close(e1.cpu(), y_eval, base_out(s, x64), case.dtype, spec.identity_factor)
+    require(ok, f"eval-mode output differs from the no-dropout oracle (scaled error {err2:.3g})")
+    return max(err, err2)
+
+
+# ----------------------------------------------------------------------------------------------- lifecycle
+
+
+@prop("detach_restores", _dt(torch.float32, torch.bfloat16))
+def detach_restores(spec, be, case):
+    """attach, perturb, forward, detach: the base output, state dict and requires_grad flags are bit-exactly
+    what they were, and no hook or adapter is left."""
+    s = setup(spec, be, case, attach=False)
+    state, flags = snapshot(s.model), grad_flags(s.model)
+    torch.manual_seed(case.seed)
+    be.attach(s.model, spec, case, s.cal)
+    perturb(spec, be, s.model, case)
+    s.model(s.x)
+    be.detach(s.model)
+    with torch.no_grad():
+        y = s.model(s.x)
+    require(torch.equal(y, s.y0), f"output after detach differs from the base by {tol.maxabs(y.double() - s.y0.double()):.3g}")
+    untouched(be, s.model, state, flags, "after detach")
+    return 0.0
+
+
+@prop("merge", _dt(torch.float32, torch.bfloat16))
+def merge(spec, be, case):
+    """After perturbing, merge folds the adapter into dense weights: the output equals the hooked output,
+    every base weight keeps its dtype, and no hook is left."""
+    s = setup(spec, be, case)
+    perturb(spec, be, s.model, case)
+    s.model.eval()
+    dtypes = {k: v.dtype for k, v in s.model.layer.state_dict().items() if "adapter" not in k}
+    with torch.no_grad():
+        y_h = s.model(s.x)
+    be.merge(s.model)
+    with torch.no_grad():
+        y_m = s.model(s.x)
+    require(not be.hooks_left(s.model), f"hooks or adapters left after merge: {be.hooks_left(s.model)}")
+    for k, v in s.model.layer.state_dict().items():
+        require(k not in dtypes or v.dtype == dtypes[k], f"merge changed the dtype of '{k}' to {v.dtype}")
+    ok, err = tol.close(y_m, y_h, s.y0, case.dtype, spec.identity_factor)
+    require(ok, f"merged output differs from the hooked output (scaled error {err:.3g})")
+    return err
+
+
+def _file_diff(f1: Path, f2: Path) -> str:
+    """Which metadata entries or tensors differ between two safetensors files."""
+    from safetensors import safe_open
+
+    out = []
+    with safe_open(str(f1), "pt") as a, safe_open(str(f2), "pt") as b:
+        ma, mb = a.metadata() or {}, b.metadata() or {}
+        out += [f"metadata '{k}'" for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
+        ka, kb = set(a.keys()), set(b.keys())
+        out += [f"tensor '{k}' only in one file" for k in sorted(ka ^ kb)]
+        out += [f"tensor '{k}'" for k in sorted(ka & kb) if not torch.equal(a.get_tensor(k), b.get_tensor(k))]
+    return ", ".join(out) or "byte layout"
+
+
+def _fresh(s: Setup, case: Case, W=None):
+    return single(s.W if W is None else W, s.b, case.dtype, "linear", case.device)
+
+
+@prop("checkpoint_roundtrip", _dt(torch.float32, torch.bfloat16))
+def checkpoint_roundtrip(spec, be, case):
+    """save -> load -> save -> load into freshly built models, with no calibration data on load, reproduces the
+    outputs bit-exactly and the second file equals the first; a model with other base weights is refused
+    and left untouched."""
+    s = setup(spec, be, case)
+    perturb(spec, be, s.model, case)
+    for knob in spec.knobs:
+        be.set_knob(s.model, knob, 0.7)
+    with torch.no_grad():
+        y1 = s.model(s.x)
+    with tempfile.TemporaryDirectory() as d:
+        f1, f2 = Path(d, "a.safetensors"), Path(d, "b.safetensors")
+        be.save(s.model, f1)
+        m2 = _fresh(s, case)
+        try:
+            be.load(m2, f1)
+        except CheckpointError as e:
+            raise Falsified(f"the checkpoint save wrote does not load into a fresh model: {e}") from None
+        with torch.no_grad():
+            y2 = m2(s.x)
+        require(torch.equal(y2, y1), f"loaded output differs by {tol.maxabs(y2.double() - y1.double()):.3g}")
+        be.save(m2, f2)
+        require(f1.read_bytes() == f2.read_bytes(),
+                f"save -> load -> save does not reproduce the checkpoint: {_file_diff(f1, f2)}")
+        m3 = _fresh(s, case)
+        be.load(m3, f2)
+        with torch.no_grad():
+            y3 = m3(s.x)
+        require(torch.equal(y3, y1), f"second load differs by {tol.maxabs(y3.double() - y1.double()):.3g}")
+        if getattr(be, "checks_base_hash", True):
+            other = _fresh(s, case, W=s.W + 0.01)
+            state, flags = snapshot(other), grad_flags(other)
+            try:
+                be.load(other, f1)
+            except CheckpointError:
+                untouched(be, other, state, flags, "after a refused load")
+            else:
+                raise Falsified("load into a model with different base weights was accepted")
+    return 0.0
+
+
+@prop("layout", lambda spec, device: cases(spec, dtypes=(torch.float32, torch.float64), bias=True, device=device))
+def layout(spec, be, case):
+    """The variant on a Linear and on a transposed-storage Conv1D holding the same weight gives the same
+    outputs, gradients (adapter tensors and input) and merged weight."""
+    out = {}
+    for lay in ("linear", "conv1d"):
+        s = setup(spec, be, case, layout=lay)
+        perturb(spec, be, s.model, case)
+        x = s.x.detach().clone().requires_grad_(True)
+        y = s.model(x)
+        (y.double() * loss_weights(y, case).to(y.device)).sum().backward()
+        grads = {n: t.grad.detach().clone() for n, t in be.tensors(s.model).items() if t.requires_grad}
+        grads["input"] = x.grad.detach().clone()
+        s.model.eval()
+        be.merge(s.model)
+        out[lay] = (y.detach(), grads, be.base_weight(s.model).detach().clone(), s)
+    (yl, gl, Wl, s), (yc, gc, Wc, _) = out["linear"], out["conv1d"]
+    ok, worst = tol.close(yc, yl, s.y0, case.dtype)
+    require(ok, f"Conv1D output differs from Linear (scaled error {worst:.3g})")
+    for n in gl:
+        ok, err = tol.close(gc[n], gl[n], None, case.dtype)
+        require(ok, f"Conv1D gradient of '{n}' differs from Linear's (scaled error {err:.3g})")
+        worst = max(worst, err)
+    ok, err = tol.close(Wc, Wl, None, case.dtype)
+    require(ok, f"Conv1D merged weight differs from Linear's (scaled error {err:.3g})")
+    return max(worst, err)
+
+
+@prop("degenerate_weights", _dt(torch.float32))
+def degenerate_weights(spec, be, case):
+    """Degenerate but legal base weights (a zero row, a zero column, rank one) give finite outputs and
+    gradients at init and after perturbing: a division by a norm needs a floor."""
+    for kind in ("zero_row", "zero_col", "rank1"):
+        s = setup(spec, be, case, kind=kind)
+        for stage in ("init", "perturbed"):
+            if stage == "perturbed":
+                perturb(spec, be, s.model, case)
+            x = s.x.detach().clone().requires_grad_(True)
+            y = s.model(x)
+            require(bool(torch.isfinite(y).all()), f"{kind} W, {stage}: non-finite output")
+            y.float().sum().backward()
+            for n, t in be.tensors(s.model).items():
+                if t.requires_grad:
+                    require(t.grad is not None and bool(torch.isfinite(t.grad).all()), f"{kind} W, {stage}: non-finite gradient of '{n}'")
+                    t.grad = None
+            require(bool(torch.isfinite(x.grad).all()), f"{kind} W, {stage}: non-finite input gradient")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@st.composite
+def _data_cases(draw, spec, device):
+    c = draw(cases(spec, device=device, dtypes=(torch.float32,)))
+    d_in = max(c.d_in, 6)
+    d_out = max(c.d_out, 5)
+    r = draw(st.integers(2, min(d_in, d_out) - 2), label="r<rank")
+    if spec.fields is not None:
+        r = max(spec.min_width, r - r % max(1, c.fields.get("block_size", 1)))
+    return c.with_(d_in=d_in, d_out=d_out, fields={**c.fields, "r": r})
+
+
+def _state_after(spec, be, case, cal):
+    s = setup(spec, be, case, attach=False)
+    torch.manual_seed(case.seed)
+    be.attach(s.model, spec, case, cal)
+    out = {n: t.detach().clone() for n, t in be.tensors(s.model).items()}
+    out["base_weight"] = be.base_weight(s.model).detach().clone()
+    return out
+
+
+@prop("data_path", lambda spec, device: _data_cases(spec, device),
+      applies=lambda spec, be: None if spec.data != "none" else "the variant uses no calibration data")
+def data_path(spec, be, case):
+    """The data path is live (other anisotropic data give another init), padding masked out by the attention
+    mask does not change it, and missing data or fewer tokens than r is a clear error leaving the model
+    bit-identical."""
+    W, _ = base_weight(case)
+    W = W.to(case.dtype).double()
+    r = case.fields["r"]
+    d1 = calibration(case, W, r)
+    a = _state_after(spec, be, case, d1)
+    b = _state_after(spec, be, case, calibration(case, W, r, variant=1))
+    moved = max(tol.maxabs(a[n].double() - b[n].double()) / (tol.maxabs(a[n]) + 1e-12) for n in a)
+    require(moved > 1e-4, "the init does not depend on the calibration data (data path not wired)")
+    if spec.data == "optional":
+        c = _state_after(spec, be, case, None)
+        moved = max(tol.maxabs(a[n].double() - c[n].double()) / (tol.maxabs(a[n]) + 1e-12) for n in a)
+        require(moved > 1e-4, "init with calibration data equals init without it")
+    m = _state_after(spec, be, case, calibration(case, W, r, pad_value=-777.0))
+    for n in a:
+        require(torch.equal(a[n], m[n]), f"padding tokens (attention_mask == 0) change the init of '{n}'")
+    s = setup(spec, be, case, attach=False)
+    state, flags = snapshot(s.model), grad_flags(s.model)
+    few = [{"x": d1[0]["x"][:1, : r - 1], "attention_mask": d1[0]["attention_mask"][:1, : r - 1]}]
+    for label, cal in (("missing data", None), ("fewer tokens than r", few)):
+        if label == "missing data" and spec.data != "required":
+            continue
+        try:
+            be.attach(s.model, spec, case, cal)
+        except AdapterError as e:
+            untouched(be, s.model, state, flags, f"after a failed attach ({label})")
+            require(len(str(e)) > 10, f"{label}: unhelpful error {e!r}")
+            continue
+        raise Falsified(f"attach with {label} did not raise")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- quantized
+
+
+@prop("quantized", _dt(torch.float32), max_examples=6)
+def quantized(spec, be, case):
+    """On bitsandbytes 4-bit and 8-bit layers the variant works as declared (equal, before and after a first
+    forward, to the same adapter around F.linear(x, W_deq, b) at fp32 tolerance) or raises its clear error
+    at attach, leaving the model untouched."""
+    import impl  # noqa: F401  (bitsandbytes import side effects happen through impl.layers)
+
+    W, b = base_weight(case)
+    x = inputs(case).float()
+    worst = 0.0
+    for lay in ("bnb4", "bnb8"):
+        q = single(W, b, torch.float32, lay)
+        W_deq = be.dequantized(q.layer).detach().double().clone()
+        cal = calibration(case.with_(dtype=torch.float32), W_deq, case.fields["r"]) if spec.data != "none" else None
+        if spec.quantized == "raises":
+            state, flags = snapshot(q), grad_flags(q)
+            try:
+                be.attach(q, spec, case, cal)
+            except AdapterError as e:
+                require("layer" in str(e), f"{lay}: the error does not name the layer: {e}")
+                untouched(be, q, state, flags, f"{lay} after the refused attach")
+                continue
+            raise Falsified(f"{lay}: attach succeeded, but the spec declares 'raises' on quantized layers")
+        torch.manual_seed(case.seed)
+        be.attach(q, spec, case, cal)
+        perturb(spec, be, q, case)
+        dense = single(W_deq, b, torch.float32, "linear")
+        torch.manual_seed(case.seed)
+        be.attach(dense, spec, case, cal)
+        with torch.no_grad():
+            for n, t in be.tensors(dense).items():
+                t.copy_(be.tensors(q)[n])
+            y_ref = dense(x)
+            y_base = F.linear(x, W_deq.float(), None if b is None else b.float())
+            for i in range(2):  # before and after a first forward (bnb 8-bit moves its scales then)
+                y = q(x)
+                ok, err = tol.close(y, y_ref, y_base, torch.float32)
+                require(ok, f"{lay}, forward {i + 1}: differs from the adapter around F.linear(x, W_deq, b) (scaled error {err:.3g})")
+                worst = max(worst, err)
+        require(torch.equal(be.dequantized(q.layer).double(), W_deq), f"{lay}: the dequantized weight changed after a forward")
+    return worst

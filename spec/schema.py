@@ -1,0 +1,153 @@
+"""The declarative record of a variant's math: one `Spec` per variant, in the shape of PyTorch's OpInfo.
+
+A spec is data a reader can check against the paper line by line: equation, tensors with shape formulas and
+init, parameter-count formula, identity class, knobs, bias treatment, dropout and data requirements,
+quantized support, config constraints, claims, pinned references, declared deviations, and an independent
+float64 oracle written straight from the paper's equation (sharing no code with impl/).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+IDENTITY_CLASSES = ("bitwise", "tolerance", "non_identity")
+CLAIM_KINDS = ("nonnegative", "unit_interval", "bounded", "orthogonal_det1", "norm_preserving")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One adapter tensor. `shape` and formulas are Python expressions over d_in, d_out and config fields."""
+
+    name: str
+    shape: str
+    init: str
+    trainable: bool = True
+    zero_grad_at_init: str = ""  # why its gradient is exactly zero at init ("" = non-zero)
+    perturb: Callable[[tuple, torch.Generator], torch.Tensor] | None = None  # non-init values; default N(0, 0.5²)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A config constraint; `bad` holds field values that violate it and must raise at config time."""
+
+    text: str
+    bad: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Reference:
+    label: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A spectral or structural claim about the implementation.
+
+    `of(probe)` returns the object the claim is about, measured on the implementation through `probe`
+    (see spec.properties.Probe); `kind` names the generic check applied to it:
+    nonnegative (all >= 0), unit_interval (all in [0, 1]), bounded (all <= `bound`),
+    orthogonal_det1 (a batch of square matrices, orthogonal with determinant +1),
+    norm_preserving (pairs (x, Rx) with equal norms).
+    """
+
+    name: str
+    kind: str
+    of: Callable[[Any], Any]
+    text: str
+    bound: float = 0.0
+    saturate: float = 1.0  # scale of the perturbation that drives the claim's inputs to extremes
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """A declared, reasoned difference: the property's failure is reported as a deviation, not a failure."""
+
+    property: str
+    reason: str
+    backend: str = "impl"
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    title: str
+    equation: str  # LaTeX, for the audit
+    tensors: tuple[TensorSpec, ...]
+    param_count: str  # formula over d_in, d_out and config fields
+    oracle: Callable[..., torch.Tensor]  # (W, b, T, x, cfg, knobs, xd=None) -> y, float64
+    identity: str = "bitwise"
+    identity_factor: float = 1.0  # multiplies the dtype tolerance for the 'tolerance' class
+    init_shrink: float = 0.0  # for 'non_identity': the largest relative start-off size
+    knobs: Mapping[str, float] = field(default_factory=dict)  # knob -> value at which the layer is the identity
+    bias: str = "passthrough"  # or "scaled"
+    bias_note: str = ""
+    dropout: str = "honoured"  # or "rejected"
+    data: str = "none"  # none | optional | required
+    quantized: str = "works"  # or "raises"
+    rewrites_base: bool = False
+    fields: Callable[..., dict] | None = None  # (draw, d_in, d_out) -> config fields (r, alpha, structural ones)
+    min_width: int = 1
+    square_only: bool = False  # draw square layers only (zoo mutants that would otherwise break shapes)
+    constraints: tuple[Constraint, ...] = ()
+    init_oracle: Callable[..., dict] | None = None  # (W, cfg, X) -> {tensor or "base_weight": expected}
+    sign_free: Mapping[str, int] = field(default_factory=dict)  # tensor -> dim of vectors whose sign is free
+    claims: tuple[Claim, ...] = ()
+    references: tuple[Reference, ...] = ()
+    deviations: tuple[Deviation, ...] = ()
+    peft: Any = None  # PEFT mapping (spec.peft_backend)
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.identity not in IDENTITY_CLASSES:
+            raise ValueError(f"spec '{self.name}': identity must be one of {IDENTITY_CLASSES}")
+        for c in self.claims:
+            if c.kind not in CLAIM_KINDS:
+                raise ValueError(f"spec '{self.name}': claim '{c.name}' has unknown kind {c.kind!r}")
+        if self.bias not in ("passthrough", "scaled") or self.dropout not in ("honoured", "rejected"):
+            raise ValueError(f"spec '{self.name}': bad bias or dropout declaration")
+        if self.data not in ("none", "optional", "required") or self.quantized not in ("works", "raises"):
+            raise ValueError(f"spec '{self.name}': bad data or quantized declaration")
+
+    def env(self, d_in: int, d_out: int, cfg) -> dict[str, Any]:
+        return {"d_in": d_in, "d_out": d_out, **dict(cfg.fields), "min": min, "max": max}
+
+    def shape_of(self, t: TensorSpec, d_in: int, d_out: int, cfg) -> tuple[int, ...]:
+        return tuple(int(v) for v in eval(t.shape, {"__builtins__": {}}, self.env(d_in, d_out, cfg)))
+
+    def count(self, d_in: int, d_out: int, cfg) -> int:
+        return int(eval(self.param_count, {"__builtins__": {}}, self.env(d_in, d_out, cfg)))
+
+    def deviation(self, prop: str, backend: str) -> Deviation | None:
+        return next((d for d in self.deviations if d.property == prop and d.backend == backend), None)
+
+    @property
+    def trainable(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for t in self.tensors if t.trainable)
+
+
+class SpecRegistry:
+    def __init__(self) -> None:
+        self._specs: dict[str, Spec] = {}
+
+    def register(self, s: Spec) -> Spec:
+        if s.name in self._specs and self._specs[s.name] is not s:
+            raise ValueError(f"spec '{s.name}' is already registered")
+        self._specs[s.name] = s
+        return s
+
+    def get(self, name: str) -> Spec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise KeyError(f"no spec for variant '{name}'; specs: {sorted(self._specs)}") from None
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._specs)
+
+
+SPECS = SpecRegistry()
+register = SPECS.register

@@ -1,0 +1,1 @@
+"""One spec per variant; each registers itself."""

@@ -1,0 +1,18 @@
+"""The generated verify items: one pytest item per (variant, property), parametrized by spec.plugin."""
+import json
+
+import pytest
+
+from spec import SPECS
+from spec.engine import run_property
+from spec.properties import PROPERTIES
+
+
+def test_property(variant, prop, verify_env, record_property):
+    res = run_property(PROPERTIES[prop], SPECS.get(variant), verify_env["backend"], verify_env["profile"],
+                       verify_env["device"])
+    record_property("verify", json.dumps(res.to_json()))
+    if res.status == "na":
+        pytest.skip(f"n/a: {res.detail}")
+    if res.status == "fail":
+        pytest.fail(f"{variant}/{prop}: {res.detail}\nminimal example: {res.example}", pytrace=False)

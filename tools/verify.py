@@ -1,0 +1,49 @@
+"""`python -m tools.verify`: run every property on every variant and write the results table and JSON.
+
+Options: --variants lora,dora  --properties oracle,merge  --variant-module path/or.module  --backend impl|peft
+--device cpu|cuda  --profile verify|ci|dev  --json PATH  -n WORKERS. Exits non-zero on any failure.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.verify", description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="")
+    ap.add_argument("--properties", default="")
+    ap.add_argument("--variant-module", action="append", default=[])
+    ap.add_argument("--backend", default="impl")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--profile", default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("-n", "--workers", default="2")
+    ap.add_argument("--peft-version", default=None, help="handled by `nox -s verify`; here it must match the installed peft")
+    a = ap.parse_args(argv)
+    if a.peft_version:
+        from importlib.metadata import version
+
+        have = version("peft")
+        if have != a.peft_version:
+            ap.error(f"--peft-version {a.peft_version} requested but peft {have} is installed; run it through nox -s verify")
+    args = [str(ROOT / "spec" / "verify_test.py"), "-p", "spec.plugin", "-q", "--no-header", "-p", "no:randomly",
+            f"--rootdir={ROOT}", "--backend", a.backend, "--device", a.device]
+    if a.workers not in ("0", "1"):
+        args += ["-n", a.workers]
+    for flag, value in (("--variants", a.variants), ("--properties", a.properties), ("--verify-profile", a.profile),
+                        ("--verify-json", a.json)):
+        if value:
+            args += [flag, value]
+    for m in a.variant_module:
+        args += ["--variant-module", m]
+    return int(pytest.main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
