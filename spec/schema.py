@@ -72,6 +72,25 @@ class Deviation:
 
 
 @dataclass(frozen=True)
+class PeftMap:
+    """How the same layer is built in PEFT and how our tensors map onto PEFT's (for the differential
+    oracle and the PEFT backend). Declared in the spec, never written per test.
+
+    config: PEFT config class name ("LoraConfig", "HRAConfig", "DeloraConfig", "IA3Config").
+    kwargs: our Config -> PEFT config kwargs (r, lora_alpha, use_rslora, use_dora, init_lora_weights, ...).
+    tensors: our tensor name -> (PEFT state-dict key suffix without adapter name, transform), transform one of
+      "id", "T" (transpose), "row" (reshape to (1, n)), "col" (reshape to (n, 1)), "scalar1" (shape (1,)).
+    feedforward: the PEFT target is a feed-forward (input-side IA3) module.
+    """
+
+    config: str
+    kwargs: Callable[[Any], dict]
+    tensors: Mapping[str, tuple[str, str]]
+    feedforward: bool = False
+    notes: str = ""
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     title: str
@@ -98,7 +117,7 @@ class Spec:
     claims: tuple[Claim, ...] = ()
     references: tuple[Reference, ...] = ()
     deviations: tuple[Deviation, ...] = ()
-    peft: Any = None  # PEFT mapping (spec.peft_backend)
+    peft: PeftMap | None = None  # how PEFT builds the same layer (differential oracle, PEFT backend)
     notes: str = ""
 
     def __post_init__(self):

@@ -36,7 +36,6 @@ from tools.fetch import (
     FetchReport,
     Limits,
     ManifestError,
-    RefEntry,
     cached_path,
     fetch_all,
     load_manifest,
@@ -151,7 +150,9 @@ def build_wheel(folder: Path, members: Mapping[str, bytes], symlinks: Mapping[st
     return path
 
 
-def build_sdist(folder: Path, members: Mapping[str, bytes], extra: Callable[[tarfile.TarFile], None] | None = None) -> Path:
+def build_sdist(
+    folder: Path, members: Mapping[str, bytes], extra: Callable[[tarfile.TarFile], None] | None = None
+) -> Path:
     """members are named relative to the archive root (include the top folder yourself)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / SDIST_NAME
@@ -438,7 +439,8 @@ def test_unknown_hash_is_recorded_on_first_fetch_then_enforced(tmp_path, server,
     assert result.status == RECORDED and result.sha256 == sha(body) and result.hash_source == "recorded"
     assert first.unpinned == (result,)
     lock = json.loads((cache / "lock.json").read_text())
-    assert lock["recorded"][f"github:owner/repo@{COMMIT}:rec.py"] == {"id": "rec", "sha256": sha(body), "size": len(body)}
+    record = lock["recorded"][f"github:owner/repo@{COMMIT}:rec.py"]
+    assert record == {"id": "rec", "sha256": sha(body), "size": len(body)}
     assert manifest.read_bytes() == manifest_before  # the manifest is never edited
 
     second = fetch_all(manifest, cache, github_raw=server.base_url)
@@ -451,6 +453,20 @@ def test_unknown_hash_is_recorded_on_first_fetch_then_enforced(tmp_path, server,
     third = fetch_all(manifest, cache, github_raw=server.base_url, refresh=True)
     assert status_of(third, "rec").reason_code == "sha256_mismatch"
     assert snapshot(cache) == before
+
+
+def test_corrupt_lock_is_a_clear_error_not_an_empty_record(tmp_path, server, cache):
+    entry = gh("rec", "rec.py", None)
+    manifest = write_manifest(tmp_path / "m.toml", [entry])
+    (ref,) = load_manifest(manifest)
+    assert cached_path(ref, cache) is None  # nothing recorded yet
+    cache.mkdir()
+    (cache / "lock.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="lock.json.*unreadable"):
+        fetch_all(manifest, cache, github_raw=server.base_url)
+    with pytest.raises(ManifestError, match="lock.json"):
+        cached_path(ref, cache)
+    assert server.request_count == 0
 
 
 # --------------------------------------------------------------------------- manifest validation
@@ -569,7 +585,10 @@ def test_pip_failure_is_missing_with_reason(tmp_path, cache):
 def test_sdist_member_is_read_relative_to_its_top_folder(tmp_path, cache):
     body = b"corda = 1\n"
     sdist = build_sdist(tmp_path / "dist", {f"{PKG}-{VER}/src/refpkg/corda.py": body, f"{PKG}-{VER}/PKG-INFO": b"x"})
-    entries = [pypi("s", "src/refpkg/corda.py", body, artifact="sdist"), pypi("nope", "src/none.py", b"n", artifact="sdist")]
+    entries = [
+        pypi("s", "src/refpkg/corda.py", body, artifact="sdist"),
+        pypi("nope", "src/none.py", b"n", artifact="sdist"),
+    ]
     downloader = CopyDownloader(sdist)
     report = fetch_all(write_manifest(tmp_path / "m.toml", entries), cache, pypi_download=downloader)
     assert status_of(report, "s").status == FETCHED
@@ -578,13 +597,13 @@ def test_sdist_member_is_read_relative_to_its_top_folder(tmp_path, cache):
 
 
 def _symlink(tf: tarfile.TarFile) -> None:
-    info = tarfile.TarInfo(f"{PKG}-{VER}/src/link.py")
+    info = tarfile.TarInfo(f"{PKG}-{VER}/src/s.py")
     info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
     tf.addfile(info)
 
 
 def _hardlink(tf: tarfile.TarFile) -> None:
-    info = tarfile.TarInfo(f"{PKG}-{VER}/src/hard.py")
+    info = tarfile.TarInfo(f"{PKG}-{VER}/src/h.py")
     info.type, info.linkname = tarfile.LNKTYPE, f"{PKG}-{VER}/src/refpkg/ok.py"
     tf.addfile(info)
 
@@ -598,22 +617,23 @@ def _fifo(tf: tarfile.TarFile) -> None:
 OK_BODY = b"ok = 1\n"
 
 
-@pytest.mark.parametrize(
-    "make_archive",
-    [
-        pytest.param(lambda d: build_wheel(d, {"refpkg/ok.py": OK_BODY, "../evil.py": b"x"}), id="wheel-dotdot"),
-        pytest.param(lambda d: build_wheel(d, {"refpkg/ok.py": OK_BODY, "/abs/evil.py": b"x"}), id="wheel-absolute"),
-        pytest.param(lambda d: build_wheel(d, {"refpkg/ok.py": OK_BODY}, symlinks={"refpkg/l.py": "/etc/passwd"}), id="wheel-symlink"),
-        pytest.param(lambda d: build_wheel(d, {"refpkg/ok.py": OK_BODY, "refpkg\\win.py": b"x"}), id="wheel-backslash"),
-        pytest.param(lambda d: build_sdist(d, {f"{PKG}-{VER}/src/refpkg/ok.py": OK_BODY, f"{PKG}-{VER}/../../evil.py": b"x"}), id="sdist-dotdot"),
-        pytest.param(lambda d: build_sdist(d, {f"{PKG}-{VER}/src/refpkg/ok.py": OK_BODY, "/tmp/evil.py": b"x"}), id="sdist-absolute"),
-        pytest.param(lambda d: build_sdist(d, {f"{PKG}-{VER}/src/refpkg/ok.py": OK_BODY}, _symlink), id="sdist-symlink"),
-        pytest.param(lambda d: build_sdist(d, {f"{PKG}-{VER}/src/refpkg/ok.py": OK_BODY}, _hardlink), id="sdist-hardlink"),
-        pytest.param(lambda d: build_sdist(d, {f"{PKG}-{VER}/src/refpkg/ok.py": OK_BODY}, _fifo), id="sdist-fifo"),
-        pytest.param(lambda d: build_sdist(d, {f"{PKG}-{VER}/src/refpkg/ok.py": OK_BODY, "other-1.0/x.py": b"x"}), id="sdist-two-tops"),
-    ],
-)
-def test_unsafe_archives_are_refused_and_cache_unchanged(tmp_path, server, cache, make_archive):
+TOP = f"{PKG}-{VER}"
+UNSAFE_ARCHIVES = {
+    "wheel-dotdot": (lambda d: build_wheel(d, {"refpkg/ok.py": OK_BODY, "../evil.py": b"x"}), "unsafe path"),
+    "wheel-absolute": (lambda d: build_wheel(d, {"refpkg/ok.py": OK_BODY, "/abs/evil.py": b"x"}), "unsafe path"),
+    "wheel-symlink": (lambda d: build_wheel(d, {"refpkg/ok.py": OK_BODY}, {"refpkg/s.py": "/etc/passwd"}), "link"),
+    "wheel-backslash": (lambda d: build_wheel(d, {"refpkg/ok.py": OK_BODY, "refpkg\\win.py": b"x"}), "unsafe path"),
+    "sdist-dotdot": (lambda d: build_sdist(d, {f"{TOP}/src/refpkg/ok.py": OK_BODY, f"{TOP}/../../e.py": b"x"}), "unsafe path"),
+    "sdist-absolute": (lambda d: build_sdist(d, {f"{TOP}/src/refpkg/ok.py": OK_BODY, "/tmp/e.py": b"x"}), "unsafe path"),
+    "sdist-symlink": (lambda d: build_sdist(d, {f"{TOP}/src/refpkg/ok.py": OK_BODY}, _symlink), "a link"),
+    "sdist-hardlink": (lambda d: build_sdist(d, {f"{TOP}/src/refpkg/ok.py": OK_BODY}, _hardlink), "a link"),
+    "sdist-fifo": (lambda d: build_sdist(d, {f"{TOP}/src/refpkg/ok.py": OK_BODY}, _fifo), "special file"),
+    "sdist-two-tops": (lambda d: build_sdist(d, {f"{TOP}/src/refpkg/ok.py": OK_BODY, "other-1.0/x.py": b"x"}), "one top-level"),
+}
+
+
+@pytest.mark.parametrize(("make_archive", "why"), list(UNSAFE_ARCHIVES.values()), ids=list(UNSAFE_ARCHIVES))
+def test_unsafe_archives_are_refused_and_cache_unchanged(tmp_path, server, cache, make_archive, why):
     _prefill(tmp_path, server, cache)
     before = snapshot(cache)
     archive = make_archive(tmp_path / "dist")
@@ -625,6 +645,7 @@ def test_unsafe_archives_are_refused_and_cache_unchanged(tmp_path, server, cache
 
     result = status_of(report, "arch")
     assert result.status == MISSING and result.reason_code == "unsafe_archive", result.reason
+    assert why in result.reason
     assert snapshot(cache) == before
 
 

@@ -34,6 +34,11 @@ the right hash makes no request at all (unless ``--refresh``); a source that can
 reached is reported as missing with its reason and logged as a warning naming the file,
 and the other entries carry on. The manifest itself is never edited by this tool.
 
+Python API: ``load_manifest(path) -> list[RefEntry]``, ``fetch_all(manifest, cache, ...) ->
+FetchReport`` (one FetchResult per entry: fetched / recorded / cached / missing, with a
+``reason_code`` among INTEGRITY_REASONS and TRANSPORT_REASONS), and
+``cached_path(entry, cache) -> Path | None``, which never touches the network.
+
 Exit status of the command: 0 when every selected entry is present, or only missing
 because its source could not be reached (warnings are printed); 1 when an entry was
 refused for an integrity reason (hash or size mismatch, oversize, unsafe archive);
@@ -429,7 +434,11 @@ def _expected(entry: RefEntry, lock: Mapping[str, Mapping[str, Any]]) -> tuple[s
 def cached_path(
     entry: RefEntry, cache_dir: str | os.PathLike[str] | None = None
 ) -> Path | None:
-    """The verified cached copy of ``entry``, or None. Re-hashes the file; never downloads."""
+    """The verified cached copy of ``entry``, or None. Re-hashes the file; never downloads.
+
+    For an entry without a manifest sha256 the hash recorded in lock.json is used; a
+    corrupt lock raises ManifestError rather than silently reporting the file absent.
+    """
     cache = resolve_cache_dir(cache_dir)
     lock = {} if entry.sha256 else _read_lock(cache)
     digest, _ = _expected(entry, lock)
@@ -654,7 +663,7 @@ def _clean_member_name(name: str) -> str | None:
 
 
 def _bounded_read(fh: Any, cap: int, what: str) -> bytes:
-    data = fh.read()
+    data = fh.read(cap + 1)
     if len(data) > cap:
         raise FetchRefused("oversize", f"{what} is larger than the cap of {cap} bytes")
     return data

@@ -163,7 +163,7 @@ def _validate_model(model: str, name: str) -> str:
     if not isinstance(model, str) or not model.strip():
         raise ConfigError(f"{name} is not set; an LLM provider needs a model name")
     model = model.strip()
-    if not _PRINTABLE_TOKEN_RE.match(model):
+    if not _PRINTABLE_TOKEN_RE.fullmatch(model):
         raise ConfigError(f"{name} must be a model name without spaces or control characters, got {model!r}")
     return model
 
@@ -190,7 +190,7 @@ class ProviderConfig:
         if self.api_key is not None:
             if not isinstance(self.api_key, SecretStr):
                 raise ConfigError("api_key must be a SecretStr (so that it is never printed)")
-            if not _KEY_RE.match(self.api_key.reveal()):
+            if not _KEY_RE.fullmatch(self.api_key.reveal()):
                 raise ConfigError("api_key contains whitespace, quotes, backslashes, control or non-ASCII characters")
         if self.provider == "offline":
             return
@@ -199,7 +199,8 @@ class ProviderConfig:
         object.__setattr__(self, "base_url", _validate_base_url(base, "base_url"))
         if not isinstance(self.max_output_tokens, int) or self.max_output_tokens < 1:
             raise ConfigError(f"max_output_tokens must be a positive int, got {self.max_output_tokens!r}")
-        if not isinstance(self.anthropic_version, str) or not re.match(r"^\d{4}-\d{2}-\d{2}$", self.anthropic_version):
+        if not isinstance(self.anthropic_version, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}",
+                                                                           self.anthropic_version):
             raise ConfigError(f"anthropic_version must look like 2023-06-01, got {self.anthropic_version!r}")
 
     @classmethod
@@ -235,7 +236,7 @@ class ProviderConfig:
                 )
             api_key = None
         else:
-            if not _KEY_RE.match(raw_key):
+            if not _KEY_RE.fullmatch(raw_key):
                 raise ConfigError(f"{key_var} contains whitespace, quotes, backslashes, control or non-ASCII "
                                   f"characters")
             api_key = SecretStr(raw_key)
@@ -615,7 +616,8 @@ class LLMClient:
         if not isinstance(config, ProviderConfig):
             raise TypeError(f"config must be a ProviderConfig, got {type(config).__name__}")
         if config.is_offline:
-            raise ConfigError("REVIEW_PROVIDER is offline (or unset): no LLM client can be built; run the offline review")
+            raise ConfigError("REVIEW_PROVIDER is offline (or unset): no LLM client can be built; "
+                              "run the offline review")
         for name, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout),
                             ("deadline_s", deadline_s), ("backoff_base_s", backoff_base_s),
                             ("backoff_cap_s", backoff_cap_s), ("retry_after_cap_s", retry_after_cap_s)):
@@ -785,7 +787,7 @@ class LLMClient:
             raise ValueError("the user prompt is empty")
         if schema is not None and not isinstance(schema, dict):
             raise TypeError(f"schema must be a dict (a JSON schema) or None, got {type(schema).__name__}")
-        if not isinstance(schema_name, str) or not _SCHEMA_NAME_RE.match(schema_name):
+        if not isinstance(schema_name, str) or not _SCHEMA_NAME_RE.fullmatch(schema_name):
             raise ValueError(f"schema_name must match [A-Za-z0-9_-]{{1,64}}, got {schema_name!r}")
         if not isinstance(template_id, str):
             raise TypeError("template_id must be a str")

@@ -1,0 +1,105 @@
+"""Sessions: verify (main job), tests, zoo, fetch, review, cost.
+
+Every session uses the virtualenv backend with pip (uv would not see the local CPU torch wheel and would
+download CUDA builds) and installs with `-c constraints.txt`, which pins torch, peft and bitsandbytes exactly.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.default_venv_backend = "virtualenv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["verify", "tests"]
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ROOT / "constraints.txt"
+
+
+def install(session: nox.Session, constraints: Path = CONSTRAINTS) -> None:
+    session.install("-c", str(constraints), "torch==2.13.0")
+    session.install("-c", str(constraints), "-e", ".[test]")
+
+
+def _pop_option(args: list[str], name: str) -> str | None:
+    """Remove `name VALUE` or `name=VALUE` from args and return VALUE."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+            del args[i : i + 2]
+            return value
+        if a.startswith(name + "="):
+            del args[i]
+            return a.split("=", 1)[1]
+    return None
+
+
+@nox.session
+def verify(session: nox.Session) -> None:
+    """Run every property on every variant; print the variant x property table; write build/verify/<backend>.json.
+
+    `-- --variants lora,dora`, `-- --variant-module path/or.module`, `-- --backend peft`,
+    `-- --backend peft --peft-version 0.13.2` (a separate environment with that PEFT release), `-- --device cuda`.
+    """
+    args = list(session.posargs)
+    peft_version = _pop_option(args, "--peft-version")
+    if not peft_version:
+        install(session)
+        session.run("python", "-m", "tools.verify", *args, env={"OMP_NUM_THREADS": "1"})
+        return
+    # Audit another PEFT release: its own environment, every other pin unchanged.
+    venv = ROOT / ".nox" / f"verify-peft-{peft_version}"
+    constraints = venv.with_suffix(".constraints.txt")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    constraints.write_text("".join(l for l in CONSTRAINTS.read_text().splitlines(True) if not l.startswith("peft")))
+    py = venv / "bin" / "python"
+    if not py.exists():
+        session.run(sys.executable, "-m", "venv", str(venv), external=True)
+    session.run(str(py), "-m", "pip", "install", "-q", "-c", str(constraints), "torch==2.13.0", external=True)
+    session.run(str(py), "-m", "pip", "install", "-q", "-c", str(constraints), "-e", ".[test]",
+                f"peft=={peft_version}", external=True)
+    session.run(str(py), "-m", "tools.verify", "--backend", "peft", "--peft-version", peft_version,
+                *[a for a in args if a != "peft"], external=True, env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (runtime, engine, zoo, fetch, reviewer, audit, cost, real models), on 2 workers."""
+    install(session)
+    args = session.posargs or ["tests/", "-n", "2"]
+    session.run("python", "-m", "pytest", *args, env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session(default=False)
+def zoo(session: nox.Session) -> None:
+    """Run every zoo mutant through the property that names its bug; print the detection rate; write build/zoo.json."""
+    install(session)
+    session.run("python", "-m", "tools.zoo", *session.posargs, env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session(default=False)
+def fetch(session: nox.Session) -> None:
+    """Fetch the pinned reference sources of refs/manifest.toml into the git-ignored cache .cache/refs/."""
+    install(session)
+    session.run("python", "-m", "tools.fetch", *session.posargs)
+
+
+@nox.session(default=False)
+def review(session: nox.Session) -> None:
+    """Fetch references, run verify if its JSON is stale, review (LLM if REVIEW_PROVIDER is set, else offline),
+    render audits/variants_review_vN.md."""
+    install(session)
+    session.run("python", "-m", "tools.fetch", success_codes=[0, 1])
+    session.run("python", "-m", "tools.review", *session.posargs,
+                env={k: v for k, v in os.environ.items() if k.startswith("REVIEW_")})
+
+
+@nox.session(default=False)
+def cost(session: nox.Session) -> None:
+    """Measure parameters, MACs, time and memory per variant beside PEFT and the frozen base; write audits/cost/."""
+    install(session)
+    session.run("python", "-m", "tools.cost", *session.posargs)
