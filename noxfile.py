@@ -68,10 +68,13 @@ def verify(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (runtime, engine, zoo, fetch, reviewer, audit, cost, real models), on 2 workers."""
+    """verify (profile ci), then the test suite (runtime, engine, zoo, fetch, reviewer, audit, cost, real models)
+    on 2 workers. `-- ARGS` replaces the pytest arguments and skips the verify step."""
     install(session)
-    args = session.posargs or ["tests/", "-n", "2"]
-    session.run("python", "-m", "pytest", *args, env={"OMP_NUM_THREADS": "1"})
+    env = {"OMP_NUM_THREADS": "1"}
+    if not session.posargs:
+        session.run("python", "-m", "tools.verify", "--profile", "ci", env=env)
+    session.run("python", "-m", "pytest", *(session.posargs or ["tests/", "-n", "2"]), env=env)
 
 
 @nox.session(default=False)

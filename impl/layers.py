@@ -6,6 +6,7 @@ bitsandbytes layers happen here and nowhere else.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
@@ -95,6 +96,25 @@ def weight_dtype(module: nn.Module) -> torch.dtype:
     if k == "bnb8":
         return torch.float32
     return module.weight.dtype
+
+
+@contextlib.contextmanager
+def no_cpu_repack(model: nn.Module):
+    """Keep bitsandbytes 4-bit layers in their storage format during an eval-mode, no-grad pass (calibration).
+
+    On CPUs with AVX512-bf16, bitsandbytes repacks a Linear4bit's weight in place on its first eval-mode no-grad
+    forward (absmax rounded to bf16, a new nibble layout; it asserts d_out % 32 == 0). That silently changes
+    the quantized base model and breaks `dense_weight`, so a calibration pass must not trigger it.
+    """
+    pinned = [m for m in model.modules()
+              if kind(m) == "bnb4" and getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m in pinned:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m in pinned:
+            m.support_avx512bf16_for_cpu = True
 
 
 def weight_hash(module: nn.Module) -> str:

@@ -74,6 +74,13 @@ class Adapter(nn.Module):
         """The base layer's current dense weight (d_out, d_in), dequantized for quantized layers."""
         return layers.dense_weight(self.layer)
 
+    def original(self) -> torch.Tensor:
+        """The dense base weight (d_out, d_in) as it was before this adapter rewrote it (the current one if it
+        has not): a group init re-derives its basis from W itself, not from a rounded residual plus factors."""
+        if self.original_weight is None:
+            return self.weight()
+        return self.original_weight.t() if self.kind == "conv1d" else self.original_weight
+
     def bias(self) -> torch.Tensor | None:
         return getattr(self.layer, "bias", None)
 
@@ -175,7 +182,7 @@ def capture_inputs(model: nn.Module, targets: dict[str, nn.Module], calibration:
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), layers.no_cpu_repack(model):
             for batch in calibration:
                 if isinstance(batch, dict):
                     mask_now[0] = batch.get("attention_mask")

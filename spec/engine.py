@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from .properties import PROPERTIES, Falsified, Property
 from .schema import Spec
+from .strategies import Case
 
 SCHEMA = "lora-verify/results/1"
 STATUSES = ("pass", "fail", "deviation", "na")
@@ -51,7 +52,8 @@ def _first(exc: BaseException) -> BaseException:
 
 def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", device: str = "cpu") -> Result:
     """Run one property on one spec; never raises for a property failure."""
-    na = backend.applies(spec) or prop.applies(spec, backend)
+    property_na = getattr(backend, "property_na", None)
+    na = backend.applies(spec) or (property_na and property_na(spec, prop.name)) or prop.applies(spec, backend)
     if na:
         return Result(spec.name, prop.name, "na", detail=na)
     base = settings.get_profile(profile)
@@ -80,11 +82,59 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         detail = str(e) if kind == "assertion" else f"{type(e).__name__}: {e}"
     res = Result(spec.name, prop.name, status, detail, state["worst"],
                  None if status == "pass" else repr(state["case"]), state["n"], round(time.perf_counter() - t0, 3), kind)
-    dev = spec.deviation(prop.name, backend.name)
-    if dev is not None and status == "fail":
+    dev = declared_deviation(spec, prop.name, backend)
+    if dev is None or (status == "fail" and dev.match and dev.match not in detail):
+        return res
+    declared = f"declared: {dev.reason}" + (f" [{dev.source}]" if dev.source else "")
+    if dev.size is not None:
+        measured, note = measure_deviation(prop, spec, backend, dev, device)
+        if measured is None or not 0.5 * dev.size <= measured <= 2.0 * dev.size:
+            res.status, res.failure_kind = "fail", "assertion"
+            res.detail = (f"{declared}; its size on the declared case {dict(dev.case)} was {dev.size:.3g}, "
+                          f"now {note}: outside 0.5x-2x")
+            return res
+        res.status, res.detail = "deviation", f"{declared}; size {measured:.3g} (declared {dev.size:.3g}); observed: {detail or note}"
+        return res
+    if status == "fail":
         res.status = "deviation"
-        res.detail = f"declared: {dev.reason}" + (f" [{dev.source}]" if dev.source else "") + f"; observed: {detail}"
+        res.detail = f"{declared}; observed: {detail}"
     return res
+
+
+def declared_deviation(spec: Spec, prop: str, backend):
+    """The spec's deviation for (property, backend), else a backend-wide one (a design choice of the backend)."""
+    dev = spec.deviation(prop, backend.name)
+    if dev is None and hasattr(backend, "deviation"):
+        dev = backend.deviation(spec, prop)
+    return dev
+
+
+def case_of(fields: dict, device: str = "cpu") -> Case:
+    """A Case from a deviation's declared fixed case (dtype by name)."""
+    import torch
+
+    f = dict(fields)
+    f["dtype"] = getattr(torch, f.get("dtype", "float32"))
+    f["fields"] = dict(f.get("fields", {}))
+    if "batch" in f:
+        f["batch"] = tuple(f["batch"])
+    return Case(device=device, **f)
+
+
+def measure_deviation(prop: Property, spec: Spec, backend, dev, device: str) -> tuple[float | None, str]:
+    """Run the property once on the deviation's fixed case: (measured size or None, what happened)."""
+    try:
+        w = prop.check(spec, backend, case_of(dev.case, device))
+    except Falsified as e:
+        size = getattr(e, "size", None)
+        if size is None:
+            return None, f"failed without reporting a size ({e})"
+        if dev.match and dev.match not in str(e):
+            return None, f"a different failure: {e}"
+        return float(size), f"{float(size):.3g} ({e})"
+    except Exception as e:  # noqa: BLE001 - a crash on the declared case is reported, not raised
+        return None, f"crashed: {type(e).__name__}: {e}"
+    return (float(w) if w is not None else 0.0), f"{0.0 if w is None else float(w):.3g} (the property passed)"
 
 
 def table(results: list[dict], variants: list[str], properties: list[str]) -> str:

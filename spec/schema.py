@@ -26,6 +26,7 @@ class TensorSpec:
     trainable: bool = True
     zero_grad_at_init: str = ""  # why its gradient is exactly zero at init ("" = non-zero)
     perturb: Callable[[tuple, torch.Generator], torch.Tensor] | None = None  # non-init values; default N(0, 0.5²)
+    when: str = ""  # a Python expression over the config fields: the tensor exists only where it is true ("" = always)
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,21 @@ class Claim:
 
 @dataclass(frozen=True)
 class Deviation:
-    """A declared, reasoned difference: the property's failure is reported as a deviation, not a failure."""
+    """A declared, reasoned difference: the property's failure is reported as a deviation, not a failure.
+
+    Optional, for a deviation with a size: `size` is the property's measured size (the `size` its Falsified
+    reports, e.g. a scaled error) on the fixed seeded `case` (Case fields: d_in, d_out, bias, dtype name, seed,
+    fields); verify re-measures it there and fails if it moves outside 0.5x-2x of `size`. `match`: only a
+    failure whose message contains this text is the declared one (any other failure stays a failure).
+    """
 
     property: str
     reason: str
     backend: str = "impl"
     source: str = ""
+    size: float | None = None
+    case: Mapping[str, Any] | None = None
+    match: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,12 @@ class Spec:
     tensors: tuple[TensorSpec, ...]
     param_count: str  # formula over d_in, d_out and config fields
     oracle: Callable[..., torch.Tensor]  # (W, b, T, x, cfg, knobs, xd=None) -> y, float64
+    # Added multiply-accumulates (formulas over the same names as param_count; "" = not declared, which
+    # `python -m tools.cost` rejects). macs: per token; macs_per_forward: per forward, not scaling with tokens
+    # ("0" if none). Terms wrapped in ew(...) (elementwise) or solve(...) (solves, QR, inverses) are work that
+    # torch's FlopCounterMode does not see; every other term is matmul work that tools.cost checks against it.
+    macs: str = ""
+    macs_per_forward: str = ""
     identity: str = "bitwise"
     identity_factor: float = 1.0  # multiplies the dtype tolerance for the 'tolerance' class
     init_shrink: float = 0.0  # for 'non_identity': the largest relative start-off size
@@ -118,6 +134,8 @@ class Spec:
     references: tuple[Reference, ...] = ()
     deviations: tuple[Deviation, ...] = ()
     peft: PeftMap | None = None  # how PEFT builds the same layer (differential oracle, PEFT backend)
+    roles: tuple[str, ...] = ("q", "v", "down")  # roles a whole-model (end-to-end) run targets; GPT-2 maps q/k/v to qkv
+    dense: Callable[..., Any] | None = None  # (W, b, T, cfg, knobs) -> dense (d_out, d_in) map [or (map, bias)], float64
     notes: str = ""
 
     def __post_init__(self):
@@ -130,6 +148,11 @@ class Spec:
             raise ValueError(f"spec '{self.name}': bad bias or dropout declaration")
         if self.data not in ("none", "optional", "required") or self.quantized not in ("works", "raises"):
             raise ValueError(f"spec '{self.name}': bad data or quantized declaration")
+        if not isinstance(self.roles, tuple) or not self.roles or not all(isinstance(r, str) for r in self.roles):
+            raise ValueError(f"spec '{self.name}': roles must be a non-empty tuple of role names")
+        for d in self.deviations:
+            if (d.size is None) != (d.case is None) or (d.size is not None and d.size <= 0):
+                raise ValueError(f"spec '{self.name}': deviation on '{d.property}' needs both a positive size and a case")
 
     def env(self, d_in: int, d_out: int, cfg) -> dict[str, Any]:
         return {"d_in": d_in, "d_out": d_out, **dict(cfg.fields), "min": min, "max": max}
@@ -142,6 +165,14 @@ class Spec:
 
     def deviation(self, prop: str, backend: str) -> Deviation | None:
         return next((d for d in self.deviations if d.property == prop and d.backend == backend), None)
+
+    def present(self, d_in: int, d_out: int, cfg, trainable: bool | None = None) -> tuple[TensorSpec, ...]:
+        """The tensors a layer with this config has (those whose `when` holds), optionally only the trainable
+        (trainable=True) or frozen (False) ones."""
+        env = self.env(d_in, d_out, cfg)
+        return tuple(t for t in self.tensors
+                     if (not t.when or eval(t.when, {"__builtins__": {}}, env))
+                     and (trainable is None or t.trainable == trainable))
 
     @property
     def trainable(self) -> tuple[TensorSpec, ...]:

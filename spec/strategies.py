@@ -101,13 +101,16 @@ def calibration(case: Case, W: torch.Tensor, r: int, variant: int = 0, pad_value
 
     A few directions with large variance lying along right singular vectors of W *outside* its top r, plus a
     mean offset and small isotropic noise; padded positions (attention_mask == 0) hold `pad_value` garbage.
-    `variant` picks another set of directions (a different data set for the 'data path is live' check).
+    `variant` = 1 gives a different data set for the 'data path is live' check: its large variances lie along
+    W's LEADING right singular directions, tilted at random, so that every kind of data-chosen basis (a PCA, a
+    covariance orientation, or a selection among W's own singular directions, which a shift within the tail
+    often leaves unchanged) differs from variant 0's.
     """
     g = case.gen(100 + variant)
     d = W.shape[1]
     _, _, Vh = torch.linalg.svd(W, full_matrices=True)
     tail = list(range(min(r, d), d)) or list(range(d))
-    picks = [tail[(i + variant) % len(tail)] for i in range(3)]
+    picks = [tail[i % len(tail)] for i in range(3)] if not variant else [i % d for i in range(3)]
     dirs = Vh[picks]  # (3, d)
     if variant:
         dirs = dirs + 0.5 * torch.randn(dirs.shape, generator=g, dtype=torch.float64)

@@ -29,6 +29,7 @@ SPEC = register(
         bias_note="the gate multiplies W x + b, so the bias is gated too (paper §3.3 and PEFT's ia3 on a "
                   "non-feed-forward target: y = l ⊙ (W x + b))",
         dropout="rejected",
+        roles=("k", "v"),
         constraints=(
             Constraint("dropout is rejected: there is no separate adapter input", {"dropout": 0.1}),
             Constraint("dropout in [0, 1)", {"dropout": 1.0}),

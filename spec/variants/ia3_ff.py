@@ -26,6 +26,7 @@ SPEC = register(
         init_oracle=init_oracle,
         identity="bitwise",
         dropout="rejected",
+        roles=("down",),
         constraints=(
             Constraint("dropout is rejected: there is no separate adapter input", {"dropout": 0.1}),
             Constraint("dropout in [0, 1)", {"dropout": 1.0}),

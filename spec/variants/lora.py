@@ -31,6 +31,8 @@ SPEC = register(
             TensorSpec("B", "(d_out, r)", "zeros"),
         ),
         param_count="r * (d_in + d_out)",
+        macs="r * (d_in + d_out) + ew(d_out)",  # x Aᵀ, then Bᵀ; the scale s
+        macs_per_forward="0",
         oracle=oracle,
         init_oracle=init_oracle,
         identity="bitwise",

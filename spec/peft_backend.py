@@ -1,0 +1,434 @@
+"""PEFT as a backend: the same specs and generic properties run against PEFT's own implementations.
+
+Everything goes through PEFT's public API: `get_peft_model` (attach), `unload` (detach), `merge_and_unload`
+(merge), `save_pretrained` / `PeftModel.from_pretrained` (save / load), `merge_adapter` / `unmerge_adapter` and
+`disable_adapter` (the extra API checks of spec.reference). The spec's `peft=PeftMap(...)` says how to build the
+same layer (config class, kwargs from our config) and where each spec tensor lives in PEFT (state-dict key suffix
+and a transform between PEFT's layout and the spec's).
+
+Tensors PEFT stores in another layout (hra's (d_in, r) columns, ia3's (d_out, 1) gate, delora's (1,) lambda) are
+exposed as `Mapped` views: they share PEFT's storage (writes go through) and read/clear the gradient of the PEFT
+parameter, transformed. They are not the Parameter objects themselves, so `trainable_set`, which checks Parameter
+identity, is not applicable to specs with such tensors (`property_na` says so).
+
+The backend adapts to the installed release (feature detection, never a version table): a config class, a config
+field or an API the release lacks makes the variant or the property 'na' with the reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import impl
+from impl import layers
+from impl.errors import AttachError, CheckpointError, ConfigError
+
+from .backends import BACKENDS
+from .schema import Deviation, Spec
+from .strategies import Case
+
+ADAPTER = "default"
+TRANSFORMS = ("id", "T", "row", "col", "scalar1")
+PACK_FILE = "peft-backend/file/"  # packed checkpoint metadata: a file of the save_pretrained folder
+PACK_META = "peft-backend/meta/"  # packed checkpoint metadata: the saved safetensors file's own metadata
+_STATE = "_peft_backend"  # model.__dict__ key holding the PeftModel (not a submodule: no state-dict cycle)
+
+try:  # the backend must be importable to report a clear error for a release that does not import
+    import peft as _peft
+
+    VERSION = _peft.__version__
+    IMPORT_ERROR: BaseException | None = None
+except Exception as e:  # pragma: no cover - depends on the installed release
+    _peft = None
+    VERSION = "unimportable"
+    IMPORT_ERROR = e
+
+
+# ----------------------------------------------------------------------------------------------- mapped views
+
+
+class Mapped(torch.Tensor):
+    """A PEFT tensor seen in the spec's layout: a view sharing PEFT's storage.
+
+    `grad` reads (and `grad = None` clears) the PEFT parameter's gradient, transformed to the spec's layout;
+    `requires_grad` is the PEFT parameter's. Operations on it return plain tensors.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def of(src: torch.Tensor, transform: str) -> "Mapped":
+        view = to_spec(src.detach(), transform).as_subclass(Mapped)
+        view._src, view._transform = src, transform
+        return view
+
+    @property
+    def grad(self):
+        g = self._src.grad
+        return None if g is None else to_spec(g, self._transform)
+
+    @grad.setter
+    def grad(self, value):
+        self._src.grad = None if value is None else to_peft(value, self._transform, self._src.shape)
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._src.requires_grad
+
+
+def to_spec(t: torch.Tensor, transform: str) -> torch.Tensor:
+    """PEFT layout -> spec layout, as a view."""
+    if transform == "id":
+        return t
+    if transform == "T":
+        return t.t()
+    if transform in ("row", "col", "scalar1"):
+        return t.reshape(-1) if transform != "scalar1" else t.reshape(())
+    raise ValueError(f"unknown PeftMap transform {transform!r}; known: {TRANSFORMS}")
+
+
+def to_peft(t: torch.Tensor, transform: str, shape) -> torch.Tensor:
+    """Spec layout -> PEFT layout (the inverse of to_spec)."""
+    return t.t() if transform == "T" else t.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def base_layer(layer: nn.Module) -> nn.Module:
+    """The original layer under a PEFT tuner layer (the layer itself when not wrapped)."""
+    get = getattr(layer, "get_base_layer", None)
+    return get() if callable(get) else layer
+
+
+def _is_tuner(m: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(m, BaseTunerLayer)
+
+
+def _drop_adapter_name(key: str) -> str:
+    return ".".join(p for p in key.split(".") if p != ADAPTER)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _config_fields(cls) -> set[str]:
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    return set(inspect.signature(cls).parameters)
+
+
+def _mask_indices(model_input, peft_config):
+    """EVA's model-input preparation for our dict batches: the (batch, token) indices of non-padding tokens."""
+    return model_input["attention_mask"].bool().nonzero()
+
+
+def _pack(folder: Path) -> bytes:
+    """save_pretrained's folder as one deterministic safetensors file: PEFT's saved tensors as they are, and
+    every other file (adapter_config.json) and the saved file's own metadata in the metadata."""
+    from safetensors import safe_open
+
+    from impl.checkpoint import serialize
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"save_pretrained wrote no adapter_model.safetensors (files: {sorted(p.name for p in folder.iterdir())})")
+    with safe_open(str(weights), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {f"{PACK_META}{k}": v for k, v in (f.metadata() or {}).items()}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p != weights:
+            meta[f"{PACK_FILE}{p.name}"] = p.read_text()
+    return serialize(tensors, meta)
+
+
+def _unpack(path: Path, folder: Path) -> None:
+    """Rebuild the save_pretrained folder from a packed file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a checkpoint error
+        raise CheckpointError(f"cannot read PEFT checkpoint {path}: {e}") from e
+    if not any(k.startswith(PACK_FILE) for k in meta):
+        raise CheckpointError(f"{path} is not a packed PEFT checkpoint (no adapter_config.json inside)")
+    for k, v in meta.items():
+        if k.startswith(PACK_FILE):
+            name = k[len(PACK_FILE):]
+            if "/" in name or name.startswith("."):
+                raise CheckpointError(f"bad file name {name!r} in checkpoint")
+            (folder / name).write_text(v)
+    save_file(tensors, str(folder / "adapter_model.safetensors"),
+              metadata={k[len(PACK_META):]: v for k, v in meta.items() if k.startswith(PACK_META)})
+
+
+# ----------------------------------------------------------------------------------------------- backend
+
+
+class PeftBackend:
+    """PEFT's own implementation of a spec'd variant, driven through PEFT's public API."""
+
+    name = "peft"
+    checks_base_hash = False  # PEFT's checkpoints carry no base-weight hash: loading onto other weights is allowed
+    version = VERSION
+
+    # Backend-wide design differences (they hold for every variant), with PEFT's source line.
+    DEVIATIONS = (
+        Deviation(
+            "detach_restores",
+            "PEFT freezes every base parameter in get_peft_model and `unload()` gives back the base modules "
+            "without restoring their requires_grad flags",
+            backend="peft",
+            source="peft/tuners/tuners_utils.py:_mark_only_adapters_as_trainable; unload() at tuners_utils.py:780",
+            match="requires_grad flags changed",
+        ),
+    )
+
+    def __init__(self) -> None:
+        if IMPORT_ERROR is not None:
+            import transformers
+
+            raise RuntimeError(
+                f"the installed peft does not import with transformers {transformers.__version__}: "
+                f"{type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}"
+            )
+
+    # ---- applicability
+
+    def applies(self, spec: Spec) -> str | None:
+        pm = spec.peft
+        if pm is None:
+            return f"PEFT has no counterpart of '{spec.name}' (the spec declares no PeftMap)"
+        cls = getattr(_peft, pm.config, None)
+        if cls is None:
+            return f"peft {VERSION} has no {pm.config}"
+        try:
+            kwargs = pm.kwargs(impl.config(spec.name))
+        except Exception as e:  # noqa: BLE001 - a spec whose variant impl lacks still gets a clear reason
+            return f"cannot derive PEFT kwargs for '{spec.name}': {type(e).__name__}: {e}"
+        missing = sorted(set(kwargs) - _config_fields(cls))
+        if missing:
+            return f"peft {VERSION}'s {pm.config} lacks {missing}"
+        for key, (_, transform) in pm.tensors.items():
+            if transform not in TRANSFORMS:
+                return f"PeftMap of '{spec.name}': tensor '{key}' has unknown transform {transform!r}"
+        return None
+
+    def property_na(self, spec: Spec, prop: str) -> str | None:
+        """Properties that cannot apply to PEFT's design for this spec."""
+        pm = spec.peft
+        if prop == "trainable_set" and pm is not None:
+            mapped = [n for n, (_, tf) in pm.tensors.items() if tf != "id"]
+            if mapped:
+                return (f"PEFT stores {mapped} in another layout; the spec's view of them is not PEFT's Parameter, "
+                        "so Parameter identity cannot be checked")
+        if prop == "checkpoint_roundtrip" and not hasattr(_peft.PeftModel, "from_pretrained"):
+            return f"peft {VERSION} has no PeftModel.from_pretrained"
+        return None
+
+    def deviation(self, spec: Spec, prop: str) -> Deviation | None:
+        return next((d for d in self.DEVIATIONS if d.property == prop), None)
+
+    # ---- config and attach
+
+    def our_config(self, spec: Spec, case: Case, **over):
+        return impl.config(spec.name, target_names=(r"^layer$",), **{**case.fields, **over})
+
+    def config(self, spec: Spec, case: Case, targets=("layer",), layer: nn.Module | None = None, **over):
+        """The PEFT config object for the case: PeftMap kwargs from our config, targets, fan_in_fan_out."""
+        pm = spec.peft
+        cls = getattr(_peft, pm.config)
+        kwargs = dict(pm.kwargs(self.our_config(spec, case, **over)))
+        kwargs["target_modules"] = list(targets)
+        fields = _config_fields(cls)
+        if "feedforward_modules" in fields:  # IA3 asks for it explicitly, also when empty (output side)
+            kwargs["feedforward_modules"] = list(targets) if pm.feedforward else []
+        if layer is not None and layers.kind(layer) == "conv1d" and "fan_in_fan_out" in fields:
+            kwargs["fan_in_fan_out"] = True  # as PEFT's docs ask for GPT-2's Conv1D
+        return cls(**kwargs)
+
+    def attach(self, model: nn.Module, spec: Spec, case: Case, calibration=None, **over) -> nn.Module:
+        """get_peft_model on the single-layer model (in place); data-driven inits run PEFT's own calibration."""
+        if _STATE in model.__dict__:
+            raise AttachError("a PEFT adapter is already attached to this model")
+        layer = model.layer
+        cfg = self.config(spec, case, layer=layer, **over)
+        k = layers.kind(layer)
+        flags = {}
+        if k == "bnb4":
+            flags["is_loaded_in_4bit"] = True  # selects PEFT's dedicated bnb wrappers, as for a quantized HF model
+        elif k == "bnb8":
+            flags["is_loaded_in_8bit"] = True
+        for f, v in flags.items():
+            setattr(model, f, v)
+        dtype = layers.weight_dtype(layer)
+        # PEFT refuses a float64 base for inits that rewrite it (PiSSA: "Please initialize PiSSA under float32");
+        # its documented recipe is to initialise in float32 and cast afterwards.
+        fp32_init = spec.rewrites_base and dtype == torch.float64
+        kw = {"autocast_adapter_dtype": True} if _accepts(_peft.get_peft_model, "autocast_adapter_dtype") else {}
+        try:
+            if fp32_init:
+                model.float()
+            pm = _peft.get_peft_model(model, cfg, **kw)
+            if fp32_init:
+                model.double()
+            if spec.data != "none" and calibration is not None:
+                self._calibrate(pm, spec, calibration)
+        except Exception as e:
+            if fp32_init:
+                model.double()
+            self._strip(model, flags)
+            raise AttachError(f"PEFT could not adapt layer 'layer' ({type(layer).__name__}): "
+                              f"{type(e).__name__}: {e}") from e
+        model.__dict__[_STATE] = {"peft_model": pm, "flags": tuple(flags), "spec": spec}
+        return model
+
+    def _calibrate(self, pm, spec: Spec, calibration) -> None:
+        """PEFT's own data-driven init over the calibration batches (EVA); padding masked by PEFT's LM helpers."""
+        kwargs = pm.peft_config[ADAPTER].__dict__
+        if kwargs.get("init_lora_weights") == "eva":
+            fn = getattr(_peft, "initialize_lora_eva_weights", None)
+            if fn is None:
+                raise AttachError(f"peft {VERSION} has no initialize_lora_eva_weights")
+            kw = {"show_progress_bar": False} if _accepts(fn, "show_progress_bar") else {}
+            # PEFT's default input preparation is for language models: it reads model_input["input_ids"] even
+            # when an attention mask is given (eva.py:251, a dict.get default evaluated eagerly). Our models take
+            # `x`, so pass the documented hook with the same masking (non-padding tokens only).
+            kw["prepare_model_inputs_fn"] = _mask_indices
+            fn(pm, list(calibration), **kw)
+        else:
+            raise AttachError(f"no PEFT calibration recipe for init {kwargs.get('init_lora_weights')!r}")
+
+    def _strip(self, model: nn.Module, flags) -> None:
+        for f in flags:
+            model.__dict__.pop(f, None)
+
+    def peft_model(self, model: nn.Module):
+        try:
+            return model.__dict__[_STATE]["peft_model"]
+        except KeyError:
+            raise AttachError("no PEFT adapter is attached to this model") from None
+
+    def _done(self, model: nn.Module) -> None:
+        st = model.__dict__.pop(_STATE)
+        self._strip(model, st["flags"])
+
+    def detach(self, model):
+        """PEFT's unload(): remove the tuner layers without merging."""
+        self.peft_model(model).unload()
+        self._done(model)
+
+    def merge(self, model):
+        """PEFT's merge_and_unload()."""
+        self.peft_model(model).merge_and_unload()
+        self._done(model)
+
+    # ---- checkpoints
+
+    def save(self, model, path):
+        """save_pretrained into a temporary folder, packed into one deterministic file at `path`."""
+        from impl.checkpoint import atomic_write_bytes
+
+        with tempfile.TemporaryDirectory() as d:
+            self.peft_model(model).save_pretrained(d)
+            data = _pack(Path(d))
+        atomic_write_bytes(path, data)
+
+    def load(self, model, path):
+        """PeftModel.from_pretrained on a fresh single-layer model from a packed save_pretrained folder."""
+        with tempfile.TemporaryDirectory() as d:
+            _unpack(Path(path), Path(d))
+            pm = _peft.PeftModel.from_pretrained(model, d, is_trainable=True)
+        model.__dict__[_STATE] = {"peft_model": pm, "flags": (), "spec": None}
+
+    # ---- knobs
+
+    def set_knob(self, model, name: str, value: float):
+        raise ConfigError(f"PEFT's layers have no runtime knob '{name}'")
+
+    def knobs(self, model) -> dict[str, float]:
+        return {}
+
+    # ---- tensors
+
+    def _layer(self, model) -> nn.Module:
+        layer = model.layer
+        if not _is_tuner(layer):
+            raise AttachError(f"layer is a {type(layer).__name__}, not a PEFT tuner layer")
+        return layer
+
+    def tensors(self, model) -> dict[str, torch.Tensor]:
+        """Spec name -> live PEFT tensor (Parameter or buffer itself for 'id', a Mapped view otherwise)."""
+        spec = model.__dict__[_STATE]["spec"] or self._spec_of(model)
+        layer = self._layer(model)
+        live = {}
+        for key, t in layer.state_dict(keep_vars=True).items():
+            if key.startswith("base_layer."):
+                continue
+            short = _drop_adapter_name(key)
+            live[short] = t
+            if short.endswith(".weight"):
+                live.setdefault(short[: -len(".weight")], t)
+        out = {}
+        for name, (key, transform) in spec.peft.tensors.items():
+            t = live.get(key)
+            if t is None:
+                raise KeyError(f"PeftMap of '{spec.name}': no PEFT tensor '{key}' for '{name}'; PEFT has {sorted(live)}")
+            out[name] = t if transform == "id" else Mapped.of(t, transform)
+        return out
+
+    def _spec_of(self, model) -> Spec:
+        raise AttachError("a model loaded with from_pretrained needs bind(model, spec) before tensors()")
+
+    def bind(self, model, spec: Spec) -> None:
+        """Tell the backend which spec a loaded model follows (load has no spec argument)."""
+        model.__dict__[_STATE]["spec"] = spec
+
+    def base_weight(self, model) -> torch.Tensor:
+        """The current dense base weight (d_out, d_in) under the tuner layer (W_res for pissa)."""
+        return layers.dense_weight(base_layer(model.layer))
+
+    def write_base_weight(self, model, W: torch.Tensor) -> None:
+        with torch.no_grad():
+            layers.write_weight(base_layer(model.layer), W)
+
+    def dequantized(self, layer) -> torch.Tensor:
+        """The dense weight of a (possibly PEFT-wrapped) bitsandbytes layer, read without writing it back."""
+        return layers.dense_weight(base_layer(layer))
+
+    def hooks_left(self, model) -> list[str]:
+        left = []
+        for n, m in model.named_modules():
+            if m._forward_hooks or m._forward_pre_hooks or _is_tuner(m):
+                left.append(n or "<root>")
+        return left
+
+    # ---- PEFT's extra API (used by spec.reference)
+
+    def merge_adapter(self, model) -> None:
+        self.peft_model(model).merge_adapter()
+
+    def unmerge_adapter(self, model) -> None:
+        self.peft_model(model).unmerge_adapter()
+
+    def disabled(self, model):
+        """Context manager: the adapter switched off (PEFT's disable_adapter)."""
+        return self.peft_model(model).disable_adapter()
+
+
+BACKENDS["peft"] = PeftBackend

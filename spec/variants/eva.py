@@ -1,0 +1,74 @@
+"""Spec of EVA, explained variance adaptation (Paischer et al. 2024): LoRA with A from the calibration data."""
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from ..schema import Constraint, PeftMap, Reference, Spec, TensorSpec, register
+
+
+def oracle(W, b, T, x, cfg, knobs, xd=None):
+    """y = W x + b + s B A x_d,  s = alpha/r (alpha/sqrt(r) with rsLoRA); float64, row convention."""
+    xd = x if xd is None else xd
+    s = cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
+    y = x @ W.T + (0 if b is None else b)
+    return y + s * (xd @ T["A"].T @ T["B"].T)
+
+
+def init_oracle(W, cfg, X):
+    """A = the top-r right singular vectors of the mean-centred calibration tokens X (N, d_in), each row signed
+    so that its entry of largest |value| is positive (sklearn's / PEFT's svd_flip on V); B = 0."""
+    Xc = X - X.mean(dim=0, keepdim=True)
+    _, _, Vh = torch.linalg.svd(Xc, full_matrices=False)
+    A = Vh[: cfg.r]
+    pivot = A.gather(1, A.abs().argmax(dim=1, keepdim=True))
+    A = A * torch.sign(pivot)
+    return {"A": A, "B": torch.zeros(W.shape[0], cfg.r, dtype=W.dtype)}
+
+
+SPEC = register(
+    Spec(
+        name="eva",
+        title="EVA: explained variance adaptation",
+        equation=r"y = W x + b + s\,B A\,\mathrm{drop}(x),\quad A = V_{:r}^\top \text{ of } "
+                 r"X - \bar{X} = U \Sigma V^\top,\quad B = 0",
+        tensors=(
+            TensorSpec("A", "(r, d_in)", "top-r right singular vectors of the centred calibration inputs",
+                       zero_grad_at_init="B = 0, so dL/dA = s Bᵀ (dL/dy) xᵀ = 0"),
+            TensorSpec("B", "(d_out, r)", "zeros"),
+        ),
+        param_count="r * (d_in + d_out)",
+        oracle=oracle,
+        init_oracle=init_oracle,
+        identity="bitwise",
+        data="required",
+        constraints=(
+            Constraint("r is a positive integer", {"r": 0}),
+            Constraint("alpha >= 0", {"alpha": -1.0}),
+            Constraint("dropout in [0, 1)", {"dropout": 1.0}),
+        ),
+        references=(
+            Reference("paper (§3)", "https://arxiv.org/abs/2410.07170"),
+            Reference("PEFT 0.21.2 eva", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/lora/eva.py"),
+            Reference("PEFT 0.21.2 incremental PCA (sign rule)",
+                      "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/utils/incremental_pca.py"),
+        ),
+        peft=PeftMap(
+            config="LoraConfig",
+            kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
+                                "lora_dropout": cfg.dropout, "init_lora_weights": "eva",
+                                "eva_config": {"rho": 1.0}},
+            tensors={"A": ("lora_A.weight", "id"), "B": ("lora_B.weight", "id")},
+            notes="PEFT's A comes from initialize_lora_eva_weights(model, dataloader); rho = 1.0 keeps the rank "
+                  "uniform, as ours.",
+        ),
+        notes="Uniform rank r on every layer: PEFT's default rho = 2 redistributes ranks between layers by "
+              "explained variance (and un-wraps layers that get rank 0); that is not implemented (rho = 1). "
+              "PEFT runs an incremental randomised PCA until the components converge (cosine >= tau); we take "
+              "one exact float64 eigen-decomposition of the centred Gram matrix of all calibration tokens, so "
+              "the components agree with PEFT's converged ones only up to its tolerance. No whitening, no "
+              "sharing of the PCA between layers with identical inputs. Padding (attention_mask == 0) is "
+              "dropped, as PEFT's default LM input preparation does. rslora is drawn by the property engine.",
+        fields=lambda draw, d_in, d_out: {"rslora": draw(st.booleans(), label="rslora")},
+    )
+)

@@ -1,0 +1,97 @@
+"""Spec of HRA, Householder reflection adaptation (Yuan et al. 2024), in PEFT's order and init."""
+import torch
+from hypothesis import strategies as st
+
+from ..schema import Claim, Constraint, PeftMap, Reference, Spec, TensorSpec, register
+
+
+def householder(U):
+    """H = H_0 H_1 ⋯ H_{r−1}, H_i = I − 2 û_i û_iᵀ with û_i = u_i / ‖u_i‖ (u_i = row i of U), dense, float64."""
+    d = U.shape[1]
+    H = torch.eye(d, dtype=U.dtype)
+    for u in U:
+        h = u / u.norm()
+        H = H @ (torch.eye(d, dtype=U.dtype) - 2.0 * torch.outer(h, h))
+    return H
+
+
+def oracle(W, b, T, x, cfg, knobs, xd=None):
+    """y = W H x + b (H_{r−1} acts on x first); float64, row convention y = x (W H)ᵀ + b."""
+    y = x @ (W @ householder(T["U"])).T
+    return y if b is None else y + b
+
+
+def input_map(probe):
+    """H measured on the implementation: the same tensors on a twin layer whose base weight is the identity
+    (d_in × d_in, no bias), so that the twin's dense map is the input rotation itself. (On the probed layer
+    the dense map is W H, from which H is not recoverable when d_out < d_in.)"""
+    from ..backends import single
+    from ..properties import Probe, Setup
+
+    c = probe.case.with_(d_out=probe.case.d_in, bias=False)
+    eye = torch.eye(c.d_in, dtype=torch.float64)
+    model = single(eye, None, c.dtype, "linear", c.device)
+    over = {"param_dtype": torch.float64} if c.dtype == torch.float64 else {}
+    probe.be.attach(model, probe.spec, c, None, **over)
+    twin = probe.be.tensors(model)
+    with torch.no_grad():
+        for name, t in probe.be.tensors(probe.s.model).items():
+            twin[name].copy_(t)
+    return Probe(probe.spec, probe.be, Setup(eye, None, model, None, None, None), c).dense_map()
+
+
+def rotation_of(probe):
+    """The input rotation H as a batch of one square matrix."""
+    return input_map(probe).unsqueeze(0)
+
+
+def norm_pairs(probe):
+    """(x, H x) for random inputs x, with H measured on the implementation."""
+    x = torch.randn(16, probe.case.d_in, generator=probe.case.gen(11), dtype=torch.float64)
+    return x, x @ input_map(probe).T
+
+
+def fields(draw, d_in, d_out):
+    """An even r in [2, d_in]: the paired init needs even r; the reflections act on the input space."""
+    return {"r": 2 * draw(st.integers(1, d_in // 2), label="r/2")}
+
+
+SPEC = register(
+    Spec(
+        name="hra",
+        title="HRA: Householder reflection adaptation",
+        equation=r"y = W H x + b,\quad H = \prod_{i=0}^{r-1} \Big(I - \frac{2\,u_i u_i^\top}{\lVert u_i\rVert^2}\Big)"
+                 r"\ \ (H_{r-1}\text{ acts first})",
+        tensors=(TensorSpec("U", "(r, d_in)", "r/2 kaiming-uniform rows, each repeated twice (H = I)"),),
+        param_count="r * d_in",
+        oracle=oracle,
+        identity="tolerance",
+        dropout="rejected",
+        fields=fields,
+        constraints=(
+            Constraint("r is even (paired init: H_{2j} H_{2j+1} = I)", {"r": 3}),
+            Constraint("r is a positive integer", {"r": 0}),
+            Constraint("dropout is rejected: there is no separate adapter input", {"dropout": 0.1}),
+        ),
+        claims=(
+            Claim("orthogonal", "orthogonal_det1", rotation_of,
+                  "H (measured on the implementation) is orthogonal with det +1 (an even number of reflections)"),
+            Claim("norm", "norm_preserving", norm_pairs, "the input rotation preserves norms: ‖H x‖ = ‖x‖"),
+        ),
+        references=(
+            Reference("paper (§3)", "https://arxiv.org/abs/2405.17484"),
+            Reference("PEFT 0.21.2 hra layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/hra/layer.py"),
+        ),
+        peft=PeftMap(
+            config="HRAConfig",
+            kwargs=lambda cfg: {"r": cfg.r, "apply_GS": False, "init_weights": True},
+            tensors={"U": ("hra_u", "T")},
+            notes="PEFT's hra_u is (d_in, r) with the vectors as columns; ours are the rows of U (r, d_in).",
+        ),
+        notes="Identity at init holds to rounding only (each pair of equal reflections is applied in turn), hence "
+              "the 'tolerance' class. We floor ‖u_i‖² at 1e-12 (PEFT divides by ‖u_i‖ unguarded). r ≤ d_in is "
+              "checked per layer (PEFT does not check it). We apply the r reflections to x (O(r·d_in) per token) "
+              "where PEFT forms the dense d_in × d_in product and W H on every forward. The paper's orthogonality "
+              "regulariser and PEFT's apply_GS mode are not implemented. alpha is unused.",
+    )
+)
