@@ -52,6 +52,7 @@ def verify(session: nox.Session) -> None:
         session.run("python", "-m", "tools.verify", *args, env={"OMP_NUM_THREADS": "1"})
         return
     # Audit another PEFT release: its own environment, every other pin unchanged.
+    _pop_option(args, "--backend")
     venv = ROOT / ".nox" / f"verify-peft-{peft_version}"
     constraints = venv.with_suffix(".constraints.txt")
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def verify(session: nox.Session) -> None:
     session.run(str(py), "-m", "pip", "install", "-q", "-c", str(constraints), "-e", ".[test]",
                 f"peft=={peft_version}", external=True)
     session.run(str(py), "-m", "tools.verify", "--backend", "peft", "--peft-version", peft_version,
-                *[a for a in args if a != "peft"], external=True, env={"OMP_NUM_THREADS": "1"})
+                *args, external=True, env={"OMP_NUM_THREADS": "1"})
 
 
 @nox.session

@@ -7,6 +7,7 @@ bitsandbytes layers happen here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 
 import torch
@@ -68,7 +69,14 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if k == "conv1d":
         return w.t()
     if k == "bnb4":
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).reshape(module.out_features, module.in_features)
+        data, state = w.data, w.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacked the weight for its AVX512-bf16 CPU kernel on an eval-mode forward; undo the
+            # layout on a copy of its state (the inverse mutates the state it is given)
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnb.functional.dequantize_4bit(data, state).reshape(module.out_features, module.in_features)
     if k == "bnb8":
         cb = w.data if w.data.dtype == torch.int8 else getattr(w, "CB", None)
         if cb is None or cb.dtype != torch.int8:

@@ -130,6 +130,15 @@ def _config_fields(cls) -> set[str]:
     return set(inspect.signature(cls).parameters)
 
 
+def _restore_untouched(layer: nn.Module, exact: dict, rounded: dict) -> None:
+    """After an init done in float32 on a float64 layer: put back the exact float64 value of every tensor the
+    init left unchanged (bias, or all of them), keeping what it rewrote (PiSSA's residual) as computed."""
+    with torch.no_grad():
+        for k, v in layer.state_dict(keep_vars=True).items():
+            if k in exact and torch.equal(v.detach().to(rounded[k].dtype), rounded[k]):
+                v.data.copy_(exact[k])
+
+
 def _mask_indices(model_input, peft_config):
     """EVA's model-input preparation for our dict batches: the (batch, token) indices of non-padding tokens."""
     return model_input["attention_mask"].bool().nonzero()
@@ -281,17 +290,21 @@ class PeftBackend:
         # its documented recipe is to initialise in float32 and cast afterwards.
         fp32_init = spec.rewrites_base and dtype == torch.float64
         kw = {"autocast_adapter_dtype": True} if _accepts(_peft.get_peft_model, "autocast_adapter_dtype") else {}
+        exact = {k: v.detach().clone() for k, v in layer.state_dict().items()} if fp32_init else {}
         try:
             if fp32_init:
                 model.float()
+                rounded = {k: v.detach().clone() for k, v in layer.state_dict().items()}
             pm = _peft.get_peft_model(model, cfg, **kw)
             if fp32_init:
                 model.double()
+                _restore_untouched(base_layer(model.layer), exact, rounded)
             if spec.data != "none" and calibration is not None:
                 self._calibrate(pm, spec, calibration)
         except Exception as e:
             if fp32_init:
                 model.double()
+                _restore_untouched(base_layer(model.layer), exact, exact)
             self._strip(model, flags)
             raise AttachError(f"PEFT could not adapt layer 'layer' ({type(layer).__name__}): "
                               f"{type(e).__name__}: {e}") from e

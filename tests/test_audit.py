@@ -17,10 +17,10 @@ from pathlib import Path
 import jinja2
 import pytest
 
+from tests.test_review import manifest_with_ref, verify_json
 from tools import render as W
 from tools import review as R
 from tools.llm import ProviderConfig
-from tests.test_review import manifest_with_ref, verify_json
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = ProviderConfig(provider="offline")
@@ -188,7 +188,8 @@ def _copy_repo(dst: Path) -> Path:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", *cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    p = subprocess.run([sys.executable, "-m", *cmd], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=400, check=False)
     assert p.returncode in (0, 1), f"{cmd} exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 

@@ -207,7 +207,7 @@ def test_verdicts_combine_to_the_worse_and_a_model_buggy_needs_a_verified_high_f
 
 def _files(ref_big=3000, ref_small=500):
     line = "x" * 60
-    mk = lambda path, role, n: R.BundleFile(path, role, tuple(f"{line} {i:05d}" for i in range(n)))  # noqa: E731
+    mk = lambda path, role, n: R.BundleFile(path, role, tuple(f"{line} {i:05d}" for i in range(n)))
     return [mk("generated/spec/v.txt", "spec-declarations", 30), mk("impl/variants/v.py", "impl", 200),
             mk("generated/verify/v.txt", "verify-results", 20), mk("impl/runtime.py", "runtime", 300),
             mk("impl/registry.py", "runtime-imported", 150), mk("refs/big/a.py", "reference", ref_big),
@@ -371,8 +371,9 @@ def test_online_review_end_to_end_against_the_loopback_server(tmp_path, wire):
         env = {"REVIEW_PROVIDER": wire, "REVIEW_BASE_URL": server.base_url, "REVIEW_MODEL": "test-model",
                "OPENAI_API_KEY" if wire == "openai" else "ANTHROPIC_API_KEY": KEY}
         config = ProviderConfig.from_env(env)
-        kw = dict(verify_json=vj, config=config, manifest_path=man, refs_cache=cache, llm_cache=out / "llm",
-                  prompts_dir=out / "prompts", specs={mspec.name: mspec}, client_options={"max_retries": 0})
+        kw = {"verify_json": vj, "config": config, "manifest_path": man, "refs_cache": cache,
+              "llm_cache": out / "llm", "prompts_dir": out / "prompts", "specs": {mspec.name: mspec},
+              "client_options": {"max_retries": 0}}
         run = R.review(["lora", mspec.name], **kw)
         assert len(server.requests_matching("Variant under review: lora\\n")) == 1
         assert len(server.requests_matching(f"Variant under review: {mspec.name}\\n")) == 2  # + one repair
@@ -395,6 +396,10 @@ def test_online_review_end_to_end_against_the_loopback_server(tmp_path, wire):
         text = audit.read_text()
         verified_part, unverified_part = text.split("### Unverified findings", 1)
         assert "FABRICATED" not in verified_part and "FABRICATED" in unverified_part
+        cited = llm_ok[0]["evidence"][0]
+        real_lines = "\n".join((ROOT / "impl/variants/lora.py").read_text().splitlines()[
+            cited["start_line"] - 1:cited["end_line"]])
+        assert f"```python\n{real_lines}\n```" in verified_part  # the file's own lines, not the model's copy
         assert f"]({REF_URL}#L6)" in text
         assert "The LLM review of this variant failed" in text and "No LLM was asked" not in text
         assert "`test-model`" in text

@@ -223,12 +223,12 @@ def variant_config(name: str, opts: Options):
     return impl.config(name, r=opts.r, target_names=(r"^lin$",))
 
 
-def perturb_trainables(spec, tensors: dict[str, torch.Tensor], seed: int) -> None:
+def perturb_trainables(spec, tensors: dict[str, torch.Tensor], d_in: int, d_out: int, cfg, seed: int) -> None:
     """Move every trainable tensor off its init (timing and the PEFT comparison on a degenerate init, such as
     B = 0, would hide work): the spec's own `perturb` where it declares a domain, else init + N(0, 0.05²)."""
     g = torch.Generator().manual_seed(seed + 3)
     with torch.no_grad():
-        for ts in spec.trainable:
+        for ts in spec.present(d_in, d_out, cfg, trainable=True):
             t = tensors[ts.name]
             if ts.perturb is not None:
                 new = ts.perturb(tuple(t.shape), g).to(t.dtype)
@@ -259,7 +259,7 @@ def build_ours(name: str, spec, W, b, opts: Options) -> Ours:
     t0 = time.perf_counter()
     impl.attach(host, cfg, calibration=cal)
     dt = time.perf_counter() - t0
-    perturb_trainables(spec, impl.adapters(host)["lin"].tensors(), opts.seed)
+    perturb_trainables(spec, impl.adapters(host)["lin"].tensors(), opts.d_in, opts.d_out, cfg, opts.seed)
     return Ours(host, host.lin, cfg, dt)
 
 
@@ -356,7 +356,7 @@ def count_params(name: str, spec, ours: Ours, opts: Options) -> dict:
                         f"{spec.param_count} gives {expected}")
     buffers = {n: t for n, t in ad.named_buffers(recurse=False)}
     frozen = sum(t.numel() for t in buffers.values())
-    frozen_specs = [t for t in spec.tensors if not t.trainable]
+    frozen_specs = spec.present(opts.d_in, opts.d_out, cfg, trainable=False)
     frozen_expected = sum(math.prod(spec.shape_of(t, opts.d_in, opts.d_out, cfg)) for t in frozen_specs)
     if frozen != frozen_expected or set(buffers) != {t.name for t in frozen_specs}:
         raise CostError(f"'{name}': frozen buffers {sorted(buffers)} hold {frozen} elements; the spec declares "
@@ -994,39 +994,46 @@ def render_markdown(res: dict) -> str:
 
 
 def render_png(res: dict) -> bytes:
-    """Bar chart of fwd+bwd time over the frozen base (ours and PEFT, 95 % intervals), one panel per setting."""
+    """Dot plot of fwd+bwd time over the frozen base (ours and PEFT, with 95 % intervals), one panel per setting,
+    log-scaled x with plain tick labels; the line at 1 is the base, the dashed one the GPU aim of 1.5."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     rows = res["rows"]
     names = [r["variant"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.42 * len(rows) + 2.2), sharey=True)
     for ax, setting in zip(axes, SETTINGS):
-        for j, (impl_key, color, label) in enumerate((("ours_over_base", "tab:blue", "ours"),
-                                                      ("peft_over_base", "tab:orange", "PEFT"))):
-            ys, vals, lo, hi = [], [], [], []
+        for j, (key, color, label) in enumerate((("ours_over_base", "tab:blue", "ours"),
+                                                 ("peft_over_base", "tab:orange", "PEFT"))):
+            ys, vals, err = [], [], [[], []]
             for i, r in enumerate(rows):
-                c = r["time"][setting]["fwdbwd"].get(impl_key)
+                c = r["time"][setting]["fwdbwd"].get(key)
                 if c is None:
                     continue
-                ys.append(i + (j - 0.5) * 0.38)
+                ys.append(i + (j - 0.5) * 0.3)
                 vals.append(c["ratio"])
-                lo.append(c["ratio"] - c["lo"])
-                hi.append(c["hi"] - c["ratio"])
-            ax.barh(ys, vals, height=0.36, color=color, label=label, xerr=[lo, hi], capsize=2)
+                err[0].append(max(c["ratio"] - c["lo"], 0.0))
+                err[1].append(max(c["hi"] - c["ratio"], 0.0))
+            ax.errorbar(vals, ys, xerr=err, fmt="o", color=color, label=label, capsize=3, ms=5)
         ax.axvline(1.0, color="black", lw=0.8)
+        ax.axvline(GOAL_GPU, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
-        ax.set_title(f"fwd+bwd / frozen base, {setting} layer")
-        ax.set_xlabel("time ratio (log scale; 95 % bootstrap interval)")
-        ax.legend(loc="lower right")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(f"fwd+bwd time / frozen base, {setting} layer")
+        ax.set_xlabel("ratio (log scale); bars: 95 % bootstrap interval")
     axes[0].set_yticks(range(len(names)))
     axes[0].set_yticklabels(names)
-    axes[0].invert_yaxis()
+    axes[0].set_ylim(len(names) - 0.5, -0.5)
+    axes[1].legend(loc="lower right")
     o = res["options"]
     fig.suptitle(f"Linear {o['d_in']}x{o['d_out']}, input {o['batch']}x{o['seq']}, r={o['r']}, {o['dtype']}, "
-                 f"{o['device']}, {res['environment']['torch_threads']} threads")
+                 f"{o['device']}, {res['environment']['torch_threads']} torch threads")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})

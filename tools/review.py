@@ -67,14 +67,14 @@ import importlib
 import importlib.util
 import inspect
 import json
-import os
 import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TEMPLATE = "review_prompt.md.j2"
@@ -82,6 +82,7 @@ REVIEW_SCHEMA = "lora-verify/review/1"
 DEFAULT_MAX_CHARS = 200_000
 MIN_KEEP_LINES = 40
 MIN_QUOTE_CHARS = 12
+MAX_EXCERPT_LINES = 40
 RUNTIME_FILES = ("impl/runtime.py", "impl/checkpoint.py", "impl/layers.py", "impl/config.py", "impl/registry.py")
 
 SEVERITIES = ("high", "medium", "low", "info")
@@ -213,7 +214,7 @@ def text_lines(text: str) -> tuple[str, ...]:
     t = text.replace("\r\n", "\n").replace("\r", "\n")
     if not t:
         return ()
-    return tuple((t[:-1] if t.endswith("\n") else t).split("\n"))
+    return tuple((t.removesuffix("\n")).split("\n"))
 
 
 def _indent(label: str, text: str) -> list[str]:
@@ -295,8 +296,8 @@ def spec_declarations(spec: Any, root: Path) -> tuple[tuple[str, ...], dict[str,
 def verify_lines(variant: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
                  source: str) -> tuple[tuple[str, ...], dict[str, int]]:
     """The variant's verify rows as text lines, and the line of each property."""
-    lines = [f"verify results for '{variant}' (backend {meta.get('backend')}, profile {meta.get('profile')}, "
-             f"device {meta.get('device')}; from {source})"]
+    lines = [(f"verify results for '{variant}' (backend {meta.get('backend')}, profile {meta.get('profile')}, "
+              f"device {meta.get('device')}; from {source})")]
     at: dict[str, int] = {}
     rows = [r for r in results if r.get("variant") == variant]
     if not rows:
@@ -347,7 +348,7 @@ def imported_modules(path: Path, module: str) -> list[str]:
                 mod = node.module or ""
             out.append(mod)
             out += [f"{mod}.{a.name}" for a in node.names]  # `from . import layers` names a module
-    return sorted(set(m for m in out if m))
+    return sorted({m for m in out if m})
 
 
 def impl_files(variant: str, root: Path) -> tuple[Path | None, list[Path]]:
@@ -643,8 +644,11 @@ def _evidence_record(ev: Mapping[str, Any], bundle: Bundle) -> dict:
     ok, reason = check_evidence(ev, bundle)
     f = bundle.file(ev["path"])
     link = line_link(f.link, ev["start_line"], ev["end_line"]) if (f is not None and ok) else None
+    # A verified quote is shown as the file's own lines (at most MAX_EXCERPT_LINES), not as the model's copy.
+    excerpt = "\n".join(f.lines[ev["start_line"] - 1:min(ev["end_line"], ev["start_line"] - 1 + MAX_EXCERPT_LINES)]) \
+        if (f is not None and ok) else None
     return {"path": ev["path"], "start_line": ev["start_line"], "end_line": ev["end_line"], "quote": ev["quote"],
-            "ok": ok, "reason": reason, "link": link}
+            "ok": ok, "reason": reason, "link": link, "excerpt": excerpt}
 
 
 def make_finding(variant: str, source: str, severity: str, category: str, claim: str,
@@ -906,7 +910,7 @@ def zoo_summary(path: Path, root: Path) -> dict | None:
 def git_state(root: Path) -> dict:
     def run(*args: str) -> str | None:
         try:
-            p = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
+            p = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20, check=False)
         except (OSError, subprocess.SubprocessError):
             return None
         return p.stdout.strip() if p.returncode == 0 else None
@@ -1044,7 +1048,7 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
         },
         "provenance": {
             **git_state(root),
-            "generated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "generated": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "seconds": round(time.monotonic() - t0, 2),
             "requests": stat.get("requests", 0),
             "cache_hits": stat.get("cache_hits", 0),
@@ -1084,7 +1088,7 @@ def run_verify(path: Path, variants: Sequence[str], subset: bool, root: Path, wo
     if subset:
         cmd += ["--variants", ",".join(variants)]
     print(f"review: running {' '.join(cmd[1:])}", file=sys.stderr)
-    rc = subprocess.run(cmd, cwd=root).returncode
+    rc = subprocess.run(cmd, cwd=root, check=False).returncode
     if rc not in (0, 1) or not path.is_file():
         raise ReviewError(f"tools.verify could not run (exit {rc}); see its output above")
 

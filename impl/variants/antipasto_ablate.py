@@ -56,8 +56,11 @@ class AntiPaSTOAblate(SVDBasis):
 
     @classmethod
     def validate(cls, cfg):
-        if cfg.k < 1 or cfg.k > cfg.r:
-            raise ConfigError(f"field 'k': expected 1 <= k <= r={cfg.r} ablation directions, got {cfg.k!r}")
+        if cfg.k < 1 or cfg.k >= cfg.r:
+            raise ConfigError(
+                f"field 'k': expected 1 <= k < r={cfg.r} ablation directions (k = r directions span the whole top-r "
+                f"space, where equal strengths make the directions c a dead parameter), got {cfg.k!r}"
+            )
         check_positive("init_a", cfg.init_a, upper=1.0)
         check_positive("cov_eps", cfg.cov_eps)
         check_choice("act_pool", cfg.act_pool, POOLS)

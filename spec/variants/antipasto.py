@@ -15,6 +15,7 @@ def oracle(W, b, T, x, cfg, knobs, xd=None):
     return y + ((x @ T["Vh"].T) * s_eff) @ T["U"].T
 
 
+
 def init_oracle(W, cfg, X):
     """Without data: the top-r SVD of W; with data: W's r singular triplets with the largest
     S_i · pool_t |x_t · v_i| over the non-padding tokens (Wanda-style). g = 0; the base becomes W − U S Vh."""

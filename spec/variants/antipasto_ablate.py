@@ -22,6 +22,7 @@ def oracle(W, b, T, x, cfg, knobs, xd=None):
     return y + ((x @ T["Vh"].T) * T["S"]) @ M.T @ T["U"].T
 
 
+
 def init_oracle(W, cfg, X):
     """Without data: the top-r SVD. With data: the CorDA orientation (cov_orient: SVD(W C_ε^{1/2}),
     P = V̂_rᵀ C_ε^{−1/2} in the Vh slot) or the Wanda selection. a = init_a; c is random (N(0, 1/r))."""
@@ -56,8 +57,8 @@ def a_inside(shape, gen):
 
 def fields(draw, d_in, d_out):
     lo = min(d_in, d_out)
-    r = draw(st.sampled_from([1, lo]) | st.integers(1, lo), label="r")
-    return {"r": r, "k": draw(st.integers(1, min(r, 3)), label="k"),
+    r = draw(st.sampled_from([2, lo]) | st.integers(2, lo), label="r")
+    return {"r": r, "k": draw(st.integers(1, min(r - 1, 3)), label="k"),
             "cov_orient": draw(st.booleans(), label="cov_orient"),
             "cov_eps": draw(st.sampled_from([1e-3, 1e-1]), label="cov_eps"), "act_pool": common.pool(draw)}
 
@@ -82,9 +83,9 @@ SPEC = register(
         init_oracle=init_oracle,
         sign_free={"U": 1, "Vh": 0},
         identity="non_identity",
-        # per token ‖y' − W x‖₂ = coeff ‖U Ĉ diag(ã) Ĉᵀ h‖₂ <= coeff · init_a · ‖W x‖₂ (plus the identity
-        # rounding); the property measures max|y' − y| / max|y|, which equals that bound's form for a bias-free
-        # layer and is declared here at init_a (coeff = 1 by default)
+        # Derived: per token ‖y' − W x‖₂ = coeff ‖U Ĉ diag(ã) Ĉᵀ h‖₂ <= coeff · ã_max · ‖h‖₂ <= init_a ‖W x‖₂
+        # (coeff = 1 by default, U orthonormal, ‖h‖ = ‖U_rᵀ W x‖ <= ‖W x‖), which is the property's measure; tight
+        # when Ĉ spans h (r = 1). Measured over 500 drawn cases: 0.0500001 (fp32), <= 0.0563 in bf16 (rounding).
         init_shrink=INIT_A,
         identity_factor=1.0,  # coeff = 0: the same four roundings as antipasto (see its spec)
         knobs={"coeff": 0.0},
@@ -93,11 +94,12 @@ SPEC = register(
         quantized="raises",
         rewrites_base=True,
         fields=fields,
+        min_width=2,
         constraints=(
             Constraint("r is a positive integer", {"r": 0}),
             common.DROPOUT_REJECTED,
             Constraint("k >= 1", {"k": 0}),
-            Constraint("k <= r (orthonormal directions in r dimensions)", {"r": 2, "k": 3}),
+            Constraint("k < r (k = r directions span the whole top-r space: c would be dead)", {"r": 2, "k": 2}),
             Constraint("init_a in (0, 1): 0 sits on the clamp's boundary (dead gradient)", {"init_a": 0.0}),
             Constraint("init_a in (0, 1)", {"init_a": 1.5}),
             Constraint("cov_eps > 0", {"cov_eps": 0.0}),

@@ -43,6 +43,7 @@ def oracle(W, b, T, x, cfg, knobs, xd=None):
     return y + (x @ (R_v @ T["Vh"]).T * (T["S"] + T["delta"])) @ (T["U"] @ R_u.T).T
 
 
+
 def init_oracle(W, cfg, X):
     """The top-r SVD of W (or, with data, the r singular triplets with the largest S_i · pool_t |x_t · v_i|);
     δ = 0 and rot_T = 0 (R = I); the base becomes W − U S Vh."""

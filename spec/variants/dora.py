@@ -28,10 +28,11 @@ def oracle(W, b, T, x, cfg, knobs, xd=None):
 
 
 def dense(W, b, T, cfg, knobs):
-    """The adapted layer as one matrix: (m/n) ⊙ (W + s B A) (the bias is unchanged)."""
+    """The adapted layer as one matrix: (m/n) ⊙ (W + s B A), n detached (the bias is unchanged)."""
     s = scale(cfg)
     V = W + s * T["B"] @ T["A"]
-    return (T["m"] / V.norm(dim=1).clamp_min(FLOOR))[:, None] * V
+    n = (W + s * T["B"].detach() @ T["A"].detach()).norm(dim=1).clamp_min(FLOOR)  # a constant in backward (§4.3)
+    return (T["m"] / n)[:, None] * V
 
 
 def init_oracle(W, cfg, X):

@@ -2,7 +2,7 @@
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Claim, Constraint, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Claim, Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
 
 
 def householder(U):
@@ -81,6 +81,17 @@ SPEC = register(
         references=(
             Reference("paper (§3)", "https://arxiv.org/abs/2405.17484"),
             Reference("PEFT 0.21.2 hra layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/hra/layer.py"),
+        ),
+        deviations=(
+            Deviation("layout", "PEFT's HRA wraps only torch.nn.Linear and Conv2d: transformers' Conv1D is refused "
+                      "at get_peft_model", backend="peft",
+                      source="peft/tuners/hra/model.py:_create_new_module (v0.21.2, line 118)",
+                      match="is not supported"),
+            Deviation("quantized", "PEFT's HRA multiplies the layer's stored weight by H in every forward, so on "
+                      "bitsandbytes layers it reads packed storage as the weight: a shape error on 4-bit (what "
+                      "stops this property) and, per docs/peft_oracle.md §16, wrong values on 8-bit",
+                      backend="peft", source="peft/tuners/hra/layer.py:HRALinear.forward (v0.21.2)",
+                      match="shapes cannot be multiplied"),
         ),
         peft=PeftMap(
             config="HRAConfig",

@@ -40,7 +40,7 @@ SPEC = register(
         ),
         peft=PeftMap(
             config="IA3Config",
-            kwargs=lambda cfg: {"init_ia3_weights": True},
+            kwargs=lambda cfg: {"init_ia3_weights": True, "feedforward_modules": []},
             tensors={"g": ("ia3_l", "col")},
             feedforward=False,
             notes="PEFT stores the gate as ia3_l of shape (d_out, 1); the target must not be listed in "

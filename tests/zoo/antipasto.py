@@ -80,7 +80,8 @@ MUTANTS = [
     Mutant("antipasto.coeff_read_once", CoeffReadAtAttach, "knob_identity",
            "coeff read from the config fixed at attach: set_knobs on the live model is ignored"),
     Mutant("antipasto.suppress_unclamped", SuppressNotClamped, "spectrum",
-           "suppress_only does not clamp g <= 0: the attenuate-only layer amplifies (also an oracle failure)"),
+           "suppress_only does not clamp g <= 0: the attenuate-only layer amplifies (the claim sets g > 0 itself; the "
+           "generic perturbation keeps g < 0, where positive g would be dead under the clamp)"),
     Mutant("antipasto.data_not_wired", DataNotWired, "data_path",
            "group init ignores the calibration tokens (B25 class: data silently unused)"),
     Mutant("antipasto.basis_trainable", BasisTrainable, "trainable_set", "the frozen basis U left trainable"),

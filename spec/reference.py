@@ -1,0 +1,326 @@
+"""Differential oracles: the backend under test against an implementation written by someone else.
+
+A spec's float64 oracle only catches what its author read correctly; when the spec and the implementation share
+a misreading (DeLoRA's norm axis, HRA's order, EVA's centring), only an independent implementation disagrees.
+
+- `reference_equivalence`: the same layer built in PEFT (spec.peft, through spec.peft_backend), the same non-init
+  tensors copied into both (names, layouts and transposes come from the spec's PeftMap), outputs and the gradients
+  of every trainable tensor and of the input compared in fp32 and fp64.
+- `reference_init`: the init itself against PEFT's, where it is deterministic (the parts the spec's init formula
+  names, and every tensor PEFT starts constant), and the equality pattern of the random parts (hra's pairing).
+  Data-driven inits get calibration data with a declared spectral gap (`gapped_calibration`); only components
+  separated by that gap are compared, since PEFT's EVA uses a randomised low-rank SVD.
+- `dense_equivalence`: for variants PEFT lacks, the spec's second formulation (`spec.dense`: the effective dense
+  matrix built explicitly, applied as one matmul) against the implementation, in values and gradients.
+- `unmerge_restores`, `disable_restores`: PEFT's extra API (merge_adapter / unmerge_adapter, disable_adapter),
+  for backends that have it.
+
+Tolerances come from spec.tolerance (relative to the adapter's own contribution), never tuned per variant.
+"""
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from . import tolerance as tol
+from .properties import _dt, cfg_of, loss_weights, perturb, prop, require, setup
+from .strategies import Case, base_weight, calibration_tokens, cases
+
+# Declared spectral gap of the reference calibration data: three directions with standard deviations 9, 3 and 1
+# (ratio 3 between neighbours), isotropic noise of 0.02 and a mean offset of norm 3 (so an uncentred PCA picks
+# another basis). A component is compared with PEFT's only where the drawn data's singular values keep a ratio of
+# at least GAP to both neighbours; the leading block up to the last such gap is compared as a subspace.
+GAPPED_SCALES = (9.0, 3.0, 1.0)
+GAP = 1.5
+NOISE = 0.02
+MEAN_NORM = 3.0
+
+
+def _peft_reason(spec, be) -> str | None:
+    """Why the PEFT comparison does not apply (None when it does)."""
+    if spec.peft is None:
+        return "PEFT has no counterpart of this variant (the spec declares no PeftMap)"
+    if be.name == "peft":
+        return "the backend under test is PEFT itself, the reference"
+    try:
+        ref = _reference()
+    except Exception as e:  # noqa: BLE001 - an unimportable PEFT makes the comparison n/a, with the reason
+        return f"PEFT is not available: {type(e).__name__}: {e}"
+    return ref.applies(spec)
+
+
+def _reference():
+    from .peft_backend import PeftBackend
+
+    return PeftBackend()
+
+
+def _forward_backward(be, model, x0: torch.Tensor, case: Case):
+    """Output and gradients (every trainable tensor by spec name, and 'input') under the case's linear loss."""
+    x = x0.detach().clone().requires_grad_(True)
+    y = model(x)
+    (y.double() * loss_weights(y, case).to(y.device)).sum().backward()
+    grads = {n: (None if t.grad is None else t.grad.detach().clone()) for n, t in be.tensors(model).items() if t.requires_grad}
+    grads["input"] = x.grad.detach().clone()
+    return y.detach(), grads
+
+
+def _mirror(be, model, ref, ref_model, rewrites_base: bool) -> None:
+    """Copy every adapter tensor (and a rewritten base weight) of the backend's model into the reference's."""
+    src, dst = be.tensors(model), ref.tensors(ref_model)
+    with torch.no_grad():
+        for name, t in src.items():
+            if name not in dst:
+                raise KeyError(f"PeftMap lacks '{name}' (PEFT tensors by spec name: {sorted(dst)})")
+            d = dst[name]
+            if tuple(d.shape) != tuple(t.shape):
+                raise ValueError(f"PeftMap: '{name}' is {tuple(d.shape)} in PEFT (spec layout) but {tuple(t.shape)} here")
+            d.copy_(t.detach().to(d.dtype))
+        if rewrites_base:
+            ref.write_base_weight(ref_model, be.base_weight(model).detach())
+
+
+def _compare(y, grads, y_ref, grads_ref, y_base, dtype, factor: float, what: str) -> float:
+    ok, worst = tol.close(y.cpu(), y_ref.cpu(), y_base, dtype, factor)
+    require(ok, f"output differs from {what} (scaled error {worst:.3g})", size=worst)
+    for n, g_ref in grads_ref.items():
+        g = grads.get(n)
+        require(g is not None, f"no gradient reached '{n}' ({what} has one)")
+        require(g_ref is not None, f"{what} has no gradient for '{n}'")
+        ok, err = tol.close(g.cpu(), g_ref.cpu(), None, dtype, factor)
+        require(ok, f"gradient of '{n}' differs from {what} (max diff {tol.maxabs(g.cpu().double() - g_ref.cpu().double()):.3g}, "
+                    f"scale {tol.maxabs(g_ref):.3g}, scaled error {err:.3g})", size=err)
+        worst = max(worst, err)
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------- equivalence
+
+
+@prop("reference_equivalence", _dt(torch.float32, torch.float64), applies=_peft_reason)
+def reference_equivalence(spec, be, case):
+    """On random non-init tensors copied into PEFT's own layer, the output and the gradients of every trainable
+    tensor and of the input equal PEFT's (fp32 and fp64)."""
+    ref = _reference()
+    s = setup(spec, be, case)
+    perturb(spec, be, s.model, case)
+    r = setup(spec, ref, case, with_data=False)  # its tensors are overwritten: PEFT's own data pass is not needed
+    _mirror(be, s.model, ref, r.model, spec.rewrites_base)
+    y, grads = _forward_backward(be, s.model, s.x, case)
+    y_ref, grads_ref = _forward_backward(ref, r.model, r.x, case)
+    return _compare(y, grads, y_ref, grads_ref, s.y0.double().cpu(), case.dtype, spec.identity_factor, "PEFT's")
+
+
+# ----------------------------------------------------------------------------------------------- init
+
+
+def gapped_calibration(case: Case, W: torch.Tensor, tokens: int = 16) -> list[dict[str, torch.Tensor]]:
+    """One calibration batch with the declared spectral gap (GAPPED_SCALES), along right singular directions of W
+    outside its top r, a mean offset of norm MEAN_NORM, and right padding (garbage under attention_mask == 0)."""
+    g = case.gen(200)
+    d = W.shape[1]
+    r = case.fields["r"]
+    _, _, Vh = torch.linalg.svd(W, full_matrices=True)
+    tail = list(range(min(r, d), d)) or list(range(d))
+    k = len(GAPPED_SCALES)
+    picks = [tail[i % len(tail)] for i in range(k)] if len(tail) >= k else list(range(d))[-k:] if d >= k else list(range(d))
+    dirs = Vh[picks]
+    scales = torch.tensor(GAPPED_SCALES[: len(picks)], dtype=torch.float64)
+    mean = torch.randn(d, generator=g, dtype=torch.float64)
+    mean = MEAN_NORM * mean / mean.norm()
+    z = torch.randn(2, tokens, len(picks), generator=g, dtype=torch.float64) * scales
+    x = mean + z @ dirs + NOISE * torch.randn(2, tokens, d, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, tokens, dtype=torch.long)
+    mask[1, -3:] = 0
+    x[mask == 0] = 1e3
+    return [{"x": x.to(case.dtype), "attention_mask": mask}]
+
+
+def gapped_components(X: torch.Tensor, r: int) -> tuple[list[int], int]:
+    """(indices i < r whose singular value of the centred X keeps a ratio >= GAP to both neighbours,
+    k = the size of the leading block ending at the last such gap within r)."""
+    s = torch.linalg.svdvals(X - X.mean(0))
+    s = torch.cat([s, torch.zeros(max(0, r + 1 - s.numel()), dtype=s.dtype)])
+    apart = [bool(s[i] >= GAP * s[i + 1]) for i in range(r)]
+    single = [i for i in range(r) if apart[i] and (i == 0 or apart[i - 1])]
+    block = max((i + 1 for i in range(r) if apart[i]), default=0)
+    return single, block
+
+
+def _init_state(spec, be, case: Case, cal) -> dict[str, torch.Tensor]:
+    s = setup(spec, be, case, attach=False)
+    torch.manual_seed(case.seed)
+    be.attach(s.model, spec, case, cal)
+    out = {n: t.detach().double().cpu().clone() for n, t in be.tensors(s.model).items()}
+    out["base_weight"] = be.base_weight(s.model).detach().double().cpu().clone()
+    return out
+
+
+def _align(a: torch.Tensor, e: torch.Tensor, dim: int) -> torch.Tensor:
+    """a with each vector along `dim` (dim 0: rows, 1: columns) sign-flipped to agree with e's."""
+    if a.dim() == 1:
+        return a * (1.0 if float((a * e).sum()) >= 0 else -1.0)
+    dots = (a * e).sum(dim=1 - dim, keepdim=True)
+    return a * torch.where(dots < 0, -1.0, 1.0).to(a.dtype)
+
+
+def _pick(t: torch.Tensor, dim: int, idx: list[int]) -> torch.Tensor:
+    return t.index_select(dim, torch.tensor(idx, dtype=torch.long))
+
+
+def _projector(t: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """The orthogonal projector onto the span of t's first k vectors along dim (dim 0: rows)."""
+    v = t[:k].T if dim == 0 else t[:, :k]
+    q, _ = torch.linalg.qr(v)
+    return q @ q.T
+
+
+def pattern(t: torch.Tensor) -> tuple:
+    """Which slices of t are exactly equal, along every dim (for each index, the first index with an equal
+    slice): the structure of a random init (hra's pairs of equal vectors, a constant tensor)."""
+    out = []
+    for dim in range(t.dim()):
+        sl = [t.select(dim, i) for i in range(t.shape[dim])]
+        out.append(tuple(next(j for j in range(i + 1) if torch.equal(sl[j], sl[i])) for i in range(len(sl))))
+    return tuple(out)
+
+
+def _describe(p: tuple) -> str:
+    return "; ".join(f"dim {d}: {list(labels)}" for d, labels in enumerate(p))
+
+
+@prop("reference_init", _dt(torch.float32), applies=_peft_reason)
+def reference_init(spec, be, case):
+    """The init equals PEFT's on the same base weight (and the same calibration activations, with a declared
+    spectral gap): the deterministic parts the spec's init formula names (up to sign where the spec says so; for
+    data-driven inits only the gapped components) and every tensor PEFT starts constant, in value; the random
+    parts in their pattern of equal slices (hra's pairing)."""
+    ref = _reference()
+    W, _ = base_weight(case)
+    W = W.to(case.dtype).double()
+    cal = gapped_calibration(case, W) if spec.data != "none" else None
+    X = calibration_tokens(cal) if cal is not None else None
+    ours = _init_state(spec, be, case, cal)
+    theirs = _init_state(spec, ref, case, cal)
+    named = set(spec.init_oracle(W, cfg_of(spec, case), X)) if spec.init_oracle else set()
+    factor = 4 * spec.identity_factor * max(W.shape)
+    worst = 0.0
+    for name in sorted(set(ours) | set(theirs)):
+        require(name in ours and name in theirs, f"'{name}' exists only in {'ours' if name in ours else 'PEFT'}")
+        a, e = ours[name], theirs[name]
+        require(a.shape == e.shape, f"'{name}' has shape {tuple(a.shape)}, PEFT's {tuple(e.shape)}")
+        constant = e.numel() > 0 and bool((e == e.reshape(-1)[0]).all())
+        if name in named or constant:
+            dim = spec.sign_free.get(name)
+            if dim is not None:
+                a = _align(a, e, dim)
+            what = ""
+            if dim is not None and X is not None and a.dim() == 2:
+                single, block = gapped_components(X, case.fields["r"])
+                if block:
+                    ok, err = tol.close(_projector(a, dim, block), _projector(e, dim, block), None, case.dtype, factor)
+                    require(ok, f"init of '{name}': the span of its first {block} gapped components differs from "
+                                f"PEFT's (scaled error {err:.3g})", size=err)
+                    worst = max(worst, err)
+                a, e = _pick(a, dim, single), _pick(e, dim, single)
+                what = f" (gapped components {single})"
+            scale = W if name == "base_weight" else None
+            ok, err = tol.close(a, e, scale, case.dtype, factor)
+            require(ok, f"init of '{name}'{what} differs from PEFT's (max diff {tol.maxabs(a - e):.3g}, scale "
+                        f"{tol.maxabs(e):.3g}, scaled error {err:.3g})", size=err)
+            worst = max(worst, err)
+        elif name != "base_weight":
+            pa, pe = pattern(a), pattern(e)
+            require(pa == pe, f"init of '{name}': its pattern of equal slices differs from PEFT's: "
+                              f"ours {_describe(pa)}, PEFT's {_describe(pe)}", size=1.0)
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------- dense
+
+
+@prop("dense_equivalence", _dt(torch.float64, torch.float32),
+      applies=lambda spec, be: None if spec.dense is not None else "the spec gives no second (dense) formulation")
+def dense_equivalence(spec, be, case):
+    """On random non-init tensors, the output and the gradients of every trainable tensor and of the input equal
+    those of the spec's dense formulation: the effective matrix built explicitly and applied as one matmul."""
+    s = setup(spec, be, case)
+    perturb(spec, be, s.model, case)
+    y, grads = _forward_backward(be, s.model, s.x, case)
+    T = {n: t.detach().double().cpu().requires_grad_(bool(t.requires_grad)) for n, t in be.tensors(s.model).items()}
+    W = be.base_weight(s.model).detach().double().cpu()
+    layer_b = getattr(s.model.layer, "bias", None)
+    b = None if layer_b is None else layer_b.detach().double().cpu()
+    out = spec.dense(W, b, T, cfg_of(spec, case), be.knobs(s.model))
+    D, b_eff = out if isinstance(out, tuple) else (out, b)
+    require(tuple(D.shape) == (case.d_out, case.d_in), f"dense map has shape {tuple(D.shape)}, not (d_out, d_in)")
+    x64 = s.x.detach().double().cpu().requires_grad_(True)
+    y_ref = x64 @ D.T if b_eff is None else torch.addmm(b_eff, x64.reshape(-1, case.d_in), D.T).reshape(*x64.shape[:-1], -1)
+    (y_ref * loss_weights(y, case)).sum().backward()
+    grads_ref = {n: t.grad for n, t in T.items() if t.requires_grad}
+    grads_ref["input"] = x64.grad
+    y_base = s.y0.double().cpu()
+    return _compare(y, grads, y_ref.detach(), grads_ref, y_base, case.dtype, spec.identity_factor, "the dense formulation's")
+
+
+# ----------------------------------------------------------------------------------------------- PEFT's extra API
+
+
+def _has(method: str, what: str):
+    return lambda spec, be: None if hasattr(be, method) else f"the backend has no {what}"
+
+
+@prop("unmerge_restores", lambda spec, device: st.tuples(
+        cases(spec, dtypes=(torch.float32,), bias=True, device=device), st.sampled_from(["linear", "conv1d"])),
+      applies=_has("unmerge_adapter", "merge_adapter / unmerge_adapter (impl's merge is final)"), max_examples=10)
+def unmerge_restores(spec, be, drawn):
+    """With every adapter tensor perturbed, on Linear and Conv1D layers: merge_adapter gives the adapted output,
+    and unmerge_adapter restores the base weights (and the adapted output) within tolerance."""
+    case, lay = drawn if isinstance(drawn, tuple) else (drawn, "linear")
+    s = setup(spec, be, case, layout=lay)
+    perturb(spec, be, s.model, case)
+    g = case.gen(5)
+    with torch.no_grad():
+        for ts in spec.tensors:
+            if not ts.trainable and ts.name in be.tensors(s.model):
+                t = be.tensors(s.model)[ts.name]
+                t.mul_((1 + 0.2 * torch.rand(t.shape, generator=g, dtype=torch.float64)).to(t.dtype))
+    s.model.eval()
+    W0 = be.base_weight(s.model).detach().double().clone()
+    with torch.no_grad():
+        y_h = s.model(s.x)
+    be.merge_adapter(s.model)
+    Wm = be.base_weight(s.model).detach().double().clone()
+    with torch.no_grad():
+        y_m = s.model(s.x)
+    ok, worst = tol.close(y_m, y_h, s.y0, case.dtype, spec.identity_factor)
+    require(ok, f"{lay}: output after merge_adapter differs from the adapted output (scaled error {worst:.3g})", size=worst)
+    be.unmerge_adapter(s.model)
+    W1 = be.base_weight(s.model).detach().double()
+    ok, err = tol.close(W1, W0, Wm, case.dtype, spec.identity_factor)
+    require(ok, f"{lay}: unmerge_adapter does not restore the base weight (max diff {tol.maxabs(W1 - W0):.3g}, "
+                f"merged delta {tol.maxabs(Wm - W0):.3g}, scaled error {err:.3g})", size=err)
+    with torch.no_grad():
+        y_u = s.model(s.x)
+    ok, err2 = tol.close(y_u, y_h, s.y0, case.dtype, spec.identity_factor)
+    require(ok, f"{lay}: output after unmerge_adapter differs from the adapted output (scaled error {err2:.3g})", size=err2)
+    return max(worst, err, err2)
+
+
+@prop("disable_restores", _dt(torch.float32, torch.bfloat16), applies=_has("disabled", "disable-adapter context"))
+def disable_restores(spec, be, case):
+    """With every trainable perturbed, the output inside the disable-adapter context is bit-exactly the base
+    model's, and after leaving it bit-exactly the adapted output again."""
+    s = setup(spec, be, case)
+    perturb(spec, be, s.model, case)
+    with torch.no_grad():
+        y_a = s.model(s.x)
+        with be.disabled(s.model):
+            y_d = s.model(s.x)
+        y_b = s.model(s.x)
+    diff = tol.maxabs(y_d.double() - s.y0.double())
+    require(torch.equal(y_d, s.y0), f"output with the adapter disabled differs from the base by {diff:.3g} "
+                                     f"({diff / (tol.maxabs(s.y0) + 1e-300):.3g} relative)",
+            size=diff / (tol.maxabs(s.y0) + 1e-300))
+    require(torch.equal(y_b, y_a), "output after leaving the disable context differs from the adapted output")
+    return 0.0
