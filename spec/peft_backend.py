@@ -16,9 +16,11 @@ field or an API the release lacks makes the variant or the property 'na' with th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
+import io
 import tempfile
 from pathlib import Path
 
@@ -139,6 +141,29 @@ def _restore_untouched(layer: nn.Module, exact: dict, rounded: dict) -> None:
                 v.data.copy_(exact[k])
 
 
+class PeftHang(RuntimeError):
+    """PEFT did not return (a loop without an exit); not a clear error of PEFT's own."""
+
+
+EVA_MAX_PASSES = 50  # passes over the calibration batches after which PEFT's EVA loop is declared stuck
+
+
+def _bounded_forward(limit: int):
+    """EVA's forward_fn, counting calls: PEFT cycles the data until every component converged and never stops
+    when no batch has enough tokens (tuners/lora/eva.py:411-447), so the harness stops it instead of hanging."""
+    calls = [0]
+
+    def forward(model, inputs):
+        calls[0] += 1
+        if calls[0] > limit:
+            raise PeftHang(f"PEFT's initialize_lora_eva_weights made {limit} forward passes without finishing: it "
+                           "cycles the data forever when the components never converge, e.g. every batch has "
+                           "fewer tokens than r (peft/tuners/lora/eva.py:407-456)")
+        return model(**inputs)
+
+    return forward
+
+
 def _mask_indices(model_input, peft_config):
     """EVA's model-input preparation for our dict batches: the (batch, token) indices of non-padding tokens."""
     return model_input["attention_mask"].bool().nonzero()
@@ -219,10 +244,13 @@ class PeftBackend:
 
     # ---- applicability
 
-    def applies(self, spec: Spec) -> str | None:
+    def applies(self, spec: Spec, init_only: bool = False) -> str | None:
+        """None when PEFT can build the spec's layer (init_only: also a counterpart sharing only the init)."""
         pm = spec.peft
         if pm is None:
             return f"PEFT has no counterpart of '{spec.name}' (the spec declares no PeftMap)"
+        if pm.compare is not None and not init_only:
+            return f"PEFT's {pm.config} shares only the init with '{spec.name}' (other tensors): see reference_init"
         cls = getattr(_peft, pm.config, None)
         if cls is None:
             return f"peft {VERSION} has no {pm.config}"
@@ -295,12 +323,16 @@ class PeftBackend:
             if fp32_init:
                 model.float()
                 rounded = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+            if getattr(cfg, "init_lora_weights", None) == "corda":
+                self._corda(model, cfg, calibration)
             pm = _peft.get_peft_model(model, cfg, **kw)
             if fp32_init:
                 model.double()
                 _restore_untouched(base_layer(model.layer), exact, rounded)
             if spec.data != "none" and calibration is not None:
                 self._calibrate(pm, spec, calibration)
+        except PeftHang:
+            raise
         except Exception as e:
             if fp32_init:
                 model.double()
@@ -311,9 +343,31 @@ class PeftBackend:
         model.__dict__[_STATE] = {"peft_model": pm, "flags": tuple(flags), "spec": spec}
         return model
 
+    def _corda(self, model, cfg, calibration) -> None:
+        """PEFT's CorDA preprocessing: covariance hooks over the calibration batches, before get_peft_model. Its
+        hook squeezes dim 0 and transposes, so every call gets one (tokens, d) sample: the non-padding tokens of
+        each sequence, one call per sequence."""
+        fn = getattr(_peft, "preprocess_corda", None) or getattr(importlib.import_module("peft.tuners.lora.corda"),
+                                                                 "preprocess_corda", None)
+        if fn is None:
+            raise AttachError(f"peft {VERSION} has no preprocess_corda")
+        if calibration is None:
+            raise AttachError("PEFT's CorDA needs calibration data")
+        seqs = [b["x"][i][b["attention_mask"][i].bool()] for b in calibration for i in range(b["x"].shape[0])]
+
+        def run_model():
+            dtype = next(model.parameters()).dtype
+            for x in seqs:
+                model(x[None].to(dtype))
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            fn(model, cfg, run_model=run_model)
+
     def _calibrate(self, pm, spec: Spec, calibration) -> None:
         """PEFT's own data-driven init over the calibration batches (EVA); padding masked by PEFT's LM helpers."""
         kwargs = pm.peft_config[ADAPTER].__dict__
+        if kwargs.get("init_lora_weights") == "corda":
+            return  # done before get_peft_model (_corda)
         if kwargs.get("init_lora_weights") == "eva":
             fn = getattr(_peft, "initialize_lora_eva_weights", None)
             if fn is None:
@@ -323,7 +377,13 @@ class PeftBackend:
             # when an attention mask is given (eva.py:251, a dict.get default evaluated eagerly). Our models take
             # `x`, so pass the documented hook with the same masking (non-padding tokens only).
             kw["prepare_model_inputs_fn"] = _mask_indices
-            fn(pm, list(calibration), **kw)
+            batches = list(calibration)
+            if _accepts(fn, "forward_fn"):
+                kw["forward_fn"] = _bounded_forward(EVA_MAX_PASSES * max(1, len(batches)))
+            # bitsandbytes repacks a CPU 4-bit layer in place on its first eval-mode no-grad forward (an
+            # environment quirk, not PEFT's): keep the storage format during the data pass, as impl does
+            with layers.no_cpu_repack(pm), contextlib.redirect_stdout(io.StringIO()):  # PEFT prints its skips
+                fn(pm, batches, **kw)
         else:
             raise AttachError(f"no PEFT calibration recipe for init {kwargs.get('init_lora_weights')!r}")
 

@@ -91,6 +91,11 @@ class PeftMap:
     tensors: our tensor name -> (PEFT state-dict key suffix without adapter name, transform), transform one of
       "id", "T" (transpose), "row" (reshape to (1, n)), "col" (reshape to (n, 1)), "scalar1" (shape (1,)).
     feedforward: the PEFT target is a feed-forward (input-side IA3) module.
+    compare: for a counterpart that shares only the init (other tensors than ours): `tensors` then names PEFT's
+      tensors, and compare(ours, peft, cfg) -> {quantity: (ours, PEFT's, sign-free dim or None)} says what to compare
+      after init (spec.reference.reference_init); every other property is not applicable to it.
+    calibration: the data reference_init gives data-driven inits: "gapped" (a declared spectral gap) or
+      "isotropic" (second moment proportional to I, where CorDA's orientation reduces to the plain SVD).
     """
 
     config: str
@@ -98,6 +103,8 @@ class PeftMap:
     tensors: Mapping[str, tuple[str, str]]
     feedforward: bool = False
     notes: str = ""
+    compare: Callable[..., dict] | None = None
+    calibration: str = "gapped"
 
 
 @dataclass(frozen=True)

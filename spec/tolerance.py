@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 ACCUMULATION = {torch.float64: 64.0, torch.float32: 64.0, torch.bfloat16: 4.0, torch.float16: 8.0}
+# A gradient runs the forward's chain of roundings and then the backward's: twice the allowance of an output.
+BACKWARD = 2.0
 
 
 def eps(dtype: torch.dtype) -> float:

@@ -2,7 +2,7 @@
 
 Per (variant, architecture, dtype): attach by role (with anisotropic, padded calibration batches where the
 spec uses data); the logits at init equal the base logits in the declared identity class; 30 AdamW steps on
-the teacher task make the loss fall by at least MIN_FALL (10 %); every trainable tensor moved, no base tensor
+the teacher task make the loss fall by at least MIN_FALL (30 %); every trainable tensor moved, no base tensor
 did and none received a gradient; save -> load into a freshly built model with no calibration data
 reproduces the logits bit-exactly; detach restores the base logits bit-exactly; merge reproduces the adapted
 logits within the spec's tolerance; greedy `generate` with the adapter attached (KV cache, one-token steps)
@@ -39,8 +39,10 @@ def test_identity_at_init_and_trainables(variant, arch, dtype):
     assert trainable, "nothing is trainable after attach"
     assert all(".adapter." in n for n in trainable), f"base parameters left trainable: {[n for n in trainable if '.adapter.' not in n]}"
     assert {p.dtype for p in trainable.values()} == {torch.float32}, "trainable adapter tensors must be fp32 whatever the base dtype"
-    names = {n.rsplit(".", 1)[1] for n in trainable}
-    assert names == {t.name for t in spec.trainable}, f"trainable tensors {sorted(names)} != the spec's"
+    for target, ad in impl.adapters(model).items():
+        names = {n for n, p in ad.named_parameters() if p.requires_grad}
+        declared = {t.name for t in e2e.present_trainables(spec, ad)}
+        assert names == declared, f"{target}: trainable tensors {sorted(names)} != the spec's {sorted(declared)}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
@@ -54,9 +56,7 @@ def test_train_save_load_detach_merge_generate(variant, arch, dtype, tmp_path):
     y_base = e2e.logits(model, probe)
     base_before = e2e.base_state(model)
     e2e.attach(model, variant, arch)
-    targets = list(impl.adapters(model))
-    teacher = e2e.teacher_model(tiny(arch, dtype=dtype), targets)
-    target_logits = e2e.logits(teacher, data)
+    target_logits = e2e.teacher_logits(model, lambda: tiny(arch, dtype=dtype), variant, arch, data)
     init = {n: p.detach().clone() for n, p in e2e.trainables(model).items()}
     residual = e2e.base_state(model)  # the base after attach (rewritten by base-rewriting variants)
 

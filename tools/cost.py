@@ -800,13 +800,24 @@ def goals(tt: dict, times: dict, variants: tuple[str, ...], opts: Options) -> li
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux; platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment(opts: Options) -> dict:
     """Where the numbers come from (threads fixed and printed)."""
     import peft
     import transformers
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "peft": peft.__version__,
-           "transformers": transformers.__version__, "machine": platform.machine(), "processor": platform.processor(),
+           "transformers": transformers.__version__, "machine": platform.machine(), "processor": cpu_model(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "torch_interop_threads": torch.get_num_interop_threads(), "device": opts.device,
            "timer": "CUDA events" if opts.device == "cuda" else "time.perf_counter",

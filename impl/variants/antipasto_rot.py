@@ -15,8 +15,11 @@ bs > 2 the reference's unscaled clamp only bounds each entry (measured: 1.10 rad
 for θ_max = 0.5), which is why it is scaled here.
 
 Cost: the rotation acts on the r-dimensional coordinates (p = Vh x, then R_v p; R_uᵀ h before U), never on the
-d_in- or d_out-dimensional basis: 2 r·bs extra multiply-adds per token per rotated basis plus r/bs tiny bs×bs
-solves per forward, against the r (d_in + d_out) of the basis itself.
+d_in- or d_out-dimensional basis: one r×r block-diagonal matmul per token per rotated basis (r² multiply-adds,
+faster in practice than a per-block product with r·bs) plus r/bs tiny bs×bs solves per forward, against the
+r (d_in + d_out) of the basis itself. Measured on CPU (Linear 1024×1024, 8×128 tokens, r = 16, bs = 4, forward
+plus backward, paired medians): 1.01x-1.03x antipasto for the whole layer and 1.05x-1.14x for the adapter path
+alone, where rebuilding the rotated basis each forward (the reference's way) measured 1.47x-1.53x.
 
 rot_T (and rot_T_u, for 'both') hold the r/bs blocks' bs(bs−1)/2 skew entries; 'none' has neither.
 δ (r,) and rot_T start at 0: R = I exactly and y' = W x up to the rounding of W_res (a tolerance-class identity;
@@ -63,15 +66,17 @@ def cayley(A: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye - X, eye + X)
 
 
-def rotate(p: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """Apply blockdiag(R) (R: (n_blocks, bs, bs)) to the last dimension of p (..., n_blocks · bs)."""
-    n, bs, _ = R.shape
-    return torch.einsum("...kj,kij->...ki", p.unflatten(-1, (n, bs)), R).flatten(-2)
-
-
 def block_diag(R: torch.Tensor) -> torch.Tensor:
     """The dense (r, r) block-diagonal matrix of the blocks R (n_blocks, bs, bs)."""
-    return torch.block_diag(*R.unbind(0))
+    n, bs, _ = R.shape
+    eye = torch.eye(n, dtype=R.dtype, device=R.device)
+    return (eye[:, None, :, None] * R[:, :, None, :]).reshape(n * bs, n * bs)
+
+
+def rotate(p: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Apply blockdiag(R) (R: (n_blocks, bs, bs)) to the last dimension of p (..., n_blocks · bs), as one r×r
+    matmul: measured faster on CPU than a batched per-block product (einsum/bmm) at r = 16 to 256."""
+    return p @ block_diag(R).T
 
 
 @register

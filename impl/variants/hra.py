@@ -3,9 +3,11 @@ r"""HRA: Householder reflection adaptation (Yuan et al., 2024), applied to the l
     y' = W H x + b,    H = H_0 H_1 ⋯ H_{r−1},    H_i = I − 2 u_i u_iᵀ / max(‖u_i‖², ε)
 
 u_i is row i of U (r, d_in). H_{r−1} acts on x first and H_0 last, as in PEFT (which forms W @ H). The
-reflections are applied to x one by one, O(r·d_in) per token; the dense d_in × d_in product is never formed
-in the forward. ε = 1e-12 is a floor on ‖u_i‖² so that a vector trained to zero gives a finite (if
-meaningless) reflection instead of NaN.
+forward applies the product in its compact WY (UT) form, H = I − Uᵀ T U with T (r, r) upper triangular and
+T⁻¹ = striu(U Uᵀ) + ½ diag(max(‖u_i‖², ε)) (Joffrain et al. 2006): per token two thin matmuls and one r × r one,
+2 r·d_in + r² multiply-adds; per forward the Gram matrix U Uᵀ (r²·d_in) and one r × r triangular solve. The
+dense d_in × d_in product is never formed. ε = 1e-12 is a floor on ‖u_i‖² so that a vector trained to zero
+gives a finite (if meaningless) reflection instead of NaN; the UT form holds for any such scale.
 
 Init (PEFT's symmetric init): r/2 vectors drawn kaiming-uniform and each repeated twice, so rows 2j and 2j+1
 are equal and H_{2j} H_{2j+1} = I: H = I up to rounding at init, and every vector has a non-zero gradient
@@ -19,6 +21,8 @@ rejected. alpha is unused (PEFT's HRA has no scale either). Merge: W' = W H.
 References:
 - paper: https://arxiv.org/abs/2405.17484 (§3: the adapted weight W H^{(r)} with H^{(r)} = Π_i (I − 2 u_i u_iᵀ))
 - canonical code: https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/hra/layer.py
+- compact WY / UT transform: Joffrain, Low, Quintana-Ortí, van de Geijn, Van Zee, "Accumulating Householder
+  transformations, revisited", ACM TOMS 32(2), 2006, https://doi.org/10.1145/1141885.1141886 (eq. 2 and §3)
 """
 from __future__ import annotations
 
@@ -49,11 +53,20 @@ def reflect(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return v - (2.0 * (v @ u) / (u @ u).clamp_min(NORM_FLOOR)).unsqueeze(-1) * u
 
 
+def householder_factor(U: torch.Tensor) -> torch.Tensor:
+    """T (r, r), upper triangular, such that H_0 H_1 ⋯ H_{r−1} = I − Uᵀ T U (the UT transform):
+    T⁻¹ = striu(U Uᵀ) + ½ diag(max(‖u_i‖², ε)), i.e. H_i = I − u_i u_iᵀ / τ_i with τ_i = ½ max(‖u_i‖², ε)."""
+    G = U @ U.t()
+    S = torch.triu(G, diagonal=1) + torch.diag(0.5 * G.diagonal().clamp_min(NORM_FLOOR))
+    eye = torch.eye(U.shape[0], dtype=U.dtype, device=U.device)
+    return torch.linalg.solve_triangular(S, eye, upper=True)
+
+
 def householder_apply(x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """x' = H x = H_0 (H_1 (⋯ (H_{r−1} x))) for row vectors x (..., d_in)."""
-    for i in range(U.shape[0] - 1, -1, -1):
-        x = reflect(x, U[i])
-    return x
+    """x' = H x = H_0 (H_1 (⋯ (H_{r−1} x))) for row vectors x (..., d_in), in the compact WY form:
+    x' = x − ((x Uᵀ) Tᵀ) U (the same product as reflecting by H_{r−1} first, in three matmuls)."""
+    T = householder_factor(U)
+    return x - ((x @ U.t()) @ T.t()) @ U
 
 
 def householder_right(W: torch.Tensor, U: torch.Tensor) -> torch.Tensor:

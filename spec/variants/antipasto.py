@@ -15,6 +15,12 @@ def oracle(W, b, T, x, cfg, knobs, xd=None):
     return y + ((x @ T["Vh"].T) * s_eff) @ T["U"].T
 
 
+def dense(W, b, T, cfg, knobs):
+    """The second formulation: D = W_res + U diag(S ⊙ f(coeff · g̃)) Vh built as one (d_out, d_in) matrix."""
+    g = torch.clamp(T["g"], max=0) if cfg.suppress_only else T["g"]
+    return W + T["U"] @ torch.diag(T["S"] * common.gain(knobs["coeff"] * g)) @ T["Vh"]
+
+
 
 def init_oracle(W, cfg, X):
     """Without data: the top-r SVD of W; with data: W's r singular triplets with the largest
@@ -44,6 +50,7 @@ SPEC = register(
         macs="r * (d_in + d_out) + ew(r)",
         macs_per_forward="ew(r)",
         oracle=oracle,
+        dense=dense,
         init_oracle=init_oracle,
         sign_free={"U": 1, "Vh": 0},
         identity="tolerance",

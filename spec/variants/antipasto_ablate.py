@@ -22,6 +22,11 @@ def oracle(W, b, T, x, cfg, knobs, xd=None):
     return y + ((x @ T["Vh"].T) * T["S"]) @ M.T @ T["U"].T
 
 
+def dense(W, b, T, cfg, knobs):
+    """The second formulation: D = W_res + U M(coeff) diag(S) Vh built as one (d_out, d_in) matrix."""
+    return W + T["U"] @ core_matrix(T, cfg, knobs["coeff"]) @ torch.diag(T["S"]) @ T["Vh"]
+
+
 
 def init_oracle(W, cfg, X):
     """Without data: the top-r SVD. With data: the CorDA orientation (cov_orient: SVD(W C_ε^{1/2}),
@@ -80,6 +85,7 @@ SPEC = register(
         macs="r * (d_in + d_out) + 2 * r * k + ew(r + k)",
         macs_per_forward="solve(r * k * k) + ew(k)",
         oracle=oracle,
+        dense=dense,
         init_oracle=init_oracle,
         sign_free={"U": 1, "Vh": 0},
         identity="non_identity",

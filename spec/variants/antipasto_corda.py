@@ -2,7 +2,7 @@
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Claim, Constraint, Reference, Spec, TensorSpec, register
+from ..schema import Claim, Constraint, PeftMap, Reference, Spec, TensorSpec, register
 from ..strategies import calibration_tokens
 from . import _antipasto_common as common
 
@@ -12,6 +12,12 @@ def oracle(W, b, T, x, cfg, knobs, xd=None):
     g = torch.clamp(T["g"], max=0) if cfg.suppress_only else T["g"]
     y = x @ W.T + (0 if b is None else b)
     return y + ((x @ T["P"].T) * (T["S"] * common.gain(knobs["coeff"] * g))) @ T["U"].T
+
+
+def dense(W, b, T, cfg, knobs):
+    """The second formulation: D = W_res + U diag(S ⊙ f(coeff · g̃)) P built as one (d_out, d_in) matrix."""
+    g = torch.clamp(T["g"], max=0) if cfg.suppress_only else T["g"]
+    return W + T["U"] @ torch.diag(T["S"] * common.gain(knobs["coeff"] * g)) @ T["P"]
 
 
 
@@ -44,6 +50,23 @@ def optimality_gap(probe):
     return torch.tensor([(ours - weighted_error(W, A, half)) / scale for A in alternatives], dtype=torch.float64)
 
 
+def peft_corda_compare(ours, peft, cfg):
+    """Against PEFT's CorDA (IPM) on data whose second moment is proportional to I, where both orientations reduce
+    to W's plain top-r SVD: the same U (B's unit columns), the same rows of P up to a common scale (A's unit rows),
+    the same rank-r part U S P = s B A, and the same residual."""
+    s = cfg.alpha / cfg.r
+
+    def unit(M, dim):
+        return M / M.norm(dim=dim, keepdim=True)
+
+    return {
+        "U": (ours["U"], unit(peft["B"], 0), 1),
+        "P, unit rows": (unit(ours["P"], 1), unit(peft["A"], 1), 0),
+        "U S P": ((ours["U"] * ours["S"]) @ ours["P"], s * peft["B"] @ peft["A"], None),
+        "base_weight": (ours["base_weight"], peft["base_weight"], None),
+    }
+
+
 def fields(draw, d_in, d_out):
     return {"coeff": common.coeff(draw), "suppress_only": draw(st.booleans(), label="suppress_only"),
             "cov_eps": draw(st.sampled_from([1e-3, 1e-1]), label="cov_eps")}
@@ -65,6 +88,7 @@ SPEC = register(
         macs="r * (d_in + d_out) + ew(r)",
         macs_per_forward="ew(r)",
         oracle=oracle,
+        dense=dense,
         init_oracle=init_oracle,
         sign_free={"U": 1, "P": 0},
         identity="tolerance",
@@ -91,6 +115,16 @@ SPEC = register(
             Claim("eckart_young_in_data_metric", "bounded", optimality_gap,
                   "the rank-r part W − W_res minimises E‖(W − B) x‖² over rank-r B: no worse than the plain top-r "
                   "SVD or PEFT's SVD(W C) form", bound=0.0),
+        ),
+        peft=PeftMap(
+            config="LoraConfig",
+            kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "init_lora_weights": "corda",
+                                "corda_config": {"corda_method": "ipm"}},
+            tensors={"A": ("lora_A.weight", "id"), "B": ("lora_B.weight", "id")},
+            compare=peft_corda_compare,
+            calibration="isotropic",
+            notes="PEFT's CorDA puts the factors in trainable LoRA A/B (ours: frozen U, S, P and a trainable gain), so "
+                  "only the init is compared, on data with C ∝ I (reference_init).",
         ),
         references=(
             Reference("CorDA paper", "https://arxiv.org/abs/2406.05223"),

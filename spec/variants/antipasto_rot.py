@@ -43,6 +43,12 @@ def oracle(W, b, T, x, cfg, knobs, xd=None):
     return y + (x @ (R_v @ T["Vh"]).T * (T["S"] + T["delta"])) @ (T["U"] @ R_u.T).T
 
 
+def dense(W, b, T, cfg, knobs):
+    """The second formulation: D = W_res + U R_uᵀ diag(S + δ) R_v Vh built as one (d_out, d_in) matrix."""
+    R_v, R_u = dense_rotations(T, cfg)
+    return W + T["U"] @ R_u.T @ torch.diag(T["S"] + T["delta"]) @ R_v @ T["Vh"]
+
+
 
 def init_oracle(W, cfg, X):
     """The top-r SVD of W (or, with data, the r singular triplets with the largest S_i · pool_t |x_t · v_i|);
@@ -113,9 +119,10 @@ SPEC = register(
                        "zeros (R = I); rotates U under rotate_basis='both'", when="rotate_basis == 'both'"),
         ),
         param_count=f"r + {N_ROT} * r * (block_size - 1) // 2",
-        macs=f"r * (d_in + d_out) + {N_ROT} * r * block_size + ew(r)",
+        macs=f"r * (d_in + d_out) + {N_ROT} * r * r + ew(r)",  # the rotation: one r x r block-diagonal matmul
         macs_per_forward=f"solve({N_ROT} * r * block_size ** 2) + ew({N_ROT} * r * block_size)",
         oracle=oracle,
+        dense=dense,
         init_oracle=init_oracle,
         sign_free={"U": 1, "Vh": 0},
         identity="tolerance",

@@ -2,7 +2,7 @@
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Claim, Constraint, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Claim, Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
 
 CLAMP = 1e-4  # PEFT clamps each rank-one term's factor norms at 1e-4
 
@@ -91,6 +91,13 @@ SPEC = register(
             tensors={"A": ("delora_A", "id"), "B": ("delora_B", "id"), "lam": ("delora_lambda", "id"),
                      "wnorm": ("delora_w_norm", "id")},
             notes="PEFT's module_dropout is element-wise dropout on the adapter input; delora_w_norm is a persistent buffer.",
+        ),
+        deviations=(
+            Deviation("layout", "PEFT 0.21.2's DeLoRA adapts torch.nn.Linear only (TypeError on transformers' "
+                      "Conv1D)", backend="peft", source="peft/tuners/delora/model.py:102-106", match="Conv1D"),
+            Deviation("unmerge_restores", "PEFT 0.21.2's DeLoRA adapts torch.nn.Linear only (TypeError on "
+                      "transformers' Conv1D)", backend="peft", source="peft/tuners/delora/model.py:102-106",
+                      match="Conv1D"),
         ),
         notes=(
             "Follows PEFT: per-input-channel norms w = ‖W_:,j‖ (dim 0) kept as a persistent frozen buffer in the "

@@ -4,7 +4,7 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Constraint, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
 
 
 def oracle(W, b, T, x, cfg, knobs, xd=None):
@@ -38,6 +38,8 @@ SPEC = register(
             TensorSpec("B", "(d_out, r)", "zeros"),
         ),
         param_count="r * (d_in + d_out)",
+        macs="r * (d_in + d_out) + ew(d_out)",  # LoRA's forward: x Aᵀ, then Bᵀ; the scale s
+        macs_per_forward="0",
         oracle=oracle,
         init_oracle=init_oracle,
         identity="bitwise",
@@ -52,6 +54,18 @@ SPEC = register(
             Reference("PEFT 0.21.2 eva", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/lora/eva.py"),
             Reference("PEFT 0.21.2 incremental PCA (sign rule)",
                       "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/utils/incremental_pca.py"),
+        ),
+        deviations=(
+            Deviation("init_formula", "PEFT's EVA runs an incremental PCA with a randomised low-rank SVD "
+                      "(svd_lowrank, seed 42) until the first r components converge (cosine >= tau): only components "
+                      "separated by a clear spectral gap equal the exact centred PCA; the tail differs",
+                      backend="peft", source="peft/tuners/lora/eva.py:138-143 (IncrementalPCA(lowrank=True, "
+                      "lowrank_seed=42)) and eva.py:165-171 (convergence test)", match="init of 'A' differs"),
+            Deviation("data_path", "PEFT's EVA is a two-step API: get_peft_model(init_lora_weights='eva') zeroes B "
+                      "and leaves A at nn.Linear's init; the data pass is a separate call "
+                      "(initialize_lora_eva_weights) that nothing enforces", backend="peft",
+                      source="peft/tuners/lora/layer.py:303-304; documented at tuners/lora/config.py:496-498",
+                      match="attach with missing data did not raise"),
         ),
         peft=PeftMap(
             config="LoraConfig",

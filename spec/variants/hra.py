@@ -64,6 +64,9 @@ SPEC = register(
                  r"\ \ (H_{r-1}\text{ acts first})",
         tensors=(TensorSpec("U", "(r, d_in)", "r/2 kaiming-uniform rows, each repeated twice (H = I)"),),
         param_count="r * d_in",
+        # compact WY form (impl): x Uᵀ, then Tᵀ, then U per token; the Gram U Uᵀ and T's triangular solve per forward
+        macs="2 * r * d_in + r * r",
+        macs_per_forward="r * r * d_in + solve(r * r * (r + 1) // 2) + ew(r)",
         oracle=oracle,
         identity="tolerance",
         dropout="rejected",
@@ -87,11 +90,10 @@ SPEC = register(
                       "at get_peft_model", backend="peft",
                       source="peft/tuners/hra/model.py:_create_new_module (v0.21.2, line 118)",
                       match="is not supported"),
-            Deviation("quantized", "PEFT's HRA multiplies the layer's stored weight by H in every forward, so on "
-                      "bitsandbytes layers it reads packed storage as the weight: a shape error on 4-bit (what "
-                      "stops this property) and, per docs/peft_oracle.md §16, wrong values on 8-bit",
-                      backend="peft", source="peft/tuners/hra/layer.py:HRALinear.forward (v0.21.2)",
-                      match="shapes cannot be multiplied"),
+            Deviation("unmerge_restores", "PEFT's HRA wraps only torch.nn.Linear and Conv2d: transformers' Conv1D "
+                      "is refused at get_peft_model", backend="peft",
+                      source="peft/tuners/hra/model.py:_create_new_module (v0.21.2, line 118)",
+                      match="is not supported"),
         ),
         peft=PeftMap(
             config="HRAConfig",
@@ -99,10 +101,11 @@ SPEC = register(
             tensors={"U": ("hra_u", "T")},
             notes="PEFT's hra_u is (d_in, r) with the vectors as columns; ours are the rows of U (r, d_in).",
         ),
-        notes="Identity at init holds to rounding only (each pair of equal reflections is applied in turn), hence "
+        notes="Identity at init holds to rounding only (each pair of equal reflections cancels up to rounding), hence "
               "the 'tolerance' class. We floor ‖u_i‖² at 1e-12 (PEFT divides by ‖u_i‖ unguarded). r ≤ d_in is "
-              "checked per layer (PEFT does not check it). We apply the r reflections to x (O(r·d_in) per token) "
-              "where PEFT forms the dense d_in × d_in product and W H on every forward. The paper's orthogonality "
+              "checked per layer (PEFT does not check it). We apply H to x in its compact WY form x − ((x Uᵀ) Tᵀ) U "
+              "(2 r·d_in + r² per token, an r × r triangular solve per forward) where PEFT forms the dense "
+              "d_in × d_in product and W H on every forward. The paper's orthogonality "
               "regulariser and PEFT's apply_GS mode are not implemented. alpha is unused.",
     )
 )

@@ -1,7 +1,7 @@
 """Spec of (IA)³ on the input side (Liu et al. 2022): a learned gate on a feed-forward down projection's input."""
 import torch
 
-from ..schema import Constraint, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
 
 
 def oracle(W, b, T, x, cfg, knobs, xd=None):
@@ -22,6 +22,8 @@ SPEC = register(
         equation=r"y = W (g \odot x) + b,\quad g \in \mathbb{R}^{d_{in}},\ g_0 = \mathbf{1}",
         tensors=(TensorSpec("g", "(d_in,)", "ones"),),
         param_count="d_in",
+        macs="ew(d_in)",  # the gate: one multiply per input, no matmul
+        macs_per_forward="0",
         oracle=oracle,
         init_oracle=init_oracle,
         identity="bitwise",
@@ -34,6 +36,12 @@ SPEC = register(
         references=(
             Reference("paper (§3.3)", "https://arxiv.org/abs/2205.05638"),
             Reference("PEFT 0.21.2 ia3 layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/ia3/layer.py"),
+        ),
+        deviations=(
+            Deviation("unmerge_restores", "PEFT's IA3 unmerge divides the merged weight by l + 1e-8 (a guard against "
+                      "division by zero) and warns 'Unmerge result can be inaccurate for (IA)^3': gates near 0 do not "
+                      "restore the base weight", backend="peft",
+                      source="peft/tuners/ia3/layer.py:157-163", match="unmerge_adapter does not restore"),
         ),
         peft=PeftMap(
             config="IA3Config",

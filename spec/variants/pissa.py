@@ -4,7 +4,7 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Constraint, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
 
 
 def scale(cfg) -> float:
@@ -75,6 +75,20 @@ SPEC = register(
                                 "lora_dropout": cfg.dropout, "init_lora_weights": "pissa"},
             tensors={"A": ("lora_A.weight", "id"), "B": ("lora_B.weight", "id")},
             notes="PEFT also overwrites the base weight with W_res; compare against get_base_layer().weight.",
+        ),
+        deviations=(
+            Deviation("identity_at_init", "PEFT refuses to initialise PiSSA on a float64 base ('Please initialize "
+                      "PiSSA under float32'); the PEFT backend initialises in float32 and casts, PEFT's recipe, so "
+                      "the float64 identity holds only to the fp32 rounding of the SVD",
+                      backend="peft", source="peft/tuners/lora/layer.py:432-436 (pissa_init)", match="eps(torch.float64)"),
+            Deviation("detach_restores", "PEFT's unload() leaves the residual W_res in the base layer: PiSSA's "
+                      "rewrite of the base is not undone", backend="peft",
+                      source="peft/tuners/lora/layer.py:462 (pissa_init overwrites the base weight); PEFT documents "
+                             "the conversion path_initial_model_for_weight_conversion (peft_model.py:268)",
+                      match="output after detach differs"),
+            Deviation("disable_restores", "PEFT's disable_adapter() runs the residual model W_res, not the "
+                      "original base", backend="peft", source="peft/tuners/lora/layer.py:462 (pissa_init overwrites the base)",
+                      match="disabled differs from the base"),
         ),
         notes=(
             "Identity at init holds within a dtype tolerance (W_res is rounded into the base dtype), not bitwise. "

@@ -1,0 +1,116 @@
+"""The PEFT backend flags a defect planted in PEFT, adapts to what a release lacks, and never hangs; the
+differential oracles flag a shared misreading; a declared deviation's size is held to 0.5x-2x."""
+import dataclasses
+import types
+from unittest import mock
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from peft.tuners.lora.dora import DoraLinearLayer  # noqa: E402
+
+from spec import SPECS  # noqa: E402
+from spec.backends import ImplBackend  # noqa: E402
+from spec.engine import case_of, run_property  # noqa: E402
+from spec.peft_backend import Mapped, PeftBackend, PeftHang  # noqa: E402
+from spec.properties import PROPERTIES, setup  # noqa: E402
+from spec.schema import Deviation, PeftMap  # noqa: E402
+from spec.strategies import Case, base_weight, calibration  # noqa: E402
+
+_REAL_DORA_FORWARD = DoraLinearLayer.forward
+
+
+def _dora_bias_scaled(self, x, *, base_layer, base_result=None, **kw):
+    """PEFT's DoRA with a planted defect: the bias is not taken out before the magnitude rescale, so it is
+    scaled by m/n like the rest of the base output (the B14 bug class)."""
+    no_bias = types.SimpleNamespace(weight=base_layer.weight, bias=None)
+    return _REAL_DORA_FORWARD(self, x, base_layer=no_bias, base_result=base_result, **kw)
+
+
+def _run(prop, spec, be):
+    return run_property(PROPERTIES[prop], spec, be, "zoo")
+
+
+def test_planted_dora_bias_defect_is_flagged_by_the_peft_backend():
+    spec, be = SPECS.get("dora"), PeftBackend()
+    assert _run("bias_invariance", spec, be).status == "pass"
+    with mock.patch.object(DoraLinearLayer, "forward", _dora_bias_scaled):
+        res = _run("bias_invariance", spec, be)
+    assert res.status == "fail" and res.failure_kind == "assertion", res
+    assert "differs from the bias" in res.detail
+
+
+def test_planted_dora_bias_defect_is_flagged_by_the_differential_oracle():
+    spec = SPECS.get("dora")
+    assert _run("reference_equivalence", spec, ImplBackend()).status == "pass"
+    with mock.patch.object(DoraLinearLayer, "forward", _dora_bias_scaled):
+        res = _run("reference_equivalence", spec, ImplBackend())
+    assert res.status == "fail" and res.failure_kind == "assertion", res
+    assert "PEFT's" in res.detail
+
+
+def test_mapped_views_share_storage_and_gradients():
+    """hra's U is PEFT's hra_u transposed: writes go through, and the gradient reads and clears PEFT's."""
+    spec, be = SPECS.get("hra"), PeftBackend()
+    case = Case(d_in=6, d_out=4, bias=True, dtype=torch.float32, seed=3, fields={"r": 2, "alpha": 2.0})
+    s = setup(spec, be, case)
+    U = be.tensors(s.model)["U"]
+    raw = s.model.layer.hra_u["default"]
+    assert isinstance(U, Mapped) and tuple(U.shape) == (2, 6) and tuple(raw.shape) == (6, 2)
+    with torch.no_grad():
+        U.copy_(torch.arange(12.0).reshape(2, 6))
+    assert torch.equal(raw.detach(), torch.arange(12.0).reshape(2, 6).t())
+    s.model(s.x).sum().backward()
+    assert torch.equal(be.tensors(s.model)["U"].grad, raw.grad.t())
+    be.tensors(s.model)["U"].grad = None
+    assert raw.grad is None
+
+
+def test_what_a_release_lacks_is_not_applicable_with_the_reason():
+    """Feature detection: a config class or a config field the installed release lacks makes the variant n/a."""
+    lora = SPECS.get("lora")
+    no_class = dataclasses.replace(lora, peft=dataclasses.replace(lora.peft, config="NoSuchConfig"))
+    res = _run("oracle", no_class, PeftBackend())
+    assert res.status == "na" and "NoSuchConfig" in res.detail
+    no_field = dataclasses.replace(lora, peft=PeftMap(config="LoraConfig", kwargs=lambda cfg: {"r": cfg.r, "no_such": 1},
+                                                      tensors=lora.peft.tensors))
+    res = _run("oracle", no_field, PeftBackend())
+    assert res.status == "na" and "no_such" in res.detail
+    res = _run("reference_equivalence", no_class, ImplBackend())
+    assert res.status == "na" and "NoSuchConfig" in res.detail
+
+
+def test_peft_eva_without_enough_tokens_is_stopped_not_hung():
+    """PEFT's EVA cycles the data forever when no batch has r tokens; the backend stops it with its own error
+    (not an AdapterError, which would read as PEFT's clear refusal)."""
+    spec, be = SPECS.get("eva"), PeftBackend()
+    case = Case(d_in=6, d_out=5, bias=False, dtype=torch.float32, seed=0, fields={"r": 3, "alpha": 2.0, "rslora": False})
+    s = setup(spec, be, case, attach=False)
+    W, _ = base_weight(case)
+    d1 = calibration(case, W, 3)
+    few = [{"x": d1[0]["x"][:1, :2], "attention_mask": d1[0]["attention_mask"][:1, :2]}]
+    with pytest.raises(PeftHang, match="fewer tokens than r"):
+        be.attach(s.model, spec, case, few)
+
+
+def test_a_declared_deviation_size_is_held_to_half_to_twice():
+    """The shared rsLoRA misreading, declared as a deviation with its size on a fixed case: reported as a
+    deviation while the size holds, a failure once the declared size is off by more than 2x."""
+    from tests.zoo import installed
+    from tests.zoo.shared_misreadings import MUTANTS
+
+    m = next(m for m in MUTANTS if m.name == "lora.shared_rslora_plain_scale")
+    fixed = {"d_in": 6, "d_out": 5, "bias": True, "dtype": "float32", "seed": 1,
+             "fields": {"r": 4, "alpha": 3.0, "rslora": True}}
+    with installed(m) as spec:
+        prop = PROPERTIES["reference_equivalence"]
+        with pytest.raises(AssertionError) as exc:
+            prop.check(spec, ImplBackend(), case_of(fixed))
+        size = exc.value.size
+        assert size > 0.1  # alpha/r instead of alpha/sqrt(r) at r = 4 halves the adapter's contribution
+        for declared, status in ((size * 1.3, "deviation"), (size * 3.0, "fail"), (size / 3.0, "fail")):
+            dev = Deviation("reference_equivalence", "test: plain scale", size=declared, case=fixed)
+            res = run_property(prop, dataclasses.replace(spec, deviations=(dev,)), ImplBackend(), "zoo")
+            assert res.status == status, (declared, size, res)
