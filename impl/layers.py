@@ -125,6 +125,23 @@ def no_cpu_repack(model: nn.Module):
             m.support_avx512bf16_for_cpu = True
 
 
+def hold_cpu_layout(module: nn.Module) -> bool | None:
+    """Stop bitsandbytes from repacking a 4-bit weight for its AVX512-bf16 CPU kernel while an adapter is
+    attached: the repack rounds the scales to bf16 in place (the base weight moves by ~1e-2) and the kernel then
+    computes in bf16, so the adapted layer would no longer equal the adapter around F.linear(x, W_deq, b).
+    Returns the previous setting for `release_cpu_layout`, or None for other layers."""
+    if kind(module) != "bnb4" or not hasattr(module, "support_avx512bf16_for_cpu"):
+        return None
+    prev = module.support_avx512bf16_for_cpu
+    module.support_avx512bf16_for_cpu = False
+    return prev
+
+
+def release_cpu_layout(module: nn.Module, prev: bool | None) -> None:
+    if prev is not None:
+        module.support_avx512bf16_for_cpu = prev
+
+
 def weight_hash(module: nn.Module) -> str:
     """sha256 of the dense weight's bytes (dequantized for quantized layers), in (d_out, d_in) layout."""
     W = dense_weight(module).detach().contiguous().cpu()

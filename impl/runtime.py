@@ -38,6 +38,7 @@ class Adapter(nn.Module):
         self.knobs = {k: float(getattr(cfg, k)) for k in variant.knobs}
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.original_weight: torch.Tensor | None = None  # kept when the variant rewrites the base
+        self.cpu_layout = layers.hold_cpu_layout(layer)  # bitsandbytes' CPU repacking is off while attached
 
     def add(self, name: str, decl: TensorDecl) -> torch.Tensor:
         dtype = self.param_dtype if decl.trainable else self.dtype
@@ -205,14 +206,18 @@ def capture_inputs(model: nn.Module, targets: dict[str, nn.Module], calibration:
     return out
 
 
-def _rollback(model: nn.Module, ads: dict[str, Adapter], handles: list, requires_grad: dict[str, bool]) -> None:
+def _undo(model: nn.Module, ads: Iterable[Adapter], handles: list, requires_grad: dict[str, bool],
+          restore_weights: bool) -> None:
+    """Remove hooks and adapters, give bitsandbytes back its CPU layout choice, restore the requires_grad flags
+    and (restore_weights) every base weight a variant rewrote."""
     for h in handles:
         h.remove()
-    for name, ad in ads.items():
+    for ad in ads:
         layer = ad.layer
-        if ad.original_weight is not None:
+        if restore_weights and ad.original_weight is not None:
             with torch.no_grad():
                 layer.weight.data.copy_(ad.original_weight)
+        layers.release_cpu_layout(layer, ad.cpu_layout)
         if layer._modules.get("adapter") is ad:
             del layer._modules["adapter"]
     for n, p in model.named_parameters():
@@ -279,24 +284,14 @@ def attach(model: nn.Module, cfg: Config, calibration: Iterable | None = None, *
                 p.requires_grad_(True)
         model.__dict__[STATE_ATTR] = AttachState(cfg, variant, dict(targets), hashes, requires_grad, handles)
     except BaseException:
-        _rollback(model, ads, handles, requires_grad)
+        _undo(model, ads.values(), handles, requires_grad, restore_weights=True)
         raise
     return model
 
 
 def _remove(model: nn.Module, restore_weights: bool) -> AttachState:
     st = state_of(model)
-    for h in st.handles:
-        h.remove()
-    for layer in st.targets.values():
-        ad = layer._modules.pop("adapter")
-        if restore_weights and ad.original_weight is not None:
-            with torch.no_grad():
-                layer.weight.data.copy_(ad.original_weight)
-    for n, p in model.named_parameters():
-        if n in st.requires_grad:
-            p.requires_grad_(st.requires_grad[n])
-    del model.__dict__[STATE_ATTR]
+    _undo(model, [layer.adapter for layer in st.targets.values()], st.handles, st.requires_grad, restore_weights)
     return st
 
 

@@ -73,7 +73,7 @@ class ImplBackend:
         return None if spec.name in impl.VARIANTS else f"variant '{spec.name}' is not registered in impl"
 
     def config(self, spec: Spec, case: Case, **over):
-        return impl.config(spec.name, target_names=(r"^layer$",), **{**case.fields, **over})
+        return impl.config(spec.name, **{"target_names": (r"^layer$",), **case.fields, **over})
 
     def attach(self, model: nn.Module, spec: Spec, case: Case, calibration=None, **over) -> nn.Module:
         return impl.attach(model, self.config(spec, case, **over), calibration=calibration)
@@ -99,6 +99,16 @@ class ImplBackend:
     def tensors(self, model) -> dict[str, torch.Tensor]:
         """Every adapter tensor of the single adapted layer, by spec name."""
         return impl.adapters(model)["layer"].tensors()
+
+    def adapted_layers(self, model) -> dict[str, tuple[dict[str, torch.Tensor], nn.Module, dict[str, float]]]:
+        """Every adapted layer of a whole model: name -> (its tensors by spec name, the layer, its knobs)."""
+        return {n: (ad.tensors(), ad.layer, dict(ad.knobs)) for n, ad in impl.adapters(model).items()}
+
+    def attach_model(self, model: nn.Module, spec: Spec, case: Case, roles: tuple[str, ...], names: tuple[str, ...],
+                     calibration=None, **over) -> nn.Module:
+        """Attach to a whole model, targeting the given architectural roles (`names`: the module names they are)."""
+        return impl.attach(model, self.config(spec, case, target_names=(), target_roles=roles, **over),
+                           calibration=calibration)
 
     def base_weight(self, model) -> torch.Tensor:
         """The adapted layer's current dense base weight (d_out, d_in)."""

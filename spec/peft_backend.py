@@ -132,11 +132,17 @@ def _config_fields(cls) -> set[str]:
     return set(inspect.signature(cls).parameters)
 
 
-def _restore_untouched(layer: nn.Module, exact: dict, rounded: dict) -> None:
-    """After an init done in float32 on a float64 layer: put back the exact float64 value of every tensor the
-    init left unchanged (bias, or all of them), keeping what it rewrote (PiSSA's residual) as computed."""
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors by their unwrapped names (PEFT's '.base_layer' taken out), cloned."""
+    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _restore_untouched(model: nn.Module, exact: dict, rounded: dict) -> None:
+    """After an init done in float32 on a float64 model: put back the exact float64 value of every tensor the
+    init left unchanged (biases, untargeted layers), keeping what it rewrote (PiSSA's residual) as computed."""
     with torch.no_grad():
-        for k, v in layer.state_dict(keep_vars=True).items():
+        for k, v in model.state_dict(keep_vars=True).items():
+            k = k.replace(".base_layer", "")
             if k in exact and torch.equal(v.detach().to(rounded[k].dtype), rounded[k]):
                 v.data.copy_(exact[k])
 
@@ -209,6 +215,25 @@ def _unpack(path: Path, folder: Path) -> None:
             (folder / name).write_text(v)
     save_file(tensors, str(folder / "adapter_model.safetensors"),
               metadata={k[len(PACK_META):]: v for k, v in meta.items() if k.startswith(PACK_META)})
+
+
+def _mapped(layer: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
+    """The spec's tensors of one PEFT tuner layer, through the spec's PeftMap."""
+    live = {}
+    for key, t in layer.state_dict(keep_vars=True).items():
+        if key.startswith("base_layer."):
+            continue
+        short = _drop_adapter_name(key)
+        live[short] = t
+        if short.endswith(".weight"):
+            live.setdefault(short[: -len(".weight")], t)
+    out = {}
+    for name, (key, transform) in spec.peft.tensors.items():
+        t = live.get(key)
+        if t is None:
+            raise KeyError(f"PeftMap of '{spec.name}': no PEFT tensor '{key}' for '{name}'; PEFT has {sorted(live)}")
+        out[name] = t if transform == "id" else Mapped.of(t, transform)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- backend
@@ -301,11 +326,22 @@ class PeftBackend:
 
     def attach(self, model: nn.Module, spec: Spec, case: Case, calibration=None, **over) -> nn.Module:
         """get_peft_model on the single-layer model (in place); data-driven inits run PEFT's own calibration."""
+        return self._attach(model, spec, case, calibration, {"layer": model.layer}, ("layer",), over)
+
+    def attach_model(self, model: nn.Module, spec: Spec, case: Case, roles: tuple[str, ...], names: tuple[str, ...],
+                     calibration=None, **over) -> nn.Module:
+        """get_peft_model on a whole model, targeting the modules `names` (PEFT's suffix match)."""
+        targets = {n: m for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in names)}
+        return self._attach(model, spec, case, calibration, targets, tuple(names), over)
+
+    def _attach(self, model, spec: Spec, case: Case, calibration, targets: dict, target_names: tuple, over: dict):
         if _STATE in model.__dict__:
             raise AttachError("a PEFT adapter is already attached to this model")
-        layer = model.layer
-        cfg = self.config(spec, case, layer=layer, **over)
-        k = layers.kind(layer)
+        if not targets:
+            raise AttachError(f"no module of the model matches {list(target_names)}")
+        first = next(iter(targets.values()))
+        cfg = self.config(spec, case, targets=target_names, layer=first, **over)
+        k = layers.kind(first)
         flags = {}
         if k == "bnb4":
             flags["is_loaded_in_4bit"] = True  # selects PEFT's dedicated bnb wrappers, as for a quantized HF model
@@ -313,22 +349,21 @@ class PeftBackend:
             flags["is_loaded_in_8bit"] = True
         for f, v in flags.items():
             setattr(model, f, v)
-        dtype = layers.weight_dtype(layer)
         # PEFT refuses a float64 base for inits that rewrite it (PiSSA: "Please initialize PiSSA under float32");
         # its documented recipe is to initialise in float32 and cast afterwards.
-        fp32_init = spec.rewrites_base and dtype == torch.float64
+        fp32_init = spec.rewrites_base and layers.weight_dtype(first) == torch.float64
         kw = {"autocast_adapter_dtype": True} if _accepts(_peft.get_peft_model, "autocast_adapter_dtype") else {}
-        exact = {k: v.detach().clone() for k, v in layer.state_dict().items()} if fp32_init else {}
+        exact = _state(model) if fp32_init else {}
         try:
             if fp32_init:
                 model.float()
-                rounded = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+                rounded = _state(model)
             if getattr(cfg, "init_lora_weights", None) == "corda":
                 self._corda(model, cfg, calibration)
             pm = _peft.get_peft_model(model, cfg, **kw)
             if fp32_init:
                 model.double()
-                _restore_untouched(base_layer(model.layer), exact, rounded)
+                _restore_untouched(model, exact, rounded)
             if spec.data != "none" and calibration is not None:
                 self._calibrate(pm, spec, calibration)
         except PeftHang:
@@ -336,12 +371,17 @@ class PeftBackend:
         except Exception as e:
             if fp32_init:
                 model.double()
-                _restore_untouched(base_layer(model.layer), exact, exact)
+                _restore_untouched(model, exact, exact)
             self._strip(model, flags)
-            raise AttachError(f"PEFT could not adapt layer 'layer' ({type(layer).__name__}): "
+            raise AttachError(f"PEFT could not adapt layer '{next(iter(targets))}' ({type(first).__name__}): "
                               f"{type(e).__name__}: {e}") from e
         model.__dict__[_STATE] = {"peft_model": pm, "flags": tuple(flags), "spec": spec}
         return model
+
+    def adapted_layers(self, model) -> dict[str, tuple[dict[str, torch.Tensor], nn.Module, dict[str, float]]]:
+        """Every PEFT tuner layer of a whole model: name -> (its tensors by spec name, the base layer, knobs {})."""
+        spec = model.__dict__[_STATE]["spec"]
+        return {n: (_mapped(m, spec), base_layer(m), {}) for n, m in model.named_modules() if _is_tuner(m)}
 
     def _corda(self, model, cfg, calibration) -> None:
         """PEFT's CorDA preprocessing: covariance hooks over the calibration batches, before get_peft_model. Its
@@ -448,22 +488,7 @@ class PeftBackend:
     def tensors(self, model) -> dict[str, torch.Tensor]:
         """Spec name -> live PEFT tensor (Parameter or buffer itself for 'id', a Mapped view otherwise)."""
         spec = model.__dict__[_STATE]["spec"] or self._spec_of(model)
-        layer = self._layer(model)
-        live = {}
-        for key, t in layer.state_dict(keep_vars=True).items():
-            if key.startswith("base_layer."):
-                continue
-            short = _drop_adapter_name(key)
-            live[short] = t
-            if short.endswith(".weight"):
-                live.setdefault(short[: -len(".weight")], t)
-        out = {}
-        for name, (key, transform) in spec.peft.tensors.items():
-            t = live.get(key)
-            if t is None:
-                raise KeyError(f"PeftMap of '{spec.name}': no PEFT tensor '{key}' for '{name}'; PEFT has {sorted(live)}")
-            out[name] = t if transform == "id" else Mapped.of(t, transform)
-        return out
+        return _mapped(self._layer(model), spec)
 
     def _spec_of(self, model) -> Spec:
         raise AttachError("a model loaded with from_pretrained needs bind(model, spec) before tensors()")

@@ -1,4 +1,4 @@
-"""Spec of AntiPaSTO-Ablate: a trainable contraction I − coeff·Ĉ diag(clamp(a, 0, 1)) Ĉᵀ on W's top-r output coordinates."""
+"""Spec of AntiPaSTO-Ablate: a trainable contraction I − coeff·Ĉ diag(clamp(a, 0, 1)) Ĉᵀ on W's top-r coordinates."""
 import torch
 from hypothesis import strategies as st
 

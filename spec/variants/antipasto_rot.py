@@ -120,7 +120,7 @@ SPEC = register(
         ),
         param_count=f"r + {N_ROT} * r * (block_size - 1) // 2",
         macs=f"r * (d_in + d_out) + {N_ROT} * r * r + ew(r)",  # the rotation: one r x r block-diagonal matmul
-        macs_per_forward=f"solve({N_ROT} * r * block_size ** 2) + ew({N_ROT} * r * block_size)",
+        macs_per_forward=f"solve({N_ROT} * r * block_size ** 2) + ew({N_ROT} * r * r)",  # Cayley solves; dense R built
         oracle=oracle,
         dense=dense,
         init_oracle=init_oracle,

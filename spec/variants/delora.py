@@ -95,6 +95,9 @@ SPEC = register(
         deviations=(
             Deviation("layout", "PEFT 0.21.2's DeLoRA adapts torch.nn.Linear only (TypeError on transformers' "
                       "Conv1D)", backend="peft", source="peft/tuners/delora/model.py:102-106", match="Conv1D"),
+            Deviation("model_oracle", "PEFT 0.21.2's DeLoRA adapts torch.nn.Linear only (TypeError on GPT-2's "
+                      "Conv1D projections)", backend="peft", source="peft/tuners/delora/model.py:102-106",
+                      match="Conv1D"),
             Deviation("unmerge_restores", "PEFT 0.21.2's DeLoRA adapts torch.nn.Linear only (TypeError on "
                       "transformers' Conv1D)", backend="peft", source="peft/tuners/delora/model.py:102-106",
                       match="Conv1D"),

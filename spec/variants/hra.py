@@ -86,8 +86,19 @@ SPEC = register(
             Reference("PEFT 0.21.2 hra layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/hra/layer.py"),
         ),
         deviations=(
+            Deviation("reference_quantized", "on a bitsandbytes 8-bit layer PEFT's HRA multiplies the stored int8 "
+                      "codes, unscaled, by H (it reads the packed storage as the weight): its output is wrong there "
+                      "(a PEFT bug, peft_backend 'quantized'); ours rotates the input of the layer's own forward",
+                      source="peft/tuners/hra/layer.py:263 (orig_weight = self.get_base_layer().weight.data)",
+                      match="bnb8", size=0.997,
+                      case={"d_in": 8, "d_out": 6, "bias": True, "dtype": "float32", "seed": 1,
+                            "fields": {"r": 2, "alpha": 2.0}}),
             Deviation("layout", "PEFT's HRA wraps only torch.nn.Linear and Conv2d: transformers' Conv1D is refused "
                       "at get_peft_model", backend="peft",
+                      source="peft/tuners/hra/model.py:_create_new_module (v0.21.2, line 118)",
+                      match="is not supported"),
+            Deviation("model_oracle", "PEFT's HRA wraps only torch.nn.Linear and Conv2d: GPT-2's Conv1D projections "
+                      "are refused at get_peft_model", backend="peft",
                       source="peft/tuners/hra/model.py:_create_new_module (v0.21.2, line 118)",
                       match="is not supported"),
             Deviation("unmerge_restores", "PEFT's HRA wraps only torch.nn.Linear and Conv2d: transformers' Conv1D "

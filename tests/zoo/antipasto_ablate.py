@@ -1,5 +1,4 @@
 """antipasto_ablate mutants: a strength that escapes [0, 1], directions that are not orthonormal."""
-import torch
 
 from impl.variants.antipasto_ablate import AntiPaSTOAblate, orthonormal
 

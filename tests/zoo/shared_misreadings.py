@@ -151,6 +151,12 @@ def _dora_dense_columns(W, b, T, cfg, knobs):
     return (T["m"] / n)[:, None] * (W + s * T["B"] @ T["A"])
 
 
+def _dora_dense_attached(W, b, T, cfg, knobs):
+    s = _dora_scale(cfg)
+    V = W + s * T["B"] @ T["A"]
+    return (T["m"] / V.norm(dim=1).clamp_min(1e-12))[:, None] * V
+
+
 def _dora_init_columns(W, cfg, X):
     return {"m": W.norm(dim=0), "B": torch.zeros(W.shape[0], cfg.r, dtype=W.dtype)}
 
@@ -226,10 +232,7 @@ MUTANTS = [
            square=True),
     Mutant("dora.shared_norm_not_detached", DoraNormAttached, "reference_equivalence",
            "shared misreading: DoRA's norm ‖W + sBA‖ differentiated through instead of detached (paper §4.3)",
-           # no dense form for this mutant: through the undetached norm the two terms of dL/dV cancel, and B's
-           # float64 gradient differs between the factored and the dense evaluation by ~4e-14 of its size, above
-           # the fp64 tolerance (a rounding limit of this mutant's math, not part of the misreading)
-           spec_changes={"oracle": _dora_oracle(1, False), "dense": None}),
+           spec_changes={"oracle": _dora_oracle(1, False), "dense": _dora_dense_attached}),
     Mutant("lora.shared_rslora_plain_scale", LoraRsloraAsLora, "reference_equivalence",
            "shared misreading: rsLoRA's scale taken as alpha / r",
            spec_changes={"oracle": _lora_oracle_plain_scale}),
