@@ -1,7 +1,7 @@
 """Backends: the implementation under verification, behind one small interface.
 
 The generic properties talk to a backend, never to impl/ directly, so the same specs and properties verify
-our `impl` and, through spec.peft_backend, PEFT's own implementations.
+our `impl` and, through spec.backend_peft, PEFT's own implementations.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def _backend(name: str):
     from .backends import BACKENDS
 
     if name == "peft" and "peft" not in BACKENDS:
-        from . import peft_backend  # noqa: F401  registers itself
+        from . import backend_peft  # noqa: F401  registers itself
     try:
         return BACKENDS[name]()
     except KeyError:

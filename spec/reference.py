@@ -3,19 +3,26 @@
 A spec's float64 oracle only catches what its author read correctly; when the spec and the implementation share
 a misreading (DeLoRA's norm axis, HRA's order, EVA's centring), only an independent implementation disagrees.
 
-- `reference_equivalence`: the same layer built in PEFT (spec.peft, through spec.peft_backend), the same non-init
+- `reference_equivalence`: the same layer built in PEFT (spec.peft, through spec.backend_peft), the same non-init
   tensors copied into both (names, layouts and transposes come from the spec's PeftMap), outputs and the gradients
   of every trainable tensor and of the input compared in fp32 and fp64.
 - `reference_init`: the init itself against PEFT's, where it is deterministic (the parts the spec's init formula
   names, and every tensor PEFT starts constant), and the equality pattern of the random parts (hra's pairing).
   Data-driven inits get calibration data with a declared spectral gap (`gapped_calibration`); only components
   separated by that gap are compared, since PEFT's EVA uses a randomised low-rank SVD.
-- `dense_equivalence`: for variants PEFT lacks, the spec's second formulation (`spec.dense`: the effective dense
-  matrix built explicitly, applied as one matmul) against the implementation, in values and gradients.
+  A counterpart that shares only the init (antipasto_corda vs PEFT's CorDA, PeftMap.compare) is compared on the
+  quantities its map names, on data whose second moment is proportional to I.
+- `reference_quantized`: on the same bitsandbytes 4-bit and 8-bit layer, the output against PEFT's.
+- `dense_equivalence`: the spec's second formulation (`spec.dense`: the effective dense matrix built explicitly,
+  applied as one matmul) against the implementation, in values and gradients: for the AntiPaSTO family, which
+  PEFT lacks, and for any other spec that gives one.
+- `model_oracle`: a tiny Llama- or GPT-2-style model with the spec's roles adapted, against the same model with
+  each adapted layer replaced by the spec's float64 oracle (any backend: impl, or PEFT on its own models).
 - `unmerge_restores`, `disable_restores`: PEFT's extra API (merge_adapter / unmerge_adapter, disable_adapter),
   for backends that have it.
 
-Tolerances come from spec.tolerance (relative to the adapter's own contribution), never tuned per variant.
+Tolerances come from spec.tolerance (outputs relative to the adapter's own contribution, gradients relative to the
+terms they sum), never tuned per variant.
 """
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ from hypothesis import strategies as st
 from impl import layers
 
 from . import tolerance as tol
-from .properties import _dt, cfg_of, gradient_scales, loss_weights, perturb, prop, require, setup
 from .backends import single
+from .properties import _dt, cfg_of, gradient_scales, loss_weights, perturb, prop, require, setup
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
 # Declared spectral gap of the reference calibration data: three directions with standard deviations 9, 3 and 1
@@ -53,7 +60,7 @@ def _peft_reason(spec, be, init_only: bool = False) -> str | None:
 
 
 def _reference():
-    from .peft_backend import PeftBackend
+    from .backend_peft import PeftBackend
 
     return PeftBackend()
 

@@ -14,7 +14,7 @@ from peft.tuners.lora.dora import DoraLinearLayer  # noqa: E402
 from spec import SPECS  # noqa: E402
 from spec.backends import ImplBackend  # noqa: E402
 from spec.engine import case_of, run_property  # noqa: E402
-from spec.peft_backend import Mapped, PeftBackend, PeftHang  # noqa: E402
+from spec.backend_peft import Mapped, PeftBackend, PeftHang  # noqa: E402
 from spec.properties import PROPERTIES, setup  # noqa: E402
 from spec.schema import Deviation, PeftMap  # noqa: E402
 from spec.strategies import Case, base_weight, calibration  # noqa: E402

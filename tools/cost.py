@@ -711,6 +711,12 @@ def init_times(variants: tuple[str, ...], opts: Options, progress: Callable[[str
 # ------------------------------------------------------------------------------------------------ assembling
 
 
+def timed_peft(sp) -> bool:
+    """Whether PEFT implements the same variant: a PeftMap whose `compare` is set names a counterpart that shares
+    only the init (other tensors, another forward), which is not the same variant's implementation."""
+    return sp.peft is not None and getattr(sp.peft, "compare", None) is None
+
+
 def build_subjects(name: str, opts: Options) -> tuple[list[Subject], dict]:
     """Our layer, PEFT's (if the spec maps it) and the frozen base for one variant, plus the facts learned
     building them (attach time, same-function error)."""
@@ -722,7 +728,7 @@ def build_subjects(name: str, opts: Options) -> tuple[list[Subject], dict]:
     base = frozen_linear(W, b, opts.torch_dtype, opts.device)
     subjects = [Subject(name, "ours", ours.layer), Subject(None, "base", base)]
     facts: dict[str, Any] = {"ours": ours, "base": base, "peft_layer": None, "peft_same_function": None}
-    if sp.peft is not None:
+    if timed_peft(sp):
         pl = build_peft(sp, ours, opts)
         subjects.append(Subject(name, "peft", pl))
         facts["peft_layer"] = pl
@@ -857,10 +863,13 @@ def run(opts: Options, progress: Callable[[str], None] = lambda s: print(s, file
             "params": count_params(v, sp, ours, opts),
             "macs": mac_counts(v, sp, ours, facts["peft_layer"], base_subject.layer, opts),
             "attach_ms": ours.attach_s * 1e3,
-            "peft": None if sp.peft is None else {
+            "peft": None if not timed_peft(sp) else {
                 "config": sp.peft.config,
                 "trainable": sum(p.numel() for p in facts["peft_layer"].parameters() if p.requires_grad),
                 "same_function_error": facts["peft_same_function"]},
+            "peft_not_timed": None if timed_peft(sp) else (
+                "PEFT has no counterpart (the spec declares no PeftMap)" if sp.peft is None else
+                f"PEFT's {sp.peft.config} counterpart shares only the init (another adapter in the forward)"),
         }
         if opts.device == "cuda":
             x, go = make_inputs(opts)
@@ -992,6 +1001,9 @@ def render_markdown(res: dict) -> str:
         L.append(f"| {g['goal']} | {g['variant']} | {g['setting']} | {g.get('what', '–')} | "
                  f"{g['limit']} | {meas} | {g['status']} |")
     L.append("")
+    skipped = [(r["variant"], r["peft_not_timed"]) for r in rows if r["peft"] is None]
+    if skipped:
+        L += ["## Variants without a PEFT timing", ""] + [f"- {v}: {why}." for v, why in skipped] + [""]
     same = [(r["variant"], r["peft"]["same_function_error"]) for r in rows if r["peft"]]
     if same:
         L += ["## PEFT layers timed", "", "Each PEFT layer is built with `get_peft_model` on a one-layer container from "

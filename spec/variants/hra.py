@@ -88,7 +88,7 @@ SPEC = register(
         deviations=(
             Deviation("reference_quantized", "on a bitsandbytes 8-bit layer PEFT's HRA multiplies the stored int8 "
                       "codes, unscaled, by H (it reads the packed storage as the weight): its output is wrong there "
-                      "(a PEFT bug, peft_backend 'quantized'); ours rotates the input of the layer's own forward",
+                      "(a PEFT bug, backend_peft 'quantized'); ours rotates the input of the layer's own forward",
                       source="peft/tuners/hra/layer.py:263 (orig_weight = self.get_base_layer().weight.data)",
                       match="bnb8", size=0.997,
                       case={"d_in": 8, "d_out": 6, "bias": True, "dtype": "float32", "seed": 1,

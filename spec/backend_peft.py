@@ -13,6 +13,12 @@ identity, is not applicable to specs with such tensors (`property_na` says so).
 
 The backend adapts to the installed release (feature detection, never a version table): a config class, a config
 field or an API the release lacks makes the variant or the property 'na' with the reason.
+
+Data-driven inits run PEFT's own passes: EVA's `initialize_lora_eva_weights` (bounded: PEFT cycles the data
+forever when no batch has r tokens, so the backend stops it with `PeftHang`) and CorDA's `preprocess_corda`.
+`attach_model` / `adapted_layers` drive whole models (tiny Llama / GPT-2, spec.reference.model_oracle). A
+checkpoint is save_pretrained's folder packed into one deterministic safetensors file (PEFT's tensors as saved,
+adapter_config.json in the metadata), so the generic checkpoint property can compare bytes.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ ADAPTER = "default"
 TRANSFORMS = ("id", "T", "row", "col", "scalar1")
 PACK_FILE = "peft-backend/file/"  # packed checkpoint metadata: a file of the save_pretrained folder
 PACK_META = "peft-backend/meta/"  # packed checkpoint metadata: the saved safetensors file's own metadata
+PACK_SPEC = "peft-backend/spec"  # packed checkpoint metadata: the spec the adapter follows
 _STATE = "_peft_backend"  # model.__dict__ key holding the PeftModel (not a submodule: no state-dict cycle)
 
 try:  # the backend must be importable to report a clear error for a release that does not import
@@ -175,7 +182,7 @@ def _mask_indices(model_input, peft_config):
     return model_input["attention_mask"].bool().nonzero()
 
 
-def _pack(folder: Path) -> bytes:
+def _pack(folder: Path, spec_name: str) -> bytes:
     """save_pretrained's folder as one deterministic safetensors file: PEFT's saved tensors as they are, and
     every other file (adapter_config.json) and the saved file's own metadata in the metadata."""
     from safetensors import safe_open
@@ -191,11 +198,12 @@ def _pack(folder: Path) -> bytes:
     for p in sorted(folder.iterdir()):
         if p.is_file() and p != weights:
             meta[f"{PACK_FILE}{p.name}"] = p.read_text()
+    meta[PACK_SPEC] = spec_name
     return serialize(tensors, meta)
 
 
-def _unpack(path: Path, folder: Path) -> None:
-    """Rebuild the save_pretrained folder from a packed file."""
+def _unpack(path: Path, folder: Path) -> str:
+    """Rebuild the save_pretrained folder from a packed file; return the spec name it was saved under."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -215,6 +223,7 @@ def _unpack(path: Path, folder: Path) -> None:
             (folder / name).write_text(v)
     save_file(tensors, str(folder / "adapter_model.safetensors"),
               metadata={k[len(PACK_META):]: v for k, v in meta.items() if k.startswith(PACK_META)})
+    return meta.get(PACK_SPEC, "")
 
 
 def _mapped(layer: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
@@ -457,17 +466,21 @@ class PeftBackend:
         """save_pretrained into a temporary folder, packed into one deterministic file at `path`."""
         from impl.checkpoint import atomic_write_bytes
 
+        spec = model.__dict__[_STATE]["spec"]
         with tempfile.TemporaryDirectory() as d:
             self.peft_model(model).save_pretrained(d)
-            data = _pack(Path(d))
+            data = _pack(Path(d), spec.name if spec is not None else "")
         atomic_write_bytes(path, data)
 
     def load(self, model, path):
         """PeftModel.from_pretrained on a fresh single-layer model from a packed save_pretrained folder."""
+        from . import SPECS
+
         with tempfile.TemporaryDirectory() as d:
-            _unpack(Path(path), Path(d))
+            name = _unpack(Path(path), Path(d))
             pm = _peft.PeftModel.from_pretrained(model, d, is_trainable=True)
-        model.__dict__[_STATE] = {"peft_model": pm, "flags": (), "spec": None}
+        spec = SPECS.get(name) if name in SPECS.names() else None
+        model.__dict__[_STATE] = {"peft_model": pm, "flags": (), "spec": spec}
 
     # ---- knobs
 
@@ -487,15 +500,10 @@ class PeftBackend:
 
     def tensors(self, model) -> dict[str, torch.Tensor]:
         """Spec name -> live PEFT tensor (Parameter or buffer itself for 'id', a Mapped view otherwise)."""
-        spec = model.__dict__[_STATE]["spec"] or self._spec_of(model)
+        spec = model.__dict__[_STATE]["spec"]
+        if spec is None:
+            raise AttachError("this model was loaded from a checkpoint of a variant without a registered spec")
         return _mapped(self._layer(model), spec)
-
-    def _spec_of(self, model) -> Spec:
-        raise AttachError("a model loaded with from_pretrained needs bind(model, spec) before tensors()")
-
-    def bind(self, model, spec: Spec) -> None:
-        """Tell the backend which spec a loaded model follows (load has no spec argument)."""
-        model.__dict__[_STATE]["spec"] = spec
 
     def base_weight(self, model) -> torch.Tensor:
         """The current dense base weight (d_out, d_in) under the tuner layer (W_res for pissa)."""
