@@ -94,12 +94,14 @@ def fetch(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def review(session: nox.Session) -> None:
-    """Fetch references, run verify if its JSON is stale, review (LLM if REVIEW_PROVIDER is set, else offline),
-    render audits/variants_review_vN.md."""
+    """Fetch references, run the zoo, run verify if its JSON is stale, review (an LLM when REVIEW_PROVIDER,
+    REVIEW_MODEL and the provider's key are set, else offline mechanical findings), render
+    audits/variants_review_vN.md. `-- --variants dora,hra` reviews a subset; `-- --offline` asks no LLM."""
     install(session)
+    env = {"OMP_NUM_THREADS": "1"}
     session.run("python", "-m", "tools.fetch", success_codes=[0, 1])
-    session.run("python", "-m", "tools.review", *session.posargs,
-                env={k: v for k, v in os.environ.items() if k.startswith("REVIEW_")})
+    session.run("python", "-m", "tools.zoo", env=env, success_codes=[0, 1])
+    session.run("python", "-m", "tools.review", *session.posargs, env=env)
 
 
 @nox.session(default=False)

@@ -6,7 +6,6 @@ returns the worst scaled error it measured (conventions section 3) or None.
 """
 from __future__ import annotations
 
-import copy
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,10 +133,6 @@ def base_out(s: Setup, x64):
 
 def loss_weights(y: torch.Tensor, case: Case) -> torch.Tensor:
     return torch.randn(y.shape, generator=case.gen(4), dtype=torch.float64)
-
-
-def compute_dtype(case: Case) -> torch.dtype:
-    return case.dtype
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

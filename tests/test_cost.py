@@ -20,8 +20,8 @@ TINY = ["--d-in", "32", "--d-out", "48", "--batch", "2", "--seq", "8", "--r", "8
 
 
 def tiny_options(**over) -> cost.Options:
-    base = dict(variants=("lora",), d_in=32, d_out=48, batch=2, seq=8, r=8, threads=1, reps=3, warmup=1, boot=200,
-                memory=False, init=False, init_reps=1, calib_tokens=256)
+    base = {"variants": ("lora",), "d_in": 32, "d_out": 48, "batch": 2, "seq": 8, "r": 8, "threads": 1, "reps": 3, "warmup": 1, "boot": 200,
+                "memory": False, "init": False, "init_reps": 1, "calib_tokens": 256}
     return cost.Options(**{**base, **over})
 
 
@@ -197,3 +197,21 @@ def test_bad_options_are_clear_errors(capsys):
     assert "unknown variant(s) ['nope']" in capsys.readouterr().err
     with pytest.raises(cost.CostError, match="d_in must be a positive integer"):
         tiny_options(d_in=0).validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(cost.CostError, match="no CUDA device"):
+            tiny_options(device="cuda").validate()
+
+
+def test_peft_timed_only_for_the_same_variant(report):
+    """PEFT is timed where the spec maps the same variant; not where it has no PeftMap or only an init-sharing
+    counterpart (PeftMap.compare), and the row says why."""
+    _, res = report
+    for r in res["rows"]:
+        pm = spec_pkg.SPECS.get(r["variant"]).peft
+        same = pm is not None and getattr(pm, "compare", None) is None
+        assert (r["peft"] is not None) == same
+        if same:
+            assert r["peft"]["same_function_error"] < 1e-4  # the timed PEFT layer computes our map
+            assert r["peft"]["trainable"] > 0
+        else:
+            assert r["peft_not_timed"]

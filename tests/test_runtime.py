@@ -3,7 +3,6 @@ identity, gradient pattern, freezing, detach, checkpoints, merge, targeting and 
 from __future__ import annotations
 
 import json
-import struct
 
 import pytest
 import torch

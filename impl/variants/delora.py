@@ -13,7 +13,8 @@ never the packed storage) and kept as a persistent frozen buffer, saved with the
 the update is exactly 0 at init for every λ (bitwise identity); λ starts at lambda0 = 15 (PEFT's and the
 paper's default): with λ = 0 every gradient would be 0 at step 0. At init A and λ have zero gradient (B = 0)
 and B a non-zero one. Dropout acts on the adapter input (PEFT's module_dropout is element-wise dropout there).
-alpha is unused: λ plays its role. Merge: W' = W + ΔW.
+alpha is unused: λ plays its role. Merge: W' = W + ΔW. The forward folds w into A's columns (an r × d_in
+product per forward) and accumulates the second matmul into y (delora_add).
 
 References:
 - paper: https://arxiv.org/abs/2503.18225 (section 3: ΔW = λ‖W‖/r · B Ξ A, with the per-input-channel norm)
@@ -47,6 +48,16 @@ def delora_delta(xd: torch.Tensor, A, B, lam, w, r: int) -> torch.Tensor:
     return (h * (lam / r * xi(A, B))) @ B.t()
 
 
+def delora_add(y: torch.Tensor, xd: torch.Tensor, A, B, lam, w, r: int) -> torch.Tensor:
+    """y + (λ/r) · B Ξ A (w ⊙ x_d), the same product as delora_delta with w folded into A's columns (an r × d_in
+    product per forward instead of a pass over the tokens' inputs) and the last matmul accumulating into y (one
+    addmm); in A's dtype, cast once to y's dtype. B = 0 adds exactly 0."""
+    dt = A.dtype
+    h = (xd.to(dt) @ (A * w.to(dt)).t()) * (lam / r * xi(A, B))
+    out = torch.addmm(y.to(dt).reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t())
+    return out.view(y.shape).to(y.dtype)
+
+
 def delora_weight(A, B, lam, w, r: int) -> torch.Tensor:
     """ΔW = (λ/r) · B Ξ A · diag(w): the dense update (d_out, d_in)."""
     return (B * (lam / r * xi(A, B))) @ A * w[None, :]
@@ -77,7 +88,7 @@ class DeLoRA(Variant):
         return input_channel_norms(W)
 
     def forward(self, ad, x, y):
-        return y + delora_delta(ad.drop(x), ad.A, ad.B, ad.lam, ad.wnorm, ad.cfg.r).to(y.dtype)
+        return delora_add(y, ad.drop(x), ad.A, ad.B, ad.lam, ad.wnorm, ad.cfg.r)
 
     def merged(self, ad, W, b):
         return W + delora_weight(ad.A.float(), ad.B.float(), ad.lam.float(), ad.wnorm.float(), ad.cfg.r), b

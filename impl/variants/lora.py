@@ -29,6 +29,15 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> t
     return (x.to(A.dtype) @ A.t() @ B.t()) * s
 
 
+def lora_add(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """y + s · B A x with the second matmul accumulating into y and the scale inside it (one addmm: no separate
+    scale and sum passes over the output, one output buffer fewer); in A's dtype, cast once to y's dtype.
+    B = 0 adds exactly 0, so the result is y bit for bit."""
+    h = x.to(A.dtype) @ A.t()
+    out = torch.addmm(y.to(A.dtype).reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t(), alpha=s)
+    return out.view(y.shape).to(y.dtype)
+
+
 @register
 class LoRA(Variant):
     name = "lora"
@@ -39,7 +48,7 @@ class LoRA(Variant):
 
     def forward(self, ad, x, y):
         s = lora_scale(ad.cfg.alpha, ad.cfg.r, ad.cfg.rslora)
-        return y + lora_delta(ad.drop(x), ad.A, ad.B, s).to(y.dtype)
+        return lora_add(y, ad.drop(x), ad.A, ad.B, s)
 
     def merged(self, ad, W, b):
         s = lora_scale(ad.cfg.alpha, ad.cfg.r, ad.cfg.rslora)

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import TensorDecl, Variant, register
-from .lora import lora_delta, lora_scale
+from .lora import lora_add, lora_scale
 
 
 def principal_factors(W: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,7 @@ class PiSSA(Variant):
 
     def forward(self, ad, x, y):
         s = lora_scale(ad.cfg.alpha, ad.cfg.r, ad.cfg.rslora)
-        return y + lora_delta(ad.drop(x), ad.A, ad.B, s).to(y.dtype)
+        return lora_add(y, ad.drop(x), ad.A, ad.B, s)
 
     def merged(self, ad, W, b):
         s = lora_scale(ad.cfg.alpha, ad.cfg.r, ad.cfg.rslora)

@@ -63,8 +63,9 @@ SPEC = register(
             TensorSpec("wnorm", "(d_in,)", "‖W_:,j‖ per input channel, from the (dequantized) weight", trainable=False),
         ),
         param_count="r * (d_in + d_out) + 1",
-        macs="r * (d_in + d_out) + ew(d_in + r)",  # w ⊙ x, then Aᵀ, the per-rank gain, then Bᵀ
-        macs_per_forward="ew(r * (d_in + d_out) + 3 * r)",  # the norms of A's rows and B's columns, Ξ λ / r
+        macs="r * (d_in + d_out) + ew(r)",  # x (A ⊙ w)ᵀ (impl folds w into A), the per-rank gain, Bᵀ into y
+        # the norms of A's rows and B's columns, Ξ λ / r, and folding w into A
+        macs_per_forward="ew(r * (2 * d_in + d_out) + 3 * r)",
         oracle=oracle,
         dense=dense,
         init_oracle=init_oracle,

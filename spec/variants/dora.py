@@ -4,7 +4,7 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Claim, Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Claim, Constraint, PeftMap, Reference, Spec, TensorSpec, register
 
 FLOOR = 1e-12  # the norm floor the spec declares (a zero row of W + sBA must give a finite output)
 
@@ -65,11 +65,12 @@ SPEC = register(
             TensorSpec("m", "(d_out,)", "row norms of W: ‖W_i,:‖"),
         ),
         param_count="r * (d_in + d_out) + d_out",
-        # per token (eval, or dropout 0): x Aᵀ, then Bᵀ; elementwise s·, y − b, (m/n − 1)·, (m/n)·, the sum.
+        # per token (eval, or dropout 0): x Aᵀ, then (m/n ⊙ B)ᵀ accumulated onto (m/n − 1) ⊙ (y − b) (impl's one
+        # addmm); elementwise y − b, (m/n − 1)·, s·, the accumulate, the sum with y.
         # Train mode with dropout adds the matmul W x_d (d_in * d_out per token).
         macs="r * (d_in + d_out) + ew(5 * d_out)",
-        # per forward: B A, then s·, W +, the row norms and m / n
-        macs_per_forward="r * d_in * d_out + ew(3 * d_in * d_out + d_out)",
+        # per forward: B A, then s·, W +, the row norms and m / n, and m / n folded into B's rows
+        macs_per_forward="r * d_in * d_out + ew(3 * d_in * d_out + d_out + r * d_out)",
         oracle=oracle,
         dense=dense,
         init_oracle=init_oracle,

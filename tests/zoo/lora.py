@@ -2,7 +2,6 @@
 import contextlib
 from unittest import mock
 
-import torch
 
 import impl
 from impl import checkpoint, runtime
