@@ -1,18 +1,10 @@
 """Spec of EVA, explained variance adaptation (Paischer et al. 2024): LoRA with A from the calibration data."""
-import math
 
 import torch
 from hypothesis import strategies as st
 
 from ..schema import Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
-
-
-def oracle(W, b, T, x, cfg, knobs, xd=None):
-    """y = W x + b + s B A x_d,  s = alpha/r (alpha/sqrt(r) with rsLoRA); float64, row convention."""
-    xd = x if xd is None else xd
-    s = cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
-    y = x @ W.T + (0 if b is None else b)
-    return y + s * (xd @ T["A"].T @ T["B"].T)
+from .lora import oracle  # EVA changes only the init: its forward is LoRA's, y = W x + b + s B A x_d
 
 
 def init_oracle(W, cfg, X):
