@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import safetensors.torch
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from . import layers, runtime
+from .atomic import atomic_write_bytes
 from .config import Config
 from .errors import AdapterError, CheckpointError
 from .registry import REGISTRY
@@ -25,21 +25,6 @@ from .targeting import find_targets
 
 FORMAT = "lora-verify-adapter/1"
 _SEP = "::"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write data to path atomically: a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -464,7 +464,7 @@ class PeftBackend:
 
     def save(self, model, path):
         """save_pretrained into a temporary folder, packed into one deterministic file at `path`."""
-        from impl.checkpoint import atomic_write_bytes
+        from impl.atomic import atomic_write_bytes
 
         spec = model.__dict__[_STATE]["spec"]
         with tempfile.TemporaryDirectory() as d:

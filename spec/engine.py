@@ -166,7 +166,7 @@ def quantized_matrix(results: list[dict], specs: dict[str, Spec]) -> dict[str, d
 
 
 def write_json(path: Path, payload: dict) -> None:
-    from impl.checkpoint import atomic_write_bytes
+    from impl.atomic import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())

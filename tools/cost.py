@@ -1084,7 +1084,7 @@ def render_png(res: dict) -> bytes:
 
 def write_outputs(res: dict, out_dir: Path) -> dict[str, Path]:
     """Write cost_<device>.{md,json,png} atomically; returns the paths."""
-    from impl.checkpoint import atomic_write_bytes
+    from impl.atomic import atomic_write_bytes
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"cost_{res['options']['device']}"

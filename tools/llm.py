@@ -45,7 +45,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +54,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+
+from impl.atomic import atomic_write_bytes
 
 __all__ = [
     "ANTHROPIC_VERSION",
@@ -1078,17 +1079,4 @@ class LLMClient:
             "stored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         data = self._scrub(json.dumps(entry, indent=1, sort_keys=True, ensure_ascii=False)).encode("utf-8")
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._cache_path(key))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write_bytes(self._cache_path(key), data)

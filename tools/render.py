@@ -37,12 +37,12 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
+from impl.atomic import create_exclusive
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "audits" / "templates"
@@ -146,59 +146,6 @@ def template_sha256(templates_dir: str | os.PathLike[str], name: str) -> str:
 # ----------------------------------------------------------------------------------------------- atomic writes
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_with(folder: Path, name: str, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically (temp file in the same folder, fsync, os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_with(path.parent, path.name, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def create_exclusive(path: Path, data: bytes) -> bool:
-    """Create `path` holding `data`, complete or not at all, and only if it does not exist.
-
-    The bytes go to a fsynced temp file first, which is then hard-linked to the final name: link(2) fails with
-    EEXIST when the name is taken, so nothing is ever overwritten. Returns False when the name was taken.
-    """
-    tmp = _temp_with(path.parent, path.name, data)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------- numbering

@@ -968,7 +968,7 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
         bundle, extra = build_bundle(v, spec, verify, verify_source, manifest, cache_dir, root, max_chars)
         system, user = render_prompt(bundle, spec, templates_dir)
         if prompts_dir is not None:
-            from tools.render import atomic_write
+            from impl.atomic import atomic_write_bytes as atomic_write
 
             atomic_write(prompts_dir / f"{v}.md", f"<!-- system -->\n{system}\n<!-- user -->\n{user}".encode())
         mech = mechanical_findings(v, spec, verify, bundle, extra, PROPERTIES)
@@ -1129,7 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = review(variants, verify_json=verify_json, config=config, zoo_json=Path(a.zoo_json),
                      llm_cache=Path(a.llm_cache), max_chars=a.max_chars, subset=subset,
                      prompts_dir=out.parent / "prompts")
-        from tools.render import atomic_write
+        from impl.atomic import atomic_write_bytes as atomic_write
 
         atomic_write(out, (json.dumps(run, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
         print(f"review: {run['mode']} review of {len(variants)} variant(s) -> {out}", file=sys.stderr)

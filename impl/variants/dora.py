@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..registry import TensorDecl, Variant, register
-from .lora import lora_delta, lora_scale
+from .lora import lora_scale
 
 NORM_FLOOR = 1e-12
 
