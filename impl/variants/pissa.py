@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..registry import TensorDecl, Variant, register
-from .lora import lora_add, lora_scale
+from ..registry import TensorDecl, register
+from .lora import LoRA, lora_scale
 
 
 def principal_factors(W: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +45,10 @@ def residual(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> tor
 
 
 @register
-class PiSSA(Variant):
+class PiSSA(LoRA):
+    """LoRA's forward and merge on the residual base; only the init differs."""
+
     name = "pissa"
-    fields = {"rslora": False}
     quantized = False
     rewrites_base = True
 
@@ -72,11 +73,3 @@ class PiSSA(Variant):
     def factors(self, W, r, s):
         """(A, B) from W's top-r singular triplets (principal_factors)."""
         return principal_factors(W, r, s)
-
-    def forward(self, ad, x, y):
-        s = lora_scale(ad.cfg.alpha, ad.cfg.r, ad.cfg.rslora)
-        return lora_add(y, ad.drop(x), ad.A, ad.B, s)
-
-    def merged(self, ad, W, b):
-        s = lora_scale(ad.cfg.alpha, ad.cfg.r, ad.cfg.rslora)
-        return W + s * (ad.B.float() @ ad.A.float()), b
