@@ -36,6 +36,22 @@ class Mutant:
         return self.name.split(".", 1)[0]
 
 
+@contextlib.contextmanager
+def checkpoint_without(suffix: str):
+    """A runtime bug: save silently leaves out every tensor whose key ends with `suffix`."""
+    from unittest import mock
+
+    from impl import checkpoint
+
+    real = checkpoint.serialize
+
+    def serialize(tensors, metadata):
+        return real({k: v for k, v in tensors.items() if not k.endswith(suffix)}, metadata)
+
+    with mock.patch.object(checkpoint, "serialize", serialize):
+        yield
+
+
 def all_mutants() -> list[Mutant]:
     out: list[Mutant] = []
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):

@@ -1,15 +1,13 @@
 """antipasto mutants: gain shape, gain init, runtime knob, suppress_only clamp, data path, frozen basis, checkpoint."""
-import contextlib
-from unittest import mock
+import functools
 
 import torch
 
-from impl import checkpoint
 from impl.registry import TensorDecl
 from impl.variants._svd import top_r
 from impl.variants.antipasto import AntiPaSTO
 
-from . import Mutant
+from . import Mutant, checkpoint_without
 
 
 class LinearGain(AntiPaSTO):
@@ -62,17 +60,6 @@ class BasisTrainable(AntiPaSTO):
         return {**t, "U": TensorDecl(t["U"].shape, "empty", trainable=True)}
 
 
-@contextlib.contextmanager
-def residual_not_saved():
-    real = checkpoint.serialize
-
-    def serialize(tensors, metadata):
-        return real({k: v for k, v in tensors.items() if not k.endswith("::base_weight")}, metadata)
-
-    with mock.patch.object(checkpoint, "serialize", serialize):
-        yield
-
-
 MUTANTS = [
     Mutant("antipasto.linear_gain", LinearGain, "spectrum", "gain 1 + z instead of 1 + ELU(z): negative below −1"),
     Mutant("antipasto.exp_gain", ExpGain, "spectrum", "gain exp(z): derivative unbounded (self-amplifying)"),
@@ -86,5 +73,6 @@ MUTANTS = [
            "group init ignores the calibration tokens (B25 class: data silently unused)"),
     Mutant("antipasto.basis_trainable", BasisTrainable, "trainable_set", "the frozen basis U left trainable"),
     Mutant("antipasto.residual_not_saved", AntiPaSTO, "checkpoint_roundtrip",
-           "the data-selected residual W_res missing from the checkpoint (B22)", patch=residual_not_saved),
+           "the data-selected residual W_res missing from the checkpoint (B22)",
+           patch=functools.partial(checkpoint_without, "::base_weight")),
 ]

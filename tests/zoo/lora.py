@@ -1,14 +1,15 @@
 """lora mutants: scale, rsLoRA, init, dropout, freezing, checkpoint, detach and merge bugs."""
 import contextlib
+import functools
 from unittest import mock
 
 
 import impl
-from impl import checkpoint, runtime
+from impl import runtime
 from impl.registry import TensorDecl
 from impl.variants.lora import LoRA, lora_delta
 
-from . import Mutant
+from . import Mutant, checkpoint_without
 
 
 class AlphaScale(LoRA):
@@ -52,17 +53,6 @@ def base_left_trainable():
 
 
 @contextlib.contextmanager
-def checkpoint_drops_b():
-    real = checkpoint.serialize
-
-    def serialize(tensors, metadata):
-        return real({k: v for k, v in tensors.items() if not k.endswith("::B")}, metadata)
-
-    with mock.patch.object(checkpoint, "serialize", serialize):
-        yield
-
-
-@contextlib.contextmanager
 def detach_leaves_hook():
     def remove(model, restore_weights):
         st = runtime.state_of(model)
@@ -83,7 +73,7 @@ MUTANTS = [
     Mutant("lora.base_trainable", LoRA, "trainable_set", "a base parameter left trainable after attach",
            patch=base_left_trainable),
     Mutant("lora.checkpoint_missing", LoRA, "checkpoint_roundtrip", "a tensor (B) missing from the checkpoint",
-           patch=checkpoint_drops_b),
+           patch=functools.partial(checkpoint_without, "::B")),
     Mutant("lora.detach_hook_left", LoRA, "detach_restores", "detach forgets the hook and adapter (B23 class)",
            patch=detach_leaves_hook),
     Mutant("lora.merge_wrong_scale", MergeWrongScale, "merge", "merge folds alpha · BA instead of alpha/r · BA"),
