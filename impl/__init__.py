@@ -6,8 +6,9 @@ Public API (a contract outside scripts call): `config`, `attach`, `detach`, `sav
 from .checkpoint import load, save
 from .config import Config, config
 from .errors import AdapterError, AttachError, CheckpointError, ConfigError, MergeError
-from .registry import REGISTRY, TensorDecl, Variant, load_builtin_variants, load_variant_module, register
+from .registry import REGISTRY, TensorDecl, Variant, load_variant_module, register
 from .runtime import adapters, attach, detach, is_attached, merge, set_knobs
+from .variants import load_builtin_variants
 
 load_builtin_variants()
 

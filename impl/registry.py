@@ -7,7 +7,6 @@ file only states its math. A user's own variant registers the same way from any 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -114,15 +113,6 @@ class Registry:
 
 REGISTRY = Registry()
 register = REGISTRY.register
-
-
-def load_builtin_variants() -> None:
-    """Import every module in impl/variants so that each registers itself."""
-    from . import variants
-
-    for info in sorted(pkgutil.iter_modules(variants.__path__), key=lambda i: i.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{variants.__name__}.{info.name}")
 
 
 def load_variant_module(module: str) -> None:

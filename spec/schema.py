@@ -48,7 +48,7 @@ class Claim:
     """A spectral or structural claim about the implementation.
 
     `of(probe)` returns the object the claim is about, measured on the implementation through `probe`
-    (see spec.properties.Probe); `kind` names the generic check applied to it:
+    (see harness.probes.Probe); `kind` names the generic check applied to it:
     nonnegative (all >= 0), unit_interval (all in [0, 1]), bounded (all <= `bound`),
     orthogonal_det1 (a batch of square matrices, orthogonal with determinant +1),
     norm_preserving (pairs (x, Rx) with equal norms).
@@ -93,7 +93,7 @@ class PeftMap:
     feedforward: the PEFT target is a feed-forward (input-side IA3) module.
     compare: for a counterpart that shares only the init (other tensors than ours): `tensors` then names PEFT's
       tensors, and compare(ours, peft, cfg) -> {quantity: (ours, PEFT's, sign-free dim or None)} says what to compare
-      after init (spec.reference.reference_init); every other property is not applicable to it.
+      after init (harness.differential.reference_init); every other property is not applicable to it.
     calibration: the data reference_init gives data-driven inits: "gapped" (a declared spectral gap) or
       "isotropic" (second moment proportional to I, where CorDA's orientation reduces to the plain SVD).
     """

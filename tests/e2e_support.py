@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import impl
-from spec import SPECS, tolerance as tol
-from tests.models import batch, calibration
+from harness import tolerance as tol
+from spec import SPECS
+from harness.models import batch, calibration
 
 R = 8  # rank of every e2e config: within every targeted layer of the tiny models (min width 32), even (hra)
 ALPHA = 12.0  # alpha != r, so a scale bug shows
@@ -193,7 +194,7 @@ def perturb(model: nn.Module, name: str, seed: int = 3) -> None:
 def check_identity(spec, y: torch.Tensor, y_base: torch.Tensor, dtype: torch.dtype, what: str) -> float:
     """The adapted logits at init against the base logits, in the spec's declared identity class.
 
-    bitwise: torch.equal. tolerance: spec/tolerance.py's bound with the spec's factor (no extra factor for
+    bitwise: torch.equal. tolerance: harness/tolerance.py's bound with the spec's factor (no extra factor for
     depth: measured 2-4e-7 of max |logits| in fp32 and 4-7e-3 in bf16, 9-50x inside the bound). non_identity:
     the relative start-off of the logits is positive and at most the spec's per-layer init_shrink (measured
     0.4-1.6 % against a declared 5 % for antipasto_ablate). Returns the measured relative difference.

@@ -196,7 +196,7 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 def _swap_in_zoo_bug(repo: Path) -> str:
     """Replace LoRA.forward in the copy's impl/variants/lora.py by the zoo mutant lora.alpha_scale's forward."""
-    from tests.zoo.lora import AlphaScale
+    from harness.zoo.lora import AlphaScale
 
     src = textwrap.dedent(inspect.getsource(AlphaScale.forward)).replace("def forward(", "def _zoo_forward(", 1)
     f = repo / "impl" / "variants" / "lora.py"

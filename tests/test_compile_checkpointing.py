@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import impl
-from spec import SPECS, tolerance as tol
+from harness import tolerance as tol
+from spec import SPECS
 from tests import e2e_support as e2e
-from tests.models import ARCHS, tiny
+from harness.models import ARCHS, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 one_thread = e2e.one_thread

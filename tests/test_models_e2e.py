@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import impl
-from spec import SPECS, tolerance as tol
+from harness import tolerance as tol
+from spec import SPECS
 from tests import e2e_support as e2e
-from tests.models import ARCHS, calibration, tiny
+from harness.models import ARCHS, calibration, tiny
 
 DTYPES = [torch.float32, torch.bfloat16]
 pytestmark = pytest.mark.usefixtures("one_thread")

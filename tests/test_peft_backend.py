@@ -12,12 +12,13 @@ peft = pytest.importorskip("peft")
 from peft.tuners.lora.dora import DoraLinearLayer  # noqa: E402
 
 from spec import SPECS  # noqa: E402
-from spec.backends import ImplBackend  # noqa: E402
-from spec.engine import case_of, run_property  # noqa: E402
-from spec.backend_peft import Mapped, PeftBackend, PeftHang  # noqa: E402
-from spec.properties import PROPERTIES, setup  # noqa: E402
+from harness.backends import ImplBackend  # noqa: E402
+from harness.engine import case_of, run_property  # noqa: E402
+from harness.backends.peft import Mapped, PeftBackend, PeftHang  # noqa: E402
+from harness import PROPERTIES
+from harness.probes import setup  # noqa: E402
 from spec.schema import Deviation, PeftMap  # noqa: E402
-from spec.strategies import Case, base_weight, calibration  # noqa: E402
+from harness.strategies import Case, base_weight, calibration  # noqa: E402
 
 _REAL_DORA_FORWARD = DoraLinearLayer.forward
 
@@ -98,8 +99,8 @@ def test_peft_eva_without_enough_tokens_is_stopped_not_hung():
 def test_a_declared_deviation_size_is_held_to_half_to_twice():
     """The shared rsLoRA misreading, declared as a deviation with its size on a fixed case: reported as a
     deviation while the size holds, a failure once the declared size is off by more than 2x."""
-    from tests.zoo import installed
-    from tests.zoo.shared_misreadings import MUTANTS
+    from harness.zoo import installed
+    from harness.zoo.shared_misreadings import MUTANTS
 
     m = next(m for m in MUTANTS if m.name == "lora.shared_rslora_plain_scale")
     fixed = {"d_in": 6, "d_out": 5, "bias": True, "dtype": "float32", "seed": 1,

@@ -24,9 +24,9 @@ from torch import nn
 
 import impl
 from spec import SPECS
-from spec.backends import make_layer
+from harness.backends import make_layer
 from tests import e2e_support as e2e
-from tests.models import tiny
+from harness.models import tiny
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:MatMul8bitLt.*:UserWarning")]

@@ -42,7 +42,7 @@ REF_URL = "https://github.com/example/reflib/blob/" + "a" * 40 + "/src/ref.py"
 
 
 def verify_json(path: Path, rows: list[tuple], variants=("lora",)) -> Path:
-    """A verify results JSON in the schema of spec/engine.py; rows are (variant, property, status, detail, err)."""
+    """A verify results JSON in the schema of harness/engine.py; rows are (variant, property, status, detail, err)."""
     results = [{"variant": v, "property": p, "status": s, "detail": d, "worst_error": e,
                 "example": "Case(d_in=3, d_out=2)" if s == "fail" else None, "examples": 20, "seconds": 0.1,
                 "failure_kind": "assertion" if s == "fail" else None} for v, p, s, d, e in rows]
@@ -356,7 +356,7 @@ def _all_written_bytes(folder: Path) -> bytes:
 
 @pytest.mark.parametrize("wire", ["openai", "anthropic"])
 def test_online_review_end_to_end_against_the_loopback_server(tmp_path, wire):
-    from tests.zoo import all_mutants, installed
+    from harness.zoo import all_mutants, installed
 
     mutant = next(m for m in all_mutants() if m.base == "lora")
     man, cache = manifest_with_ref(tmp_path)

@@ -10,7 +10,7 @@ from torch import nn
 
 import impl
 from impl import layers
-from tests.models import ARCHS, batch, tiny
+from harness.models import ARCHS, batch, tiny
 
 ROLES = {"llama": ("q", "v", "down"), "qwen": ("q", "v", "down"), "gpt2": ("qkv", "down")}
 

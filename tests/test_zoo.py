@@ -1,7 +1,7 @@
 """The harness proves its power: every zoo mutant is flagged by the property that names its bug."""
 import pytest
 
-from tests.zoo import all_mutants, detected, run_mutant
+from harness.zoo import all_mutants, detected, run_mutant
 
 MUTANTS = all_mutants()
 

@@ -948,7 +948,7 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
     `specs` maps names to Spec objects not registered in spec.SPECS (e.g. a zoo mutant's); others come from SPECS.
     """
     import spec as spec_pkg
-    from spec.properties import PROPERTIES
+    from harness import PROPERTIES
     from tools.fetch import DEFAULT_MANIFEST, load_manifest, resolve_cache_dir
     from tools.llm import CompletionRequest, LLMClient, LLMError
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         have = version("peft")
         if have != a.peft_version:
             ap.error(f"--peft-version {a.peft_version} requested but peft {have} is installed; run it through nox -s verify")
-    args = [str(ROOT / "spec" / "verify_test.py"), "-p", "spec.plugin", "-q", "--no-header", "-p", "no:randomly",
+    args = [str(ROOT / "harness" / "verify_test.py"), "-p", "harness.plugin", "-q", "--no-header", "-p", "no:randomly",
             f"--rootdir={ROOT}", "--backend", a.backend, "--device", a.device]
     if a.workers not in ("0", "1"):
         args += ["-n", a.workers]

@@ -20,8 +20,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from spec.engine import write_json
-    from tests.zoo import all_mutants, detected, report, run_mutant
+    from harness.engine import write_json
+    from harness.zoo import all_mutants, detected, report, run_mutant
 
     torch.set_num_threads(1)
     want = [w for w in a.only.split(",") if w]

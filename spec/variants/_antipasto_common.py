@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from .. import tolerance as tol
 from ..schema import Constraint
 
 POOLS = ("rms", "mean_abs")
@@ -100,7 +99,7 @@ def noise_floor(probe, right: str) -> float:
     then the adapter's added delta), so |ΔD_ab| <= 4 eps max|y|; projected on a unit column of U and a column
     of R⁺, the entry's error is at most sqrt(d_in d_out) · max‖R⁺ col‖ times that."""
     T = probe.tensors()
-    eps = tol.eps(probe.case.dtype)
+    eps = torch.finfo(probe.case.dtype).eps
     d_in, d_out = probe.case.d_in, probe.case.d_out
     x = torch.cat([torch.eye(d_in, dtype=torch.float64), torch.zeros(1, d_in, dtype=torch.float64)], 0)
     y_max = float(probe.output(x).abs().max())

@@ -3,7 +3,6 @@ import torch
 from hypothesis import strategies as st
 
 from ..schema import Claim, Constraint, PeftMap, Reference, Spec, TensorSpec, register
-from ..strategies import calibration_tokens
 from . import _antipasto_common as common
 
 
@@ -37,8 +36,8 @@ def optimality_gap(probe):
     """(E‖(W − B) x‖²)^{1/2} of the implementation's rank-r part B = W − W_res, minus that of two other rank-r
     choices (the plain top-r SVD, and PEFT's SVD(W C) form), over ‖W C_ε^{1/2}‖_F: the claim is that it is
     <= 0 (up to rounding), i.e. B is the Eckart–Young optimum in the data metric."""
-    W = probe.s.W
-    X = calibration_tokens(probe.s.cal)
+    W = probe.original_weight()
+    X = probe.calibration_tokens()
     C = common.damped_moment(X, probe.cfg.cov_eps)
     half = common.sym_power(C, 0.5)
     B = W - probe.base_weight()

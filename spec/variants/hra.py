@@ -25,19 +25,7 @@ def input_map(probe):
     """H measured on the implementation: the same tensors on a twin layer whose base weight is the identity
     (d_in × d_in, no bias), so that the twin's dense map is the input rotation itself. (On the probed layer
     the dense map is W H, from which H is not recoverable when d_out < d_in.)"""
-    from ..backends import single
-    from ..properties import Probe, Setup
-
-    c = probe.case.with_(d_out=probe.case.d_in, bias=False)
-    eye = torch.eye(c.d_in, dtype=torch.float64)
-    model = single(eye, None, c.dtype, "linear", c.device)
-    over = {"param_dtype": torch.float64} if c.dtype == torch.float64 else {}
-    probe.be.attach(model, probe.spec, c, None, **over)
-    twin = probe.be.tensors(model)
-    with torch.no_grad():
-        for name, t in probe.be.tensors(probe.s.model).items():
-            twin[name].copy_(t)
-    return Probe(probe.spec, probe.be, Setup(eye, None, model, None, None, None), c).dense_map()
+    return probe.twin(d_out=probe.case.d_in, bias=False).dense_map()
 
 
 def rotation_of(probe):
@@ -88,7 +76,7 @@ SPEC = register(
         deviations=(
             Deviation("reference_quantized", "on a bitsandbytes 8-bit layer PEFT's HRA multiplies the stored int8 "
                       "codes, unscaled, by H (it reads the packed storage as the weight): its output is wrong there "
-                      "(a PEFT bug, backend_peft 'quantized'); ours rotates the input of the layer's own forward",
+                      "(a PEFT bug, harness/backends/peft.py 'quantized'); ours rotates the input of the layer's own forward",
                       source="peft/tuners/hra/layer.py:263 (orig_weight = self.get_base_layer().weight.data)",
                       match="bnb8", size=0.997,
                       case={"d_in": 8, "d_out": 6, "bias": True, "dtype": "float32", "seed": 1,

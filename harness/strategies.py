@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
-from .schema import Spec
+from spec.schema import Spec
 
 MAX_DIM = 12
 

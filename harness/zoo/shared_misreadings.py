@@ -1,6 +1,6 @@
 """Shared misreadings: each mutant changes the implementation AND its spec (oracle, init formula, dense form) in
 the same way, so every property that checks the implementation against its own spec still passes. Only the
-comparison with an implementation written by someone else (PEFT, spec.reference) can flag them.
+comparison with an implementation written by someone else (PEFT, harness.differential) can flag them.
 
 Mutants that change a tensor's shape or the side of a gate run on square layers (conventions section 8).
 """

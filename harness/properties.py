@@ -17,140 +17,13 @@ from hypothesis import strategies as st
 
 from impl.errors import AdapterError, AttachError, CheckpointError, ConfigError
 
+from spec.schema import Spec
+
 from . import tolerance as tol
-from .backends import single
-from .schema import Spec
+from .models import single
+from .probes import (Falsified, Probe, Setup, _dt, base_out, cfg_of, gradient_scales, grad_flags, loss_weights,
+                     oracle_output, perturb, prop, require, same_state, setup, snapshot, untouched)
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
-
-
-class Falsified(AssertionError):
-    """A property does not hold on this case; `size` is the measured size of the failure, when it has one
-    (compared with a declared deviation's size)."""
-
-    def __init__(self, msg: str, size: float | None = None):
-        super().__init__(msg)
-        self.size = size
-
-
-def require(cond: bool, msg: str, size: float | None = None) -> None:
-    if not cond:
-        raise Falsified(msg, size)
-
-
-@dataclass(frozen=True)
-class Property:
-    name: str
-    doc: str
-    check: Callable[[Spec, object, Case], float | None]
-    strategy: Callable[[Spec, str], st.SearchStrategy]
-    applies: Callable[[Spec, object], str | None] = lambda spec, be: None
-    max_examples: int | None = None  # cap for properties with little to draw
-
-
-PROPERTIES: dict[str, Property] = {}
-
-
-def prop(name: str, strategy, applies=None, max_examples=None):
-    def deco(fn):
-        PROPERTIES[name] = Property(name, (fn.__doc__ or "").strip(), fn, strategy,
-                                    applies or (lambda spec, be: None), max_examples)
-        return fn
-
-    return deco
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-def _dt(*dtypes):
-    return lambda spec, device: cases(spec, dtypes=dtypes, device=device)
-
-
-@dataclass
-class Setup:
-    W: torch.Tensor  # original base weight, float64, rounded to the case dtype
-    b: torch.Tensor | None
-    model: torch.nn.Module
-    x: torch.Tensor
-    cal: list | None
-    y0: torch.Tensor  # base output before attach
-
-
-def setup(spec: Spec, be, case: Case, layout: str = "linear", kind: str = "random", attach: bool = True,
-          with_data: bool = True, **over) -> Setup:
-    """Build a single-layer model for the case, record its base output, attach the variant."""
-    W, b = base_weight(case, kind)
-    W = W.to(case.dtype).double()
-    b = None if b is None else b.to(case.dtype).double()
-    model = single(W, b, case.dtype, layout, case.device)
-    x = inputs(case).to(case.dtype).to(case.device)
-    with torch.no_grad():
-        y0 = model(x)
-    cal = calibration(case, W, case.fields["r"]) if spec.data != "none" and with_data else None
-    if cal is not None:
-        cal = [{k: v.to(case.device) for k, v in batch.items()} for batch in cal]
-    if attach:
-        torch.manual_seed(case.seed)
-        if case.dtype == torch.float64 and "param_dtype" not in over:
-            over["param_dtype"] = torch.float64
-        be.attach(model, spec, case, cal, **over)
-    return Setup(W, b, model, x, cal, y0)
-
-
-def perturb(spec: Spec, be, model, case: Case, scale: float = 1.0) -> None:
-    """Move every trainable tensor away from its init (conventions section 8)."""
-    g = case.gen(3)
-    live = be.tensors(model)
-    with torch.no_grad():
-        for ts in spec.present(case.d_in, case.d_out, cfg_of(spec, case), trainable=True):
-            t = live[ts.name]
-            new = ts.perturb(tuple(t.shape), g) if ts.perturb else torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.5
-            t.copy_((new.double() * scale if ts.perturb is None else new).to(t.dtype))
-
-
-def cfg_of(spec: Spec, case: Case, **over):
-    import impl
-
-    return impl.config(spec.name, **{**case.fields, **over})
-
-
-def oracle_output(spec: Spec, be, s: Setup, case: Case, x64: torch.Tensor, xd=None, grad: bool = False, **over):
-    """The spec's float64 oracle on the backend's live tensors, base weight and knobs."""
-    T = {}
-    for name, t in be.tensors(s.model).items():
-        T[name] = t.detach().double().cpu().requires_grad_(grad and t.requires_grad)
-    W = be.base_weight(s.model).detach().double().cpu()
-    layer_b = getattr(s.model.layer, "bias", None)
-    b = None if layer_b is None else layer_b.detach().double().cpu()
-    y = spec.oracle(W, b, T, x64, cfg_of(spec, case, **over), be.knobs(s.model), xd=xd)
-    return y, T
-
-
-def base_out(s: Setup, x64):
-    y = x64 @ s.W.T
-    return y if s.b is None else y + s.b
-
-
-def loss_weights(y: torch.Tensor, case: Case) -> torch.Tensor:
-    return torch.randn(y.shape, generator=case.gen(4), dtype=torch.float64)
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-
-
-def grad_flags(model) -> dict[str, bool]:
-    return {n: p.requires_grad for n, p in model.named_parameters()}
-
-
-def untouched(be, s_model, before_state, before_flags, what: str) -> None:
-    require(same_state(snapshot(s_model), before_state), f"{what}: the model's state dict changed")
-    require(not be.hooks_left(s_model), f"{what}: hooks or adapters left on {be.hooks_left(s_model)}")
-    require(grad_flags(s_model) == before_flags, f"{what}: requires_grad flags changed")
 
 
 # ----------------------------------------------------------------------------------------------- identity
@@ -219,23 +92,6 @@ def knob_identity(spec, be, case):
 
 
 # ----------------------------------------------------------------------------------------------- oracle
-
-
-def gradient_scales(y_ref: torch.Tensor, inputs: dict[str, torch.Tensor], c: torch.Tensor) -> dict[str, float]:
-    """For each input θ, max over its entries of Σ_i |c_i| |∂y*_i/∂θ|: the size of the terms its gradient sums.
-
-    A gradient that is a near-cancelling sum is only as accurate as its terms, so its rounding error is judged
-    against this scale, not against the (small) sum itself.
-    """
-    flat, cw = y_ref.reshape(-1), c.reshape(-1).abs()
-    names = [n for n, t in inputs.items() if t.requires_grad]
-    acc = {n: torch.zeros_like(inputs[n]) for n in names}
-    for i in range(flat.numel()):
-        rows = torch.autograd.grad(flat[i], [inputs[n] for n in names], retain_graph=True, allow_unused=True)
-        for n, g in zip(names, rows):
-            if g is not None:
-                acc[n] += cw[i] * g.abs()
-    return {n: tol.maxabs(a) for n, a in acc.items()}
 
 
 @prop("oracle", _dt(torch.float64, torch.float32, torch.bfloat16))
@@ -439,42 +295,6 @@ def bias_invariance(spec, be, case):
     limit = tol.ACCUMULATION[case.dtype] * tol.eps(case.dtype) * (tol.maxabs(y_b) + tol.maxabs(b))
     require(err <= limit, f"(y with bias) - (y without) differs from the bias by {err:.3g} (bias scale {tol.maxabs(b):.3g})")
     return err / (tol.maxabs(b) + 1e-300)
-
-
-class Probe:
-    """What a claim may measure on the implementation: its tensors, knobs and dense input->output map."""
-
-    def __init__(self, spec, be, s: Setup, case: Case):
-        self.spec, self.be, self.s, self.case = spec, be, s, case
-        self.cfg = cfg_of(spec, case)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {n: t.detach().double().cpu() for n, t in self.be.tensors(self.s.model).items()}
-
-    def knobs(self) -> dict[str, float]:
-        return self.be.knobs(self.s.model)
-
-    def base_weight(self) -> torch.Tensor:
-        return self.be.base_weight(self.s.model).detach().double().cpu()
-
-    def set(self, name: str, value: torch.Tensor) -> None:
-        t = self.be.tensors(self.s.model)[name]
-        with torch.no_grad():
-            t.copy_(value.to(t.dtype))
-
-    def set_knob(self, name: str, value: float) -> None:
-        self.be.set_knob(self.s.model, name, value)
-
-    def output(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.s.model(x.to(self.case.dtype).to(self.case.device)).double().cpu()
-
-    def dense_map(self) -> torch.Tensor:
-        """M (d_out, d_in) with y(x) = M x + y(0), measured from the implementation's outputs."""
-        d_in = self.case.d_in
-        eye = torch.eye(d_in, dtype=torch.float64)
-        y = self.output(torch.cat([eye, torch.zeros(1, d_in, dtype=torch.float64)], 0))
-        return (y[:-1] - y[-1:]).T
 
 
 def _check_claim(claim, obj, dtype) -> float:
@@ -825,8 +645,3 @@ def quantized(spec, be, case):
                 worst = max(worst, err)
         require(torch.equal(be.dequantized(q.layer).double(), W_deq), f"{lay}: the dequantized weight changed after a forward")
     return worst
-
-
-# The differential oracles (against PEFT) and PEFT's extra API checks live in spec.reference; importing it here
-# registers them whenever the property library is loaded.
-from . import reference as _reference  # noqa: E402,F401

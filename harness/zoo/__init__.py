@@ -3,7 +3,7 @@
 A mutant is a subclass of a real variant with one bug (or, for bugs in runtime parts a variant relies on, a
 patch active while it runs), optionally with the same change made to its spec (a "shared misreading" that
 only an independent implementation can catch). Each names the property that must flag it. Every module
-`tests/zoo/<variant>.py` contributes a `MUTANTS` list.
+`harness/zoo/<variant>.py` contributes a `MUTANTS` list.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 from impl.registry import REGISTRY, Variant
 from spec import SPECS
-from spec.engine import Result, run_property
-from spec.properties import PROPERTIES
+from harness.engine import Result, run_property
+from harness import PROPERTIES
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def installed(m: Mutant):
 
 def run_mutant(m: Mutant, profile: str = "zoo") -> Result:
     """Run the property that must flag the mutant; the Result's status is 'fail' when it is caught."""
-    from spec.backends import ImplBackend
+    from harness.backends import ImplBackend
 
     with installed(m) as spec:
         return run_property(PROPERTIES[m.expects], spec, ImplBackend(), profile)

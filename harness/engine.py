@@ -11,8 +11,8 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, settings
 
-from .properties import PROPERTIES, Falsified, Property
-from .schema import Spec
+from .probes import PROPERTIES, Falsified, Property
+from spec.schema import Spec
 from .strategies import Case
 
 SCHEMA = "lora-verify/results/1"

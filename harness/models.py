@@ -1,7 +1,9 @@
-"""Tiny transformers models built from a config (no downloads) and calibration batches made in code."""
+"""The models every check builds: a one-layer model around a base layer of a given layout, tiny transformers
+models built from a config (no downloads), and calibration batches made in code."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 ARCHS = ("llama", "qwen", "gpt2")
 
@@ -53,3 +55,52 @@ def calibration(n: int = 3, seed: int = 10) -> list[dict[str, torch.Tensor]]:
         mask[1, -4:] = 0
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+class Single(nn.Module):
+    """A one-layer model: the unit every property adapts. Extra keyword inputs (attention_mask) are ignored."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, attention_mask=None):
+        return self.layer(x)
+
+
+def make_layer(W: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype, layout: str = "linear",
+               device: str = "cpu") -> nn.Module:
+    """A base layer holding (W, b): layout linear | conv1d (transformers' transposed storage) | bnb4 | bnb8."""
+    d_out, d_in = W.shape
+    if layout == "linear":
+        m = nn.Linear(d_in, d_out, bias=b is not None)
+        m.weight.data = W.to(dtype).clone()
+    elif layout == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        m = Conv1D(d_out, d_in)
+        m.weight.data = W.t().to(dtype).contiguous().clone()
+        if b is None:
+            b = torch.zeros(d_out, dtype=torch.float64)  # Conv1D always has a bias
+    elif layout in ("bnb4", "bnb8"):
+        import bitsandbytes as bnb
+
+        if layout == "bnb4":
+            m = bnb.nn.Linear4bit(d_in, d_out, bias=b is not None, compute_dtype=torch.float32, quant_type="nf4")
+            m.weight = bnb.nn.Params4bit(W.float().clone(), requires_grad=False, quant_type="nf4")
+        else:
+            m = bnb.nn.Linear8bitLt(d_in, d_out, bias=b is not None, has_fp16_weights=False)
+            m.weight = bnb.nn.Int8Params(W.float().clone(), requires_grad=False, has_fp16_weights=False)
+        if b is not None:
+            m.bias = nn.Parameter(b.float().clone(), requires_grad=False)
+        m = m.to("cpu")
+        return m
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    if b is not None:
+        m.bias.data = b.to(dtype).clone()
+    return m.to(device)
+
+
+def single(W, b, dtype, layout="linear", device="cpu") -> Single:
+    return Single(make_layer(W, b, dtype, layout, device))

@@ -1,11 +1,11 @@
-"""The generated verify items: one pytest item per (variant, property), parametrized by spec.plugin."""
+"""The generated verify items: one pytest item per (variant, property), parametrized by harness.plugin."""
 import json
 
 import pytest
 
 from spec import SPECS
-from spec.engine import run_property
-from spec.properties import PROPERTIES
+from harness.engine import run_property
+from harness import PROPERTIES
 
 
 def test_property(variant, prop, verify_env, record_property):

@@ -3,7 +3,7 @@
 A spec's float64 oracle only catches what its author read correctly; when the spec and the implementation share
 a misreading (DeLoRA's norm axis, HRA's order, EVA's centring), only an independent implementation disagrees.
 
-- `reference_equivalence`: the same layer built in PEFT (spec.peft, through spec.backend_peft), the same non-init
+- `reference_equivalence`: the same layer built in PEFT (spec.peft, through harness.backends.peft), the same non-init
   tensors copied into both (names, layouts and transposes come from the spec's PeftMap), outputs and the gradients
   of every trainable tensor and of the input compared in fp32 and fp64.
 - `reference_init`: the init itself against PEFT's, where it is deterministic (the parts the spec's init formula
@@ -21,7 +21,7 @@ a misreading (DeLoRA's norm axis, HRA's order, EVA's centring), only an independ
 - `unmerge_restores`, `disable_restores`: PEFT's extra API (merge_adapter / unmerge_adapter, disable_adapter),
   for backends that have it.
 
-Tolerances come from spec.tolerance (outputs relative to the adapter's own contribution, gradients relative to the
+Tolerances come from harness.tolerance (outputs relative to the adapter's own contribution, gradients relative to the
 terms they sum), never tuned per variant.
 """
 from __future__ import annotations
@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from impl import layers
 
 from . import tolerance as tol
-from .backends import single
-from .properties import _dt, cfg_of, gradient_scales, loss_weights, perturb, prop, require, setup
+from .models import single
+from .probes import _dt, cfg_of, gradient_scales, loss_weights, perturb, prop, require, setup
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
 # Declared spectral gap of the reference calibration data: three directions with standard deviations 9, 3 and 1
@@ -60,7 +60,7 @@ def _peft_reason(spec, be, init_only: bool = False) -> str | None:
 
 
 def _reference():
-    from .backend_peft import PeftBackend
+    from .backends.peft import PeftBackend
 
     return PeftBackend()
 
@@ -107,7 +107,7 @@ def _mirror(be, model, ref, ref_model, rewrites_base: bool) -> None:
 def _compare(y, grads, y_ref, grads_ref, y_base, dtype, factor: float, what: str, scales: dict | None = None,
              noise: dict | None = None) -> float:
     """Output at the scale of the adapter's contribution; each gradient at the scale of the terms it sums
-    (`scales`, spec.properties.gradient_scales) when given, else at its own scale plus NOISE_FACTOR times the
+    (`scales`, harness.probes.gradient_scales) when given, else at its own scale plus NOISE_FACTOR times the
     reference's measured rounding noise (`noise`)."""
     ok, worst = tol.close(y.cpu(), y_ref.cpu(), y_base, dtype, factor)
     require(ok, f"output differs from {what} (scaled error {worst:.3g})", size=worst)

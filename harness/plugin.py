@@ -1,6 +1,6 @@
 """pytest plugin that turns (variant x property) into ordinary pytest items and collects their Results.
 
-Loaded by `python -m tools.verify` (`-p spec.plugin`); works under pytest-xdist: each item attaches its Result
+Loaded by `python -m tools.verify` (`-p harness.plugin`); works under pytest-xdist: each item attaches its Result
 to its report's user_properties, and the controller builds the table and the JSON from the reports.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import SPECS
+from spec import SPECS
 from .engine import SCHEMA, quantized_matrix, table, write_json
-from .properties import PROPERTIES
+from .probes import PROPERTIES
 
 
 def pytest_addoption(parser):
@@ -37,7 +37,7 @@ def _backend(name: str):
     from .backends import BACKENDS
 
     if name == "peft" and "peft" not in BACKENDS:
-        from . import backend_peft  # noqa: F401  registers itself
+        from .backends import peft  # noqa: F401  registers itself
     try:
         return BACKENDS[name]()
     except KeyError:

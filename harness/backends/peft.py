@@ -2,7 +2,7 @@
 
 Everything goes through PEFT's public API: `get_peft_model` (attach), `unload` (detach), `merge_and_unload`
 (merge), `save_pretrained` / `PeftModel.from_pretrained` (save / load), `merge_adapter` / `unmerge_adapter` and
-`disable_adapter` (the extra API checks of spec.reference). The spec's `peft=PeftMap(...)` says how to build the
+`disable_adapter` (the extra API checks of harness.differential). The spec's `peft=PeftMap(...)` says how to build the
 same layer (config class, kwargs from our config) and where each spec tensor lives in PEFT (state-dict key suffix
 and a transform between PEFT's layout and the spec's).
 
@@ -16,7 +16,7 @@ field or an API the release lacks makes the variant or the property 'na' with th
 
 Data-driven inits run PEFT's own passes: EVA's `initialize_lora_eva_weights` (bounded: PEFT cycles the data
 forever when no batch has r tokens, so the backend stops it with `PeftHang`) and CorDA's `preprocess_corda`.
-`attach_model` / `adapted_layers` drive whole models (tiny Llama / GPT-2, spec.reference.model_oracle). A
+`attach_model` / `adapted_layers` drive whole models (tiny Llama / GPT-2, harness.differential.model_oracle). A
 checkpoint is save_pretrained's folder packed into one deterministic safetensors file (PEFT's tensors as saved,
 adapter_config.json in the metadata), so the generic checkpoint property can compare bytes.
 """
@@ -37,9 +37,9 @@ import impl
 from impl import layers
 from impl.errors import AttachError, CheckpointError, ConfigError
 
-from .backends import BACKENDS
-from .schema import Deviation, Spec
-from .strategies import Case
+from . import BACKENDS
+from spec.schema import Deviation, Spec
+from ..strategies import Case
 
 ADAPTER = "default"
 TRANSFORMS = ("id", "T", "row", "col", "scalar1")
@@ -524,7 +524,7 @@ class PeftBackend:
                 left.append(n or "<root>")
         return left
 
-    # ---- PEFT's extra API (used by spec.reference)
+    # ---- PEFT's extra API (used by harness.differential)
 
     def merge_adapter(self, model) -> None:
         self.peft_model(model).merge_adapter()

@@ -1,0 +1,11 @@
+"""The engine that turns the declarative records of spec/ into tests: strategies draw cases, properties check
+them through a backend, the engine runs them under Hypothesis and writes results JSON, and the zoo proves
+that each property catches the bug it names.
+
+`PROPERTIES` is the full property library: the generic properties, then the differential ones.
+"""
+from . import properties  # noqa: I001,F401  (registers the generic properties first: the table's order)
+from . import differential  # noqa: F401  (then the differential ones)
+from .probes import PROPERTIES, Falsified, Property
+
+__all__ = ["PROPERTIES", "Property", "Falsified"]
