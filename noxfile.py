@@ -94,14 +94,17 @@ def fetch(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def review(session: nox.Session) -> None:
-    """Fetch references, run the zoo, run verify if its JSON is stale, review (an LLM when REVIEW_PROVIDER,
-    REVIEW_MODEL and the provider's key are set, else offline mechanical findings), render
+    """The audit pipeline, each stage once and in order: fetch the pinned references, run the zoo, run verify
+    (its JSON carries the results, the spec records and the mechanical findings), review (an LLM when
+    REVIEW_PROVIDER, REVIEW_MODEL and the provider's key are set, else offline), render
     audits/variants_review_vN.md. `-- --variants dora,hra` reviews a subset; `-- --offline` asks no LLM."""
     install(session)
     env = {"OMP_NUM_THREADS": "1"}
     session.run("python", "-m", "tools.fetch", success_codes=[0, 1])
     session.run("python", "-m", "tools.zoo", env=env, success_codes=[0, 1])
-    session.run("python", "-m", "tools.review", *session.posargs, env=env)
+    session.run("python", "-m", "tools.verify", env=env, success_codes=[0, 1])
+    session.run("python", "-m", "tools.review", *session.posargs, env=env, success_codes=[0, 1])
+    session.run("python", "-m", "tools.render")
 
 
 @nox.session(default=False)

@@ -15,7 +15,7 @@ from .probes import PROPERTIES, Falsified, Property
 from spec.schema import Spec
 from .strategies import Case
 
-SCHEMA = "lora-verify/results/1"
+SCHEMA = "lora-verify/results/2"  # 2: adds `specs` (spec records) and `findings` (mechanical)
 STATUSES = ("pass", "fail", "deviation", "na")
 
 _COMMON = dict(deadline=None, database=None, print_blob=True, report_multiple_bugs=False,

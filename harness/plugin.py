@@ -14,8 +14,12 @@ import pytest
 import torch
 
 from spec import SPECS
+
+from . import records
 from .engine import SCHEMA, quantized_matrix, table, write_json
 from .probes import PROPERTIES
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser):
@@ -108,11 +112,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         "torch": torch.__version__,
         "python": platform.python_version(),
         "variants": variants,
+        "all_variants": list(SPECS.names()),
         "properties": props,
         "results": results,
         "quantized_matrix": qm,
+        "specs": {v: records.spec_record(specs[v], be, ROOT) for v in variants},
         "summary": {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "deviation", "na")},
     }
+    payload["findings"] = {v: records.record_findings(specs[v], payload["specs"][v],
+                                                      [r for r in results if r["variant"] == v], be.name, props)
+                           for v in variants}
     path = Path(_opt(config, "verify_json") or Path("build/verify") / f"{be.name}.json")
     write_json(path, payload)
     tr = terminalreporter

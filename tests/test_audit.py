@@ -34,7 +34,7 @@ def run(tmp_path_factory):
     vj = verify_json(tmp / "v.json", [("lora", "oracle", "fail", "scaled error 1 | with a pipe", 1.0),
                                       ("lora", "merge", "pass", "", 1e-7)])
     return R.review(["lora"], verify_json=vj, config=OFFLINE, manifest_path=man, refs_cache=cache,
-                    subset=["lora"])
+                    subset=["lora"], audits_dir=tmp / "audits")
 
 
 # ----------------------------------------------------------------------------------------------- filters
@@ -212,10 +212,17 @@ def test_two_offline_runs_write_v1_then_v2_and_v2_reports_the_swapped_in_bug(tmp
     props = "identity_at_init,oracle,init_formula,config_constraints,merge"
     verify = ["tools.verify", "--variants", "lora", "-n", "0", "--json", "build/verify/impl.json",
               "--properties", props]
-    review = ["tools.review", "--offline", "--variants", "lora", "--no-verify"]
+    review = ["tools.review", "--offline", "--variants", "lora"]
 
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], check=True)
     _run(verify, repo, env)
-    p1 = _run(review, repo, env)
+    _run(review, repo, env)
+    p1 = _run(["tools.render"], repo, env)
+    subprocess.run([*git, "add", "audits"], check=True)
+    subprocess.run([*git, "commit", "-qm", "audit v1"], check=True)  # v2 diffs the variant against this commit
     v1 = repo / "audits" / "variants_review_v1.md"
     assert "audit written" in p1.stdout and v1.is_file()
     v1_bytes = v1.read_bytes()
@@ -225,6 +232,7 @@ def test_two_offline_runs_write_v1_then_v2_and_v2_reports_the_swapped_in_bug(tmp
     _swap_in_zoo_bug(repo)
     _run(verify, repo, env)
     _run(review, repo, env)
+    _run(["tools.render"], repo, env)
     v2 = repo / "audits" / "variants_review_v2.md"
     assert v1.read_bytes() == v1_bytes  # never overwritten
     side2 = json.loads((repo / "audits" / "variants_review_v2.json").read_text())
@@ -244,3 +252,8 @@ def test_two_offline_runs_write_v1_then_v2_and_v2_reports_the_swapped_in_bug(tmp
     assert v1_ids and all(f"`{i}`" in persisting for i in v1_ids)
     assert f"({len(v1_ids)})" in changes.split("### Persisting findings", 1)[1].split("\n", 1)[0]
     assert "**Subset:** this audit reviews only `lora`" in text
+    changed = text.split("### Changed since the previous audit", 1)[1].split("###", 1)[0]
+    assert "Diffed against v1" in changed and "| `impl/variants/lora.py` | modified |" in changed
+    assert "`spec/variants/lora.py`" not in changed  # unchanged files are not listed
+    review_json = json.loads((repo / "build" / "review" / "review.json").read_text())
+    assert "generated/changes/lora.diff" in [f["path"] for f in review_json["reviews"][0]["bundle"]["files"]]

@@ -41,15 +41,25 @@ REF_URL = "https://github.com/example/reflib/blob/" + "a" * 40 + "/src/ref.py"
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def verify_json(path: Path, rows: list[tuple], variants=("lora",)) -> Path:
-    """A verify results JSON in the schema of harness/engine.py; rows are (variant, property, status, detail, err)."""
+def verify_json(path: Path, rows: list[tuple], variants=("lora",), specs=None) -> Path:
+    """A verify results JSON as tools.verify writes it (harness/plugin.py): rows are (variant, property, status,
+    detail, err); each variant with a spec (in `specs`, else spec.SPECS) gets its spec record and the mechanical
+    findings of its rows, as harness/records.py makes them."""
+    from harness import PROPERTIES
+    from harness.backends import ImplBackend
+    from harness.records import record_findings, spec_record
+
     results = [{"variant": v, "property": p, "status": s, "detail": d, "worst_error": e,
                 "example": "Case(d_in=3, d_out=2)" if s == "fail" else None, "examples": 20, "seconds": 0.1,
                 "failure_kind": "assertion" if s == "fail" else None} for v, p, s, d, e in rows]
-    payload = {"schema": "lora-verify/results/1", "backend": "impl", "backend_version": "source",
+    known = {v: (specs or {}).get(v) or (SPECS.get(v) if v in SPECS.names() else None) for v in variants}
+    records = {v: spec_record(sp, ImplBackend(), ROOT) for v, sp in known.items() if sp is not None}
+    findings = {v: record_findings(known[v], records[v], [r for r in results if r["variant"] == v], "impl",
+                                   PROPERTIES) for v in records}
+    payload = {"schema": "lora-verify/results/2", "backend": "impl", "backend_version": "source",
                "profile": "verify", "device": "cpu", "variants": list(variants),
                "properties": sorted({r[1] for r in rows}), "results": results, "quantized_matrix": {},
-               "summary": {}}
+               "summary": {}, "specs": records, "findings": findings}
     path.write_text(json.dumps(payload, indent=1))
     return path
 
@@ -253,8 +263,9 @@ def test_bundle_holds_spec_impl_runtime_verify_and_pinned_references(tmp_path):
     from tools.fetch import load_manifest
 
     vj = verify_json(tmp_path / "v.json", [("lora", "oracle", "pass", "", 0.01)])
-    bundle, extra = R.build_bundle("lora", SPECS.get("lora"), json.loads(vj.read_text()), "v.json",
-                                   load_manifest(man), cache, ROOT, R.DEFAULT_MAX_CHARS)
+    data = json.loads(vj.read_text())
+    bundle, extra = R.build_bundle("lora", data["specs"]["lora"], data, "v.json", load_manifest(man), cache, ROOT,
+                                   R.DEFAULT_MAX_CHARS)
     roles = {f.path: f.role for f in bundle.files}
     assert roles["impl/variants/lora.py"] == "impl" and roles["spec/variants/lora.py"] == "spec"
     assert roles["generated/verify/lora.txt"] == "verify-results" and roles["refs/ref-lora/src/ref.py"] == "reference"
@@ -281,9 +292,9 @@ def test_offline_review_turns_records_into_mechanical_findings(tmp_path):
         ("lora", "spectrum", "na", "the spec makes no spectral claim", None),
         ("lora", "reference_equivalence", "fail", "differs from PEFT", 0.5),
         ("lora", "reference_init", "na", "PEFT has no init to compare", None),
-    ])
+    ], specs={"lora": spec})
     run = R.review(["lora"], verify_json=vj, config=OFFLINE, manifest_path=manifest_without(tmp_path),
-                   refs_cache=tmp_path / "nocache", specs={"lora": spec})
+                   refs_cache=tmp_path / "nocache", audits_dir=tmp_path / "audits")
     assert run["mode"] == "offline" and run["model"] is None and run["provenance"]["requests"] == 0
     (r,) = run["reviews"]
     got = {(f["category"], f["severity"], f["anchor"]) for f in r["findings"]}
@@ -303,7 +314,8 @@ def test_offline_review_turns_records_into_mechanical_findings(tmp_path):
 def test_variant_missing_from_verify_and_unreadable_references(tmp_path):
     man, _ = manifest_with_ref(tmp_path)
     vj = verify_json(tmp_path / "v.json", [("pissa_not_lora", "oracle", "pass", "", 0.0)], variants=("other",))
-    run = R.review(["lora"], verify_json=vj, config=OFFLINE, manifest_path=man, refs_cache=tmp_path / "empty")
+    run = R.review(["lora"], verify_json=vj, config=OFFLINE, manifest_path=man, refs_cache=tmp_path / "empty",
+                   audits_dir=tmp_path / "audits")
     (r,) = run["reviews"]
     cats = {f["category"] for f in r["findings"]}
     assert {"not_verified", "reference_unavailable"} <= cats and r["verdict"] == "Partial"
@@ -316,9 +328,14 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     (tmp_path / "x.json").write_text('{"schema": "something/else", "results": []}')
     with pytest.raises(R.ReviewError, match="not a verify results JSON"):
         R.load_verify(tmp_path / "x.json")
-    with pytest.raises(R.ReviewError, match="no spec for variant"):
-        R.select_variants("lora,not_a_variant")
-    assert R.select_variants("lora")[1] in (["lora"], None)
+    data = json.loads(verify_json(tmp_path / "v.json", [("lora", "oracle", "pass", "", 0.0)],
+                                  variants=("lora", "dora")).read_text())
+    with pytest.raises(R.ReviewError, match="no verify results for variant"):
+        R.select_variants("lora,not_a_variant", data)
+    assert R.select_variants("lora", data) == (["lora"], ["lora"])
+    assert R.select_variants("", data) == (["dora", "lora"], None)
+    data["all_variants"] = ["dora", "lora", "pissa"]  # verify ran on fewer variants than it knew
+    assert R.select_variants("", data) == (["dora", "lora"], ["dora", "lora"])
 
 
 def test_stale_verify_json_is_detected(tmp_path):
@@ -360,9 +377,10 @@ def test_online_review_end_to_end_against_the_loopback_server(tmp_path, wire):
 
     mutant = next(m for m in all_mutants() if m.base == "lora")
     man, cache = manifest_with_ref(tmp_path)
-    vj = verify_json(tmp_path / "v.json", [("lora", "oracle", "pass", "", 0.02)])
     out = tmp_path / "out"
     with LLMTestServer() as server, installed(mutant) as mspec:
+        vj = verify_json(tmp_path / "v.json", [("lora", "oracle", "pass", "", 0.02)], variants=("lora", mspec.name),
+                         specs={mspec.name: mspec})
         server.script(Answer(json.dumps(_answer_for_lora()), input_tokens=100, output_tokens=50),
                       match="Variant under review: lora\\n")
         # the other variant answers prose twice: one repair request, then an error for it alone
@@ -372,7 +390,7 @@ def test_online_review_end_to_end_against_the_loopback_server(tmp_path, wire):
                "OPENAI_API_KEY" if wire == "openai" else "ANTHROPIC_API_KEY": KEY}
         config = ProviderConfig.from_env(env)
         kw = {"verify_json": vj, "config": config, "manifest_path": man, "refs_cache": cache,
-              "llm_cache": out / "llm", "prompts_dir": out / "prompts", "specs": {mspec.name: mspec},
+              "llm_cache": out / "llm", "prompts_dir": out / "prompts", "audits_dir": out / "audits",
               "client_options": {"max_retries": 0}}
         run = R.review(["lora", mspec.name], **kw)
         assert len(server.requests_matching("Variant under review: lora\\n")) == 1

@@ -217,6 +217,12 @@ def make_sidecar(review: Mapping[str, Any], number: int) -> dict:
         "subset": review["subset"],
         "verdicts": {r["variant"]: r["verdict"] for r in review["reviews"]},
         "findings": findings,
+        "commit": review.get("provenance", {}).get("commit"),
+        "dirty": review.get("provenance", {}).get("dirty", True),
+        # what a later LLM review carries over for a variant whose files did not change
+        "llm": {r["variant"]: {"verdict": r["llm_verdict"], "summary": r["llm_summary"],
+                               "findings": [f for f in r["findings"] + r["unverified"] if f["source"] == "llm"]}
+                for r in review["reviews"] if review["mode"] == "llm" and not r.get("llm_error")},
     }
 
 
@@ -326,6 +332,7 @@ def audit_context(review: Mapping[str, Any], number: int, previous: tuple[int, d
         for p in r["pinned"]:
             anchors = [dict(a, href=_link(a.get("link"), audits_dir, root)) for a in p.get("anchors", [])]
             pinned.append(dict(p, anchors=anchors))
+        r = {"changes": None, "alignments": [], "llm_carried": False, **r}
         variants.append(dict(r, spec_properties=[p for p in props if not p["property"].startswith("reference_")],
                              differential=diff, verified=findings[0], unverified_sorted=findings[1],
                              pinned_links=pinned, files=r["bundle"]["files"]))

@@ -2,14 +2,16 @@
 
 Usage::
 
-    python -m tools.review [--variants dora,hra] [--offline] [--verify-json PATH] [--no-verify]
-                           [--zoo-json PATH] [--max-chars N] [--out build/review/review.json]
-                           [--audits audits] [--no-render] [-n WORKERS]
+    python -m tools.review [--variants dora,hra] [--offline] [--verify-json PATH] [--allow-stale]
+                           [--zoo-json PATH] [--max-chars N] [--out build/review/review.json] [--audits audits]
 
-It (1) runs `python -m tools.verify` when the verify JSON is stale (missing, older than a .py file under impl/
-or spec/, or lacking a reviewed variant; `--no-verify` skips this), (2) builds one bundle per variant, (3) asks
-the configured LLM, or none, (4) writes the review run to build/review/review.json and the prompts to
-build/review/prompts/, and (5) renders the audit audits/variants_review_vN.md through tools.render.
+It reads only JSON and files: the verify JSON (results, each variant's spec record and the mechanical findings
+that follow from the records, written by `python -m tools.verify`), the repository files those records name, the
+manifest and the reference cache, and the newest audit's sidecar. It refuses a verify JSON older than the code
+(`--allow-stale` accepts it) instead of re-running verify: `nox -s review` runs fetch, zoo, verify, review and
+render, each once and in that order. It (1) builds one bundle per variant, (2) asks the configured LLM, or none,
+and (3) writes the review run to build/review/review.json and the prompts to build/review/prompts/;
+`python -m tools.render` then renders audits/variants_review_vN.md.
 
 Provider. `REVIEW_PROVIDER` (openai | anthropic | offline), `REVIEW_BASE_URL`, `REVIEW_MODEL` and the key in
 `OPENAI_API_KEY` / `ANTHROPIC_API_KEY` (tools.llm.ProviderConfig.from_env). Unset or `offline`, or `--offline`:
@@ -18,20 +20,24 @@ online review reports as well).
 
 Bundle (what the model reads), per variant, every file with line numbers (`   12 | code`):
   * generated/spec/<v>.txt: the spec's declarations (equation, tensors, claims, constraints, deviations, ...),
-    defaults included, rendered from `spec.SPECS`;
+    defaults included, as the verify JSON's spec record carries them;
   * the spec's source file and the variant's implementation file (located through the spec's oracle and the
     registered class, so users' own modules and zoo mutants work the same way);
   * impl modules the variant file imports (other than the runtime files);
   * generated/verify/<v>.txt: the variant's rows of the verify JSON;
   * the runtime files impl/{runtime,checkpoint,layers,config,registry}.py (every variant runs through them);
-  * the variant's pinned reference files from the fetch cache (refs/manifest.toml), as refs/<id>/<path>.
+  * the variant's pinned reference files from the fetch cache (refs/manifest.toml), as refs/<id>/<path>;
+  * generated/changes/<v>.diff: the unified diff of the variant's spec, implementation and impl modules it
+    imports since the commit of the previous audit (tools.diffs; absent when nothing changed or no audit exists);
+  * generated/side-by-side/<v>/<ref>.txt: our implementation's functions aligned with each pinned Python
+    reference's, line numbers on both sides (tools.diffs.side_by_side).
 
 Cap (`--max-chars`, default 200000 characters of numbered bundle text). When the bundle is larger, files are
-cut in this order until it fits: reference files first, largest first; then runtime files the variant does not
-import, largest first; then runtime files it imports; then other impl modules it imports. A file is cut at its
-tail (keeping its first lines, so line numbers stay true) when keeping at least 40 of its lines makes the bundle
-fit, and dropped whole otherwise. The spec, the implementation file and the verify results are never cut (if
-they alone exceed the cap, the prompt says by how much). The prompt lists every cut; a quote citing a line the
+cut in this order until it fits: reference files first, largest first; then side-by-side files; then runtime
+files the variant does not import, largest first; then runtime files it imports; then other impl modules it
+imports. A file is cut at its tail (keeping its first lines, so line numbers stay true) when keeping at least
+40 of its lines makes the bundle fit, and dropped whole otherwise. The spec, the implementation file, the
+changes and the verify results are never cut (if they alone exceed the cap, the prompt says by how much). The prompt lists every cut; a quote citing a line the
 model never saw is unverified.
 
 Findings. The model answers one JSON object (FINDINGS_SCHEMA): a verdict (OK | Partial | BUGGY), a summary,
@@ -41,6 +47,8 @@ normalised (runs of whitespace are one space; the quote must occur within the ci
 characters or the whole cited text; a copied `   12 | ` prefix is ignored). A finding with any evidence that does
 not match, or with no evidence, is kept apart as unverified and never shown as fact. A malformed answer gets one
 repair request (tools.llm complete_json); if that fails too, that variant gets a clear error and the others go on.
+A quote that cites lines of generated/changes/<v>.diff must, besides, hold in the files themselves: a removed
+line at the previous audit's commit, an added or context line in the working tree (tools.diffs.check_diff_quote).
 
 Mechanical findings (offline and online): verify failures (high), failing differential oracles `reference_*`
 (high), declared deviations (info), oracles not applicable (low), spec claims and declarations that no property
@@ -63,9 +71,6 @@ import argparse
 import ast
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
-import inspect
 import json
 import re
 import subprocess
@@ -75,6 +80,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from tools.diffs import check_diff_quote, side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TEMPLATE = "review_prompt.md.j2"
@@ -94,16 +101,8 @@ MECHANICAL_CATEGORIES = ("verify_failure", "oracle_mismatch", "declared_deviatio
                          "no_implementation")
 
 # Never cut; the rest is cut in the order of CUT_ORDER (see the module docstring).
-NEVER_CUT = ("spec-declarations", "spec", "impl", "verify-results")
-CUT_ORDER = ("reference", "runtime", "runtime-imported", "impl-dependency")
-
-# Spec declaration -> the property that checks it (only those the property library has are used).
-DECLARATION_CHECKS = (
-    ("equation", "the equation (float64 oracle)", "oracle", "medium"),
-    ("init_oracle", "the init formula", "init_formula", "low"),
-    ("knobs", "the runtime knobs", "knob_identity", "low"),
-    ("constraints", "the config constraints", "config_constraints", "low"),
-)
+NEVER_CUT = ("spec-declarations", "spec", "impl", "changes", "verify-results")
+CUT_ORDER = ("reference", "side-by-side", "runtime", "runtime-imported", "impl-dependency")
 
 FINDINGS_SCHEMA: dict = {
     "type": "object",
@@ -195,6 +194,8 @@ class Bundle:
     notes: tuple[str, ...]
     max_chars: int
     over_cap: int  # characters above the cap that could not be cut (never-cut files)
+    diff_base: str | None = None  # the commit a `changes` file diffs against (its quotes are checked there)
+    root: Path | None = None  # the repository the `changes` file's paths are relative to
 
     def file(self, path: str) -> BundleFile | None:
         return next((f for f in self.files if f.path == path), None)
@@ -223,76 +224,6 @@ def _indent(label: str, text: str) -> list[str]:
     return [f"{label}{parts[0]}"] + [" " * len(label) + p for p in parts[1:]]
 
 
-def _where(fn: Any, root: Path) -> str:
-    try:
-        path = Path(inspect.getsourcefile(fn) or "")
-        line = inspect.getsourcelines(fn)[1]
-    except (TypeError, OSError):
-        return "?"
-    return f"{rel(path, root)}:{line}"
-
-
-def spec_declarations(spec: Any, root: Path) -> tuple[tuple[str, ...], dict[str, int]]:
-    """The spec rendered as text lines (defaults included) and where each claim/deviation/section starts."""
-    lines: list[str] = []
-    at: dict[str, int] = {}
-
-    def add(key: str | None, *new: str) -> None:
-        if key is not None:
-            at[key] = len(lines) + 1
-        lines.extend(new)
-
-    add("header", f"declarations of the spec of variant '{spec.name}' (rendered from spec.SPECS, defaults included)")
-    add("title", *_indent("title: ", spec.title))
-    add("equation", *_indent("equation (LaTeX): ", spec.equation))
-    add("oracle", f"float64 oracle: {getattr(spec.oracle, '__name__', '?')} at {_where(spec.oracle, root)}")
-    add("tensors", "tensors:")
-    for t in spec.tensors:
-        extra = f"; zero gradient at init: {t.zero_grad_at_init}" if t.zero_grad_at_init else ""
-        add(f"tensor:{t.name}", *_indent(f"  - {t.name}: shape {t.shape}, init {t.init}, "
-                                         f"{'trainable' if t.trainable else 'frozen'}", extra))
-    add("param_count", f"parameter count: {spec.param_count}")
-    add("identity", f"identity at init: {spec.identity} (tolerance factor {spec.identity_factor:g}, "
-                    f"init_shrink {spec.init_shrink:g})")
-    add("knobs", "knobs (value at which the layer is the identity): "
-        + (", ".join(f"{k}={v:g}" for k, v in sorted(spec.knobs.items())) or "none"))
-    add("bias", *_indent(f"bias: {spec.bias}", f" ({spec.bias_note})" if spec.bias_note else ""))
-    add("dropout", f"dropout: {spec.dropout}")
-    add("data", f"calibration data: {spec.data}")
-    add("quantized", f"bitsandbytes layers: {spec.quantized}")
-    add("rewrites_base", f"rewrites the base weight: {spec.rewrites_base}")
-    add("shapes", f"min_width: {spec.min_width}; square_only: {spec.square_only}")
-    add("init_oracle", "init oracle: " + (f"{getattr(spec.init_oracle, '__name__', '?')} at "
-                                          f"{_where(spec.init_oracle, root)}" if spec.init_oracle else "none"))
-    add("constraints", "config constraints:" + ("" if spec.constraints else " none"))
-    for c in spec.constraints:
-        add(None, *_indent(f"  - {c.text} (violated by {dict(c.bad)})", ""))
-    add("claims", "claims:" + ("" if spec.claims else " none"))
-    for c in spec.claims:
-        bound = f", bound {c.bound:g}" if c.kind == "bounded" else ""
-        add(f"claim:{c.name}", *_indent(f"  - claim {c.name} [{c.kind}{bound}]: ", c.text))
-    add("references", "references:" + ("" if spec.references else " none"))
-    for r in spec.references:
-        add(None, f"  - {r.label}: {r.url}")
-    add("deviations", "declared deviations:" + ("" if spec.deviations else " none"))
-    for d in spec.deviations:
-        src = f" [{d.source}]" if d.source else ""
-        add(f"deviation:{d.backend}:{d.property}", *_indent(f"  - property {d.property} (backend {d.backend}): ",
-                                                            d.reason + src))
-    peft = spec.peft
-    if peft is None:
-        add("peft", "PEFT mapping: none")
-    else:
-        add("peft", f"PEFT mapping: {peft.config}" + (" (feed-forward target)" if peft.feedforward else ""))
-        for ours, (theirs, how) in sorted(peft.tensors.items()):
-            add(None, f"  - {ours} -> {theirs} ({how})")
-        if peft.notes:
-            add(None, *_indent("  notes: ", peft.notes))
-    if spec.notes:
-        add("notes", *_indent("notes: ", spec.notes))
-    return tuple(lines), at
-
-
 def verify_lines(variant: str, results: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
                  source: str) -> tuple[tuple[str, ...], dict[str, int]]:
     """The variant's verify rows as text lines, and the line of each property."""
@@ -301,6 +232,7 @@ def verify_lines(variant: str, results: Sequence[Mapping[str, Any]], meta: Mappi
     at: dict[str, int] = {}
     rows = [r for r in results if r.get("variant") == variant]
     if not rows:
+        at["none"] = 2
         lines.append(f"no verify results for '{variant}'")
     for r in rows:
         at[r["property"]] = len(lines) + 1
@@ -320,74 +252,6 @@ def rel(path: Path, root: Path) -> str:
         return Path(path).resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
         return Path(path).resolve().as_posix()
-
-
-def _module_file(name: str) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
-
-
-def imported_modules(path: Path, module: str) -> list[str]:
-    """Absolute names of the modules a Python file imports (relative imports resolved against `module`)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    package = module.rsplit(".", 1)[0] if "." in module else ""
-    out: list[str] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out += [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
-                prefix = ".".join(p for p in base if p)
-                mod = f"{prefix}.{node.module}" if node.module else prefix
-            else:
-                mod = node.module or ""
-            out.append(mod)
-            out += [f"{mod}.{a.name}" for a in node.names]  # `from . import layers` names a module
-    return sorted({m for m in out if m})
-
-
-def impl_files(variant: str, root: Path) -> tuple[Path | None, list[Path]]:
-    """The variant's implementation file and the impl modules it imports (files inside the repository)."""
-    from impl.registry import REGISTRY
-
-    try:
-        cls = REGISTRY.get(variant)
-    except Exception:  # noqa: BLE001 - a missing implementation is a finding, not a crash
-        return None, []
-    # The first class in the MRO whose source can be found: a class made with type() (the zoo registers its
-    # mutants that way) has no source of its own, its base does.
-    found = None
-    for c in cls.__mro__:
-        try:
-            inspect.getsourcelines(c)
-            found = c
-            break
-        except (OSError, TypeError):
-            continue
-    if found is None:
-        return None, []
-    cls = found
-    path = Path(inspect.getsourcefile(cls) or "")
-    deps = []
-    for name in imported_modules(path, cls.__module__):
-        if name == "impl" or name.startswith("impl."):
-            f = _module_file(name)
-            if f is not None and f.resolve() != path.resolve() and f.name != "__init__.py":
-                deps.append(f)
-    return path, sorted(set(deps), key=lambda p: rel(p, root))
-
-
-def spec_file(spec: Any) -> Path | None:
-    try:
-        src = inspect.getsourcefile(spec.oracle)
-    except TypeError:
-        return None
-    return Path(src) if src else None
 
 
 def read_lines(path: Path) -> tuple[str, ...]:
@@ -507,21 +371,25 @@ def pinned_references(variant: str, manifest: Sequence[Any], cache_dir: Path) ->
     return rows, files
 
 
-def build_bundle(variant: str, spec: Any, verify: Mapping[str, Any], verify_source: str, manifest: Sequence[Any],
-                 cache_dir: Path, root: Path, max_chars: int) -> tuple[Bundle, dict]:
-    """The variant's bundle and what the audit needs besides (pinned rows, anchors for mechanical findings)."""
-    decl_lines, decl_at = spec_declarations(spec, root)
-    files = [BundleFile(f"generated/spec/{variant}.txt", "spec-declarations", decl_lines)]
-    sf = spec_file(spec)
-    if sf is not None and sf.is_file():
-        files.append(BundleFile(rel(sf, root), "spec", read_lines(sf), _repo_link(sf, root)))
-    impl_path, deps = impl_files(variant, root)
-    if impl_path is not None:
-        files.append(BundleFile(rel(impl_path, root), "impl", read_lines(impl_path), _repo_link(impl_path, root)))
+def build_bundle(variant: str, record: Mapping[str, Any], verify: Mapping[str, Any], verify_source: str,
+                 manifest: Sequence[Any], cache_dir: Path, root: Path, max_chars: int,
+                 changes: Mapping[str, Any] | None = None) -> tuple[Bundle, dict]:
+    """The variant's bundle and what the audit needs besides (pinned rows, anchors for mechanical findings,
+    the side-by-side alignments). `record` is the variant's spec record from the verify JSON; `changes` what
+    changed in its files since the previous audit (tools.diffs.changes_since)."""
+    files = [BundleFile(f"generated/spec/{variant}.txt", "spec-declarations", tuple(record["declarations"]))]
+    paths = record["files"]
+    for key, role in (("spec", "spec"), ("impl", "impl")):
+        f = root / paths[key] if paths.get(key) else None
+        if f is not None and f.is_file():
+            files.append(BundleFile(rel(f, root), role, read_lines(f), _repo_link(f, root)))
+    if changes and changes["diff"]:
+        files.append(BundleFile(f"generated/changes/{variant}.diff", "changes", tuple(changes["diff"])))
     runtime = {(root / p).resolve() for p in RUNTIME_FILES}
+    deps = [root / d for d in paths.get("impl_deps", [])]
     imported = {d.resolve() for d in deps}
     for d in deps:
-        if d.resolve() not in runtime:
+        if d.resolve() not in runtime and d.is_file():
             files.append(BundleFile(rel(d, root), "impl-dependency", read_lines(d), _repo_link(d, root)))
     v_lines, v_at = verify_lines(variant, verify.get("results", []), verify, verify_source)
     files.append(BundleFile(f"generated/verify/{variant}.txt", "verify-results", v_lines))
@@ -531,10 +399,21 @@ def build_bundle(variant: str, spec: Any, verify: Mapping[str, Any], verify_sour
             role = "runtime-imported" if f.resolve() in imported else "runtime"
             files.append(BundleFile(p, role, read_lines(f), _repo_link(f, root)))
     pinned, ref_files = pinned_references(variant, manifest, cache_dir)
+    impl_file = next((f for f in files if f.role == "impl"), None)
+    alignments = []
+    for ref in ref_files:
+        if impl_file is None or not ref.path.endswith(".py"):
+            continue
+        rows, pairs = side_by_side(impl_file.lines, ref.lines, impl_file.path, ref.path)
+        if pairs:
+            sbs = f"generated/side-by-side/{variant}/{ref.path.removeprefix('refs/')}.txt"
+            files.append(BundleFile(sbs, "side-by-side", tuple(rows)))
+            alignments.append({"reference": ref.path, "link": ref.link, "bundle_path": sbs, "pairs": pairs})
     files += ref_files
     capped, notes, over = cap_files(files, max_chars)
-    bundle = Bundle(variant, capped, notes, max_chars, over)
-    return bundle, {"decl_at": decl_at, "verify_at": v_at, "pinned": pinned, "impl": impl_path is not None}
+    bundle = Bundle(variant, capped, notes, max_chars, over, changes["base"] if changes else None, root)
+    return bundle, {"decl_at": record["declaration_at"], "verify_at": v_at, "pinned": pinned,
+                    "alignments": alignments}
 
 
 def _repo_link(path: Path, root: Path) -> str | None:
@@ -613,6 +492,8 @@ def check_evidence(ev: Mapping[str, Any], bundle: Bundle) -> tuple[bool, str]:
         return False, f"quote not found at lines {a}-{b} of '{path}'{hint}"
     if len(q) < min(MIN_QUOTE_CHARS, len(cited)):
         return False, f"quote too short ({len(q)} characters) to identify lines {a}-{b}"
+    if f.role == "changes" and bundle.diff_base and bundle.root is not None:
+        return check_diff_quote(f.lines, a, b, bundle.diff_base, bundle.root)
     return True, "matches"
 
 
@@ -744,76 +625,32 @@ def _ev_line(bundle: Bundle, path: str, line: int | None) -> list[dict]:
     return [{"path": path, "start_line": line, "end_line": line, "quote": f.lines[line - 1]}]
 
 
-def mechanical_findings(variant: str, spec: Any, verify: Mapping[str, Any], bundle: Bundle, extra: Mapping[str, Any],
-                        properties: Iterable[str]) -> list[dict]:
-    """Findings computed from our own records (verify JSON, spec, manifest, cache): see the module docstring."""
-    vpath, dpath = f"generated/verify/{variant}.txt", f"generated/spec/{variant}.txt"
-    v_at, d_at = extra["verify_at"], extra["decl_at"]
-    rows = {r["property"]: r for r in verify.get("results", []) if r.get("variant") == variant}
-    known = set(properties)
+def mechanical_findings(variant: str, verify: Mapping[str, Any], bundle: Bundle, extra: Mapping[str, Any]) -> list[dict]:
+    """The verify JSON's mechanical findings for the variant (from its records: see harness/records.py), with
+    their evidence lines, plus those about its pinned references (from the manifest and the cache)."""
+    docs = {"verify": (f"generated/verify/{variant}.txt", extra["verify_at"]),
+            "spec": (f"generated/spec/{variant}.txt", extra["decl_at"])}
     out: list[dict] = []
+    for f in (verify.get("findings") or {}).get(variant, []):
+        evidence: list[dict] = []
+        for doc, key in f.get("cite", []):
+            path, at = docs[doc]
+            evidence += _ev_line(bundle, path, at.get(key))
+        path = f["cite"][0][0] if f.get("cite") else f["anchor"]
+        out.append(make_finding(variant, "mechanical", f["severity"], f["category"], f["claim"], evidence, bundle,
+                                anchor=f["anchor"], anchor_path=path))
 
     def add(severity: str, category: str, claim: str, evidence: list[dict], anchor: str, path: str) -> None:
         out.append(make_finding(variant, "mechanical", severity, category, claim, evidence, bundle,
                                 anchor=anchor, anchor_path=path))
 
-    if not extra["impl"]:
-        add("high", "no_implementation", f"no implementation of '{variant}' is registered in impl", [],
-            "impl", "impl")
-    if not rows:
-        add("medium", "not_verified", f"the verify JSON has no results for '{variant}': nothing about it was checked",
-            _ev_line(bundle, vpath, 2), "verify", "verify")
-    for prop, r in rows.items():
-        oracle = prop.startswith("reference_")
-        detail = (r.get("detail") or "").strip().splitlines()[0][:400] if r.get("detail") else ""
-        ev = _ev_line(bundle, vpath, v_at.get(prop))
-        if r["status"] == "fail":
-            kind = "a crash" if r.get("failure_kind") == "crash" else "a failed check"
-            what = "the differential oracle disagrees" if oracle else "the property fails"
-            add("high", "oracle_mismatch" if oracle else "verify_failure",
-                f"{prop}: {what} ({kind}): {detail}", ev, f"property:{prop}", "verify")
-        elif r["status"] == "deviation":
-            dev = spec.deviation(prop, verify.get("backend", "impl")) if hasattr(spec, "deviation") else None
-            key = f"deviation:{dev.backend}:{dev.property}" if dev else None
-            add("info", "declared_deviation", f"{prop}: declared deviation, observed as declared: {detail}",
-                ev + _ev_line(bundle, dpath, d_at.get(key)), f"property:{prop}", "verify")
-        elif r["status"] == "na" and oracle:
-            add("low", "oracle_unavailable", f"{prop}: no differential oracle for this variant ({detail})",
-                ev, f"property:{prop}", "verify")
-
-    def unchecked(prop: str) -> str | None:
-        """Why `prop` checked nothing for this variant, or None if it ran."""
-        if prop not in known:
-            return None
-        r = rows.get(prop)
-        if r is None:
-            return f"property '{prop}' was not run"
-        if r["status"] == "na":
-            return f"property '{prop}' was not applicable ({(r.get('detail') or '').strip()[:200]})"
-        return None
-
-    if rows:
-        why = unchecked("spectrum")
-        for c in spec.claims:
-            if why:
-                add("medium", "unchecked_claim", f"claim '{c.name}' ({c.kind}: {c.text}) is checked by no property: "
-                    f"{why}", _ev_line(bundle, dpath, d_at.get(f"claim:{c.name}")), f"claim:{c.name}", "spec")
-        for attr, label, prop, severity in DECLARATION_CHECKS:
-            declared = getattr(spec, "oracle", None) if attr == "equation" else getattr(spec, attr, None)
-            why = unchecked(prop)
-            if declared and why:
-                add(severity, "unchecked_claim", f"the spec declares {label}, but no property checked it: {why}",
-                    _ev_line(bundle, dpath, d_at.get(attr)), f"declaration:{attr}", "spec")
-        ref_props = sorted(p for p in known if p.startswith("reference_"))
-        if spec.peft is not None and ref_props and not any(rows.get(p, {}).get("status") in ("pass", "fail", "deviation")
-                                                           for p in ref_props):
-            add("low", "unchecked_claim", f"the spec declares a PEFT mapping, but no differential oracle "
-                f"({', '.join(ref_props)}) ran on it", _ev_line(bundle, dpath, d_at.get("peft")),
-                "declaration:peft", "spec")
+    if variant not in (verify.get("specs") or {}):
+        add("medium", "not_verified", f"the verify JSON has no record of '{variant}': nothing about it was checked",
+            _ev_line(bundle, docs["verify"][0], extra["verify_at"].get("none")), "verify", "verify")
     if not extra["pinned"]:
         add("medium", "no_reference", f"no reference file is pinned for '{variant}' in refs/manifest.toml: its "
-            "code can be compared with nothing but its own spec", _ev_line(bundle, dpath, d_at.get("references")),
-            "manifest", "refs")
+            "code can be compared with nothing but its own spec",
+            _ev_line(bundle, docs["spec"][0], extra["decl_at"].get("references")), "manifest", "refs")
     if extra["pinned"] and not any(p["status"] == "present" for p in extra["pinned"]):
         ids = ", ".join(p["id"] for p in extra["pinned"])
         add("low", "reference_unavailable", f"none of the {len(extra['pinned'])} reference files pinned for "
@@ -846,7 +683,7 @@ def template_id(templates_dir: Path) -> str:
     return f"review_prompt:{digest[:16]}"
 
 
-def render_prompt(bundle: Bundle, spec: Any, templates_dir: Path) -> tuple[str, str]:
+def render_prompt(bundle: Bundle, title: str, templates_dir: Path) -> tuple[str, str]:
     """(system, user) prompts for one variant, from audits/templates/review_prompt.md.j2."""
     from tools.render import make_env
 
@@ -854,7 +691,7 @@ def render_prompt(bundle: Bundle, spec: Any, templates_dir: Path) -> tuple[str, 
     files = [{"path": f.path, "role": f.role, "total": len(f.lines), "kept": f.n_kept, "cut": f.cut,
               "text": f.numbered(), "lang": "python" if f.path.endswith(".py") else "text"} for f in bundle.files]
     module = env.get_template(PROMPT_TEMPLATE).make_module({
-        "variant": bundle.variant, "title": spec.title, "files": files, "cut_notes": list(bundle.notes),
+        "variant": bundle.variant, "title": title, "files": files, "cut_notes": list(bundle.notes),
         "max_chars": bundle.max_chars, "over_cap": bundle.over_cap, "severities": SEVERITIES,
         "categories": LLM_CATEGORIES, "verdicts": VERDICTS,
         "schema": json.dumps(FINDINGS_SCHEMA, sort_keys=True), "min_quote": MIN_QUOTE_CHARS,
@@ -920,35 +757,55 @@ def git_state(root: Path) -> dict:
     return {"commit": commit or "unknown (not a git checkout)", "dirty": bool(dirty)}
 
 
-def select_variants(requested: str | None) -> tuple[list[str], list[str] | None]:
-    """(variants to review, the subset as asked or None when all are reviewed)."""
-    import spec as spec_pkg
-
-    known = sorted(spec_pkg.SPECS.names())
-    if not requested:
-        return known, None
-    want = sorted({v.strip() for v in requested.split(",") if v.strip()})
-    unknown = [v for v in want if v not in known]
+def select_variants(requested: str | None, verify: Mapping[str, Any]) -> tuple[list[str], list[str] | None]:
+    """(variants to review, the subset as asked or None when every spec is reviewed): the verify JSON's variants
+    by default; a review is a subset when it covers fewer than all the specs verify knew (`all_variants`)."""
+    verified = sorted(verify.get("variants") or [])
+    every = sorted(verify.get("all_variants") or verified)
+    want = sorted({v.strip() for v in (requested or "").split(",") if v.strip()}) if requested else verified
+    unknown = [v for v in want if v not in verified]
     if unknown:
-        raise ReviewError(f"no spec for variant(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise ReviewError(f"no verify results for variant(s) {', '.join(unknown)}; the verify JSON has "
+                          f"{', '.join(verified) or 'none'} (run `nox -s verify` first)")
     if not want:
         raise ReviewError("--variants is empty")
-    return want, (None if want == known else want)
+    return want, (None if want == every else want)
+
+
+def missing_record(variant: str) -> dict:
+    """The spec record of a variant the verify JSON knows nothing about: no declarations, no files."""
+    return {"title": variant, "equation": "", "references": [], "declarations": [f"no spec record for '{variant}' "
+            "in the verify JSON"], "declaration_at": {}, "files": {"spec": None, "impl": None, "impl_deps": [],
+                                                                  "impl_expected": False}}
+
+
+def previous_audit(audits_dir: Path, root: Path) -> tuple[int, dict, str | None] | None:
+    """(number, sidecar, commit) of the newest whole audit in `audits_dir`, or None."""
+    from tools.diffs import commit_of
+    from tools.render import audit_path, next_number, previous_sidecar
+
+    prev = previous_sidecar(audits_dir, next_number(audits_dir))
+    if prev is None:
+        return None
+    n, side = prev
+    return n, side, commit_of(side, audit_path(audits_dir, n, "json"), root)
 
 
 def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, config: Any, zoo_json: Path | None = None,
            manifest_path: Path | None = None, refs_cache: Path | None = None, llm_cache: Path | None = None,
            templates_dir: Path | None = None, max_chars: int = DEFAULT_MAX_CHARS, subset: Sequence[str] | None = None,
            prompts_dir: Path | None = None, client_options: Mapping[str, Any] | None = None,
-           specs: Mapping[str, Any] | None = None) -> dict:
+           audits_dir: Path | None = None) -> dict:
     """Review `variants` and return the review run (the JSON tools.render renders).
 
-    `config` is a tools.llm.ProviderConfig; offline means no LLM is asked. Each variant's LLM failure (an
-    LLMError, a malformed answer after the repair, an answer off the schema) is recorded for that variant only.
-    `specs` maps names to Spec objects not registered in spec.SPECS (e.g. a zoo mutant's); others come from SPECS.
+    Reads the verify JSON (results, spec records, mechanical findings), the repository's files it names, the
+    manifest and the reference cache, and the previous audit in `audits_dir` (default root/audits), against
+    whose commit each variant's changes are diffed. `config` is a tools.llm.ProviderConfig; offline means no LLM
+    is asked. A variant whose files did not change since a previous LLM audit is not asked again: that audit's
+    model findings are carried over and their quotes checked anew. Each variant's LLM failure (an LLMError, a
+    malformed answer after the repair, an answer off the schema) is recorded for that variant only.
     """
-    import spec as spec_pkg
-    from harness import PROPERTIES
+    from tools.diffs import changes_since
     from tools.fetch import DEFAULT_MANIFEST, load_manifest, resolve_cache_dir
     from tools.llm import CompletionRequest, LLMClient, LLMError
 
@@ -961,37 +818,54 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
     verify_source = rel(verify_json, root)
     offline = config.is_offline
     tid = template_id(templates_dir)
+    prev = previous_audit(audits_dir or root / "audits", root)
 
     entries = []
     for v in variants:
-        spec = specs[v] if specs and v in specs else spec_pkg.SPECS.get(v)
-        bundle, extra = build_bundle(v, spec, verify, verify_source, manifest, cache_dir, root, max_chars)
-        system, user = render_prompt(bundle, spec, templates_dir)
+        record = (verify.get("specs") or {}).get(v) or missing_record(v)
+        changes = None
+        if prev is not None and prev[2] and v in prev[1].get("variants", []):
+            f = record["files"]
+            paths = [x for x in [f.get("spec"), f.get("impl"), *f.get("impl_deps", [])] if x and not x.startswith("/")]
+            changes = {"previous": prev[0], **changes_since(prev[2], paths, root)}
+        bundle, extra = build_bundle(v, record, verify, verify_source, manifest, cache_dir, root, max_chars, changes)
+        system, user = render_prompt(bundle, record["title"], templates_dir)
         if prompts_dir is not None:
             from impl.atomic import atomic_write_bytes as atomic_write
 
             atomic_write(prompts_dir / f"{v}.md", f"<!-- system -->\n{system}\n<!-- user -->\n{user}".encode())
-        mech = mechanical_findings(v, spec, verify, bundle, extra, PROPERTIES)
-        entries.append({"variant": v, "spec": spec, "bundle": bundle, "extra": extra, "system": system,
-                        "user": user, "mechanical": mech})
+        mech = mechanical_findings(v, verify, bundle, extra)
+        carried = None
+        if not offline and changes is not None and not any(x["status"] != "unchanged" for x in changes["files"]):
+            carried = (prev[1].get("llm") or {}).get(v)
+        entries.append({"variant": v, "record": record, "bundle": bundle, "extra": extra, "system": system,
+                        "user": user, "mechanical": mech, "changes": changes, "carried": carried})
 
-    answers: list[Any] = [None] * len(entries)
+    asked = [e for e in entries if e["carried"] is None]
+    answers: dict[str, Any] = {}
     stats = None
-    if not offline:
+    if not offline and asked:
         with LLMClient(config, cache_dir=llm_cache, **dict(client_options or {})) as client:
             reqs = [CompletionRequest(e["system"], e["user"], FINDINGS_SCHEMA, "review_findings", tid, json=True)
-                    for e in entries]
-            answers = client.complete_many(reqs)
+                    for e in asked]
+            answers = {e["variant"]: a for e, a in zip(asked, client.complete_many(reqs))}
             stats = client.stats
 
     reviews = []
-    for e, ans in zip(entries, answers):
-        v, spec, bundle = e["variant"], e["spec"], e["bundle"]
+    for e in entries:
+        v, record, bundle, carried = e["variant"], e["record"], e["bundle"], e["carried"]
         mech = e["mechanical"]
         llm_verdict = summary = error = None
         llm_ok: list[dict] = []
         llm_bad: list[dict] = []
-        if not offline:
+        if carried is not None:
+            llm_verdict, summary = carried.get("verdict"), carried.get("summary")
+            for f in carried.get("findings", []):
+                evidence = [{k: x[k] for k in ("path", "start_line", "end_line", "quote")} for x in f["evidence"]]
+                g = make_finding(v, "llm", f["severity"], f["category"], f["claim"], evidence, bundle)
+                (llm_ok if g["verified"] else llm_bad).append(g)
+        elif not offline:
+            ans = answers.get(v)
             if isinstance(ans, LLMError):
                 error = str(ans)
             else:
@@ -1006,18 +880,23 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
             note = "LLM review failed; mechanical verdict only"
         elif llm_verdict and llm_verdict != verdict:
             note = f"model said {llm_verdict}"
+        if carried is not None:
+            note = (note + "; " if note else "") + f"unchanged since v{e['changes']['previous']}: model not asked again"
         props = [{"property": r["property"], "status": r["status"], "worst_error": r.get("worst_error"),
                   "failure_kind": r.get("failure_kind"), "detail": (r.get("detail") or "")[:400],
                   "example": (r.get("example") or "")[:300] if r["status"] == "fail" else ""}
                  for r in verify.get("results", []) if r.get("variant") == v]
+        ch = e["changes"]
         reviews.append({
-            "variant": v, "title": spec.title, "equation": spec.equation,
-            "spec_references": [{"label": r.label, "url": r.url} for r in spec.references],
+            "variant": v, "title": record["title"], "equation": record["equation"],
+            "spec_references": record["references"],
             "verdict": verdict, "verdict_note": note, "mechanical_verdict": m_verdict, "llm_verdict": llm_verdict,
-            "llm_summary": summary, "llm_error": error,
+            "llm_summary": summary, "llm_error": error, "llm_carried": carried is not None,
             "findings": [f for f in mech if f["verified"]] + llm_ok,
             "unverified": [f for f in mech if not f["verified"]] + llm_bad,
             "properties": props, "pinned": e["extra"]["pinned"], "bundle": bundle.summary(),
+            "changes": None if ch is None else {k: ch[k] for k in ("previous", "base", "files")},
+            "alignments": e["extra"]["alignments"],
             "prompt_sha256": hashlib.sha256((e["system"] + e["user"]).encode()).hexdigest(),
         })
 
@@ -1068,7 +947,7 @@ def verify_is_stale(path: Path, variants: Sequence[str], root: Path) -> str | No
     if not path.is_file():
         return f"{rel(path, root)} does not exist"
     mtime = path.stat().st_mtime
-    for folder in ("impl", "spec"):
+    for folder in ("impl", "spec", "harness"):
         for src in sorted((root / folder).rglob("*.py")):
             if src.stat().st_mtime > mtime:
                 return f"{rel(src, root)} is newer than {rel(path, root)}"
@@ -1082,17 +961,6 @@ def verify_is_stale(path: Path, variants: Sequence[str], root: Path) -> str | No
     return None
 
 
-def run_verify(path: Path, variants: Sequence[str], subset: bool, root: Path, workers: str) -> None:
-    """Run `python -m tools.verify` for the reviewed variants; its failures are findings, not errors."""
-    cmd = [sys.executable, "-m", "tools.verify", "--json", str(path), "-n", workers]
-    if subset:
-        cmd += ["--variants", ",".join(variants)]
-    print(f"review: running {' '.join(cmd[1:])}", file=sys.stderr)
-    rc = subprocess.run(cmd, cwd=root, check=False).returncode
-    if rc not in (0, 1) or not path.is_file():
-        raise ReviewError(f"tools.verify could not run (exit {rc}); see its output above")
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 
 
@@ -1101,34 +969,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variants", default="", help="comma-separated variants (default: every spec)")
     ap.add_argument("--offline", action="store_true", help="ask no LLM, whatever REVIEW_PROVIDER says")
     ap.add_argument("--verify-json", default=str(ROOT / "build" / "verify" / "impl.json"))
-    ap.add_argument("--no-verify", action="store_true", help="use the verify JSON as it is, even if stale")
+    ap.add_argument("--allow-stale", action="store_true", help="use the verify JSON even if older than the code")
     ap.add_argument("--zoo-json", default=str(ROOT / "build" / "zoo.json"))
     ap.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="bundle cap in characters")
     ap.add_argument("--out", default=str(ROOT / "build" / "review" / "review.json"))
     ap.add_argument("--audits", default=str(ROOT / "audits"))
     ap.add_argument("--llm-cache", default=str(ROOT / ".cache" / "llm"), help="response cache folder")
-    ap.add_argument("--no-render", action="store_true", help="write the review JSON only")
-    ap.add_argument("-n", "--workers", default="2", help="pytest-xdist workers for a verify run")
     a = ap.parse_args(argv)
     from tools.fetch import ManifestError
     from tools.llm import ConfigError, ProviderConfig
-    from tools.render import RenderError, write_audit
 
     try:
         if a.max_chars < 1000:
             raise ReviewError(f"--max-chars must be at least 1000, got {a.max_chars}")
         config = ProviderConfig(provider="offline") if a.offline else ProviderConfig.from_env()
-        variants, subset = select_variants(a.variants)
         verify_json = Path(a.verify_json)
-        if not a.no_verify:
-            why = verify_is_stale(verify_json, variants, ROOT)
-            if why:
-                print(f"review: verify JSON is stale ({why})", file=sys.stderr)
-                run_verify(verify_json, variants, subset is not None, ROOT, a.workers)
+        variants, subset = select_variants(a.variants, load_verify(verify_json))
+        why = None if a.allow_stale else verify_is_stale(verify_json, variants, ROOT)
+        if why:
+            raise ReviewError(f"the verify JSON is stale ({why}): run `nox -s verify` (or `python -m tools.verify`) "
+                              "first, or pass --allow-stale")
         out = Path(a.out)
         run = review(variants, verify_json=verify_json, config=config, zoo_json=Path(a.zoo_json),
                      llm_cache=Path(a.llm_cache), max_chars=a.max_chars, subset=subset,
-                     prompts_dir=out.parent / "prompts")
+                     prompts_dir=out.parent / "prompts", audits_dir=Path(a.audits))
         from impl.atomic import atomic_write_bytes as atomic_write
 
         atomic_write(out, (json.dumps(run, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
@@ -1137,10 +1001,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             err = f"  LLM ERROR: {r['llm_error']}" if r["llm_error"] else ""
             print(f"  {r['variant']:<18} {r['verdict']:<8} {len(r['findings'])} verified, "
                   f"{len(r['unverified'])} unverified{err}", file=sys.stderr)
-        if not a.no_render:
-            path = write_audit(run, Path(a.audits), root=ROOT)
-            print(f"audit written: {path}")
-    except (ReviewError, ConfigError, RenderError, ManifestError) as e:
+        print("review: render the audit with `python -m tools.render`", file=sys.stderr)
+    except (ReviewError, ConfigError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1 if any(r["llm_error"] for r in run["reviews"]) else 0

@@ -24,6 +24,10 @@ class ImplBackend:
     def applies(self, spec: Spec) -> str | None:
         return None if spec.name in impl.VARIANTS else f"variant '{spec.name}' is not registered in impl"
 
+    def source_class(self, spec: Spec) -> type | None:
+        """The class implementing the variant (its file is what an audit reviews), None when none is registered."""
+        return impl.REGISTRY.get(spec.name) if spec.name in impl.VARIANTS else None
+
     def config(self, spec: Spec, case: Case, **over):
         return impl.config(spec.name, **{"target_names": (r"^layer$",), **case.fields, **over})
 
