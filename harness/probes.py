@@ -92,7 +92,7 @@ def setup(spec: Spec, be, case: Case, layout: str = "linear", kind: str = "rando
 
 
 def perturb(spec: Spec, be, model, case: Case, scale: float = 1.0) -> None:
-    """Move every trainable tensor away from its init (conventions section 8)."""
+    """Move every trainable tensor away from its init (docs/conventions.md §8)."""
     g = case.gen(3)
     live = be.tensors(model)
     with torch.no_grad():

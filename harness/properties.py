@@ -2,7 +2,7 @@
 
 No property has per-variant code: everything variant-specific comes from the spec (oracle, init formula,
 tensors, claims, declarations). A check raises `Falsified` (an AssertionError) naming what broke, and
-returns the worst scaled error it measured (conventions section 3) or None.
+returns the worst scaled error it measured (docs/conventions.md §3) or None.
 """
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ def inputs(case: Case, salt: int = 2, n: int | None = None) -> torch.Tensor:
 
 def calibration(case: Case, W: torch.Tensor, r: int, variant: int = 0, pad_value: float = 1e3,
                 tokens: int = 12) -> list[dict[str, torch.Tensor]]:
-    """Anisotropic calibration batches for a single-layer model (conventions section 8).
+    """Anisotropic calibration batches for a single-layer model (docs/conventions.md §8).
 
     A few directions with large variance lying along right singular vectors of W *outside* its top r, plus a
     mean offset and small isotropic noise; padded positions (attention_mask == 0) hold `pad_value` garbage.

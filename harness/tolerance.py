@@ -1,4 +1,4 @@
-"""Tolerances of conventions section 3: relative to the adapter's own contribution, derived from the dtype.
+"""Tolerances of docs/conventions.md §3: relative to the adapter's own contribution, derived from the dtype.
 
     err = ‖y − y*‖ / (‖Δy‖ + eps·‖y*‖),   Δy = y* − y_base,   norms = max-abs over the whole tensor
 

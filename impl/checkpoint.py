@@ -1,4 +1,4 @@
-"""save / load: the checkpoint contract of conventions section 4.
+"""save / load: the checkpoint contract of docs/conventions.md §4.
 
 A checkpoint is one safetensors file: every adapter tensor, every base weight the variant rewrote
 (as `<target>::base_weight`, dense (d_out, d_in)), and metadata (format version, variant, full config,

@@ -321,7 +321,7 @@ def set_knobs(model: nn.Module, **knobs: float) -> None:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter into the dense base weights and remove it (conventions section 7)."""
+    """Fold the adapter into the dense base weights and remove it (docs/conventions.md §7)."""
     st = state_of(model)
     for name, layer in st.targets.items():
         if layers.is_quantized(layer):

@@ -4,7 +4,7 @@ Everything variant-specific comes from the variant's spec: the roles it targets 
 needs calibration data (`spec.data`), its identity class and tolerance factor, its quantized support, its
 dropout and its trainable tensors. No test names a variant.
 
-The teacher task (conventions section 8): the targets are the logits of a fixed, randomly perturbed copy of
+The teacher task (docs/conventions.md §8): the targets are the logits of a fixed, randomly perturbed copy of
 the adapted model: the same base, the same variant and config attached the same way (calibration included),
 the student's initial tensors, then every trainable tensor moved by TEACHER_SIGMA x N(0, 1) from its init (or
 to a value from the spec's `perturb`, for tensors that must stay in a domain). The target is therefore
@@ -179,7 +179,7 @@ def train(model: nn.Module, b: dict, target_logits: torch.Tensor, steps: int = S
 
 def perturb(model: nn.Module, name: str, seed: int = 3) -> None:
     """Move every trainable tensor of every adapter away from its init (the spec's `perturb` where it declares
-    a domain, else N(0, 0.5²)), as the property library does (conventions section 8)."""
+    a domain, else N(0, 0.5²)), as the property library does (docs/conventions.md §8)."""
     spec = SPECS.get(name)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

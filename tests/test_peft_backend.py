@@ -25,7 +25,7 @@ _REAL_DORA_FORWARD = DoraLinearLayer.forward
 
 def _dora_bias_scaled(self, x, *, base_layer, base_result=None, **kw):
     """PEFT's DoRA with a planted defect: the bias is not taken out before the magnitude rescale, so it is
-    scaled by m/n like the rest of the base output (the B14 bug class)."""
+    scaled by m/n like the rest of the base output ."""
     no_bias = types.SimpleNamespace(weight=base_layer.weight, bias=None)
     return _REAL_DORA_FORWARD(self, x, base_layer=no_bias, base_result=base_result, **kw)
 

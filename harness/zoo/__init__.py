@@ -26,7 +26,7 @@ class Mutant:
     name: str  # "<variant>.<bug>"
     variant: type[Variant]  # the broken implementation (a subclass of the real one)
     expects: str  # the property that names this bug
-    bug: str  # what is wrong, with the bug-catalogue id where there is one
+    bug: str  # what is wrong
     spec_changes: dict[str, Any] = field(default_factory=dict)  # shared misreading: the spec changed alike
     square: bool = False  # the bug breaks shapes: run on square layers, where it computes a wrong value
     patch: Callable[[], contextlib.AbstractContextManager] | None = None  # runtime bug active while it runs

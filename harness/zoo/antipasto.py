@@ -70,9 +70,9 @@ MUTANTS = [
            "suppress_only does not clamp g <= 0: the attenuate-only layer amplifies (the claim sets g > 0 itself; the "
            "generic perturbation keeps g < 0, where positive g would be dead under the clamp)"),
     Mutant("antipasto.data_not_wired", DataNotWired, "data_path",
-           "group init ignores the calibration tokens (B25 class: data silently unused)"),
+           "group init ignores the calibration tokens (data silently unused)"),
     Mutant("antipasto.basis_trainable", BasisTrainable, "trainable_set", "the frozen basis U left trainable"),
     Mutant("antipasto.residual_not_saved", AntiPaSTO, "checkpoint_roundtrip",
-           "the data-selected residual W_res missing from the checkpoint (B22)",
+           "the data-selected residual W_res missing from the checkpoint",
            patch=functools.partial(checkpoint_without, "::base_weight")),
 ]

@@ -8,7 +8,7 @@ from . import Mutant
 
 
 class FallbackWithoutData(AntiPaSTOCorDA):
-    """Accepts a missing calibration set and silently keeps the plain top-r SVD (B25: every run a no-op)."""
+    """Accepts a missing calibration set and silently keeps the plain top-r SVD (every run a no-op)."""
 
     data = "optional"
 
@@ -29,7 +29,7 @@ class WhitenWithC(AntiPaSTOCorDA):
 
 MUTANTS = [
     Mutant("antipasto_corda.fallback_without_data", FallbackWithoutData, "data_path",
-           "attach without calibration data silently falls back to the plain SVD (B25)"),
+           "attach without calibration data silently falls back to the plain SVD"),
     Mutant("antipasto_corda.whiten_with_C", WhitenWithC, "init_formula",
            "whitening with C instead of C^{1/2} (PEFT's SVD(W C)): another, suboptimal top-r subspace"),
 ]

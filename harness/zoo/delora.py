@@ -9,7 +9,7 @@ from . import Mutant
 
 
 class NormScalar(DeLoRA):
-    """One Frobenius norm ‖W‖ for every input channel (B06)."""
+    """One Frobenius norm ‖W‖ for every input channel."""
 
     def tensors(self, d_in, d_out, cfg):
         return {**super().tensors(d_in, d_out, cfg), "wnorm": TensorDecl((), "empty", trainable=False)}
@@ -26,20 +26,20 @@ class NormWrongAxis(DeLoRA):
 
 
 class NormParameter(DeLoRA):
-    """The frozen statistic registered as a trainable Parameter instead of a persistent buffer (B07)."""
+    """The frozen statistic registered as a trainable Parameter instead of a persistent buffer."""
 
     def tensors(self, d_in, d_out, cfg):
         return {**super().tensors(d_in, d_out, cfg), "wnorm": TensorDecl((d_in,), "empty", trainable=True)}
 
 
 class LambdaZero(DeLoRA):
-    """lambda0 = 0 by default: identity holds, but every gradient is 0 at step 0 (B04)."""
+    """lambda0 = 0 by default: identity holds, but every gradient is 0 at step 0."""
 
     fields = {"lambda0": 0.0}
 
 
 class BNonZero(DeLoRA):
-    """B initialised kaiming instead of 0: not the identity at init for λ ≠ 0 (B05)."""
+    """B initialised kaiming instead of 0: not the identity at init for λ ≠ 0."""
 
     def tensors(self, d_in, d_out, cfg):
         return {**super().tensors(d_in, d_out, cfg), "B": TensorDecl((d_out, cfg.r), "kaiming")}
@@ -47,7 +47,7 @@ class BNonZero(DeLoRA):
 
 class PackedNorm(DeLoRA):
     """The norms of the layer's stored weight (int8 codes, packed 4-bit bytes), not of its dequantized values
-    (B19; PEFT's DeLoRA does this and fails at creation)."""
+    (PEFT's DeLoRA does this and fails at creation)."""
 
     def init(self, ad, W, cfg):
         ad.lam.fill_(cfg.lambda0)
@@ -65,15 +65,15 @@ class DropoutIgnored(DeLoRA):
 
 
 MUTANTS = [
-    Mutant("delora.norm_scalar", NormScalar, "oracle", "the weight norm a scalar ‖W‖_F, not per input channel (B06)"),
+    Mutant("delora.norm_scalar", NormScalar, "oracle", "the weight norm a scalar ‖W‖_F, not per input channel"),
     Mutant("delora.norm_wrong_axis", NormWrongAxis, "oracle", "the weight norm per output row (dim 1) instead of per input column",
            square=True),
     Mutant("delora.norm_parameter", NormParameter, "trainable_set",
-           "the frozen weight norm registered as a trainable Parameter, not a persistent buffer (B07)"),
+           "the frozen weight norm registered as a trainable Parameter, not a persistent buffer"),
     Mutant("delora.lambda_zero_default", LambdaZero, "gradient_pattern",
-           "lambda0 = 0 by default: a dead start, every gradient 0 at step 0 (B04)"),
-    Mutant("delora.b_nonzero", BNonZero, "identity_at_init", "B initialised non-zero: not the identity at init (B05)"),
+           "lambda0 = 0 by default: a dead start, every gradient 0 at step 0"),
+    Mutant("delora.b_nonzero", BNonZero, "identity_at_init", "B initialised non-zero: not the identity at init"),
     Mutant("delora.packed_norm", PackedNorm, "quantized",
-           "on bitsandbytes layers the norm of the packed storage, not of the dequantized weight (B19)"),
-    Mutant("delora.dropout_ignored", DropoutIgnored, "dropout", "cfg.dropout accepted but never applied (B08)"),
+           "on bitsandbytes layers the norm of the packed storage, not of the dequantized weight"),
+    Mutant("delora.dropout_ignored", DropoutIgnored, "dropout", "cfg.dropout accepted but never applied"),
 ]

@@ -8,7 +8,7 @@ from . import Mutant
 
 
 class BiasScaled(DoRA):
-    """y already holds the bias and is rescaled whole: (m/n) ⊙ (W x + b) + (m/n) s B A x (B14)."""
+    """y already holds the bias and is rescaled whole: (m/n) ⊙ (W x + b) + (m/n) s B A x."""
 
     def forward(self, ad, x, y):
         s = lora_scale(ad.cfg.alpha, ad.cfg.r, ad.cfg.rslora)
@@ -18,7 +18,7 @@ class BiasScaled(DoRA):
 
 
 class NormNotDetached(DoRA):
-    """‖W + s B A‖ differentiated through, against the paper's §4.3 and PEFT (B13): same forward, other grads."""
+    """‖W + s B A‖ differentiated through, against the paper's §4.3 and PEFT: same forward, other grads."""
 
     def norm(self, W, A, B, s):
         V = W.to(A.dtype).contiguous() + s * (B @ A)
@@ -45,10 +45,10 @@ class DropoutIgnored(DoRA):
 
 
 MUTANTS = [
-    Mutant("dora.bias_scaled", BiasScaled, "bias_invariance", "the bias rescaled by m/n with the rest (B14)"),
+    Mutant("dora.bias_scaled", BiasScaled, "bias_invariance", "the bias rescaled by m/n with the rest"),
     Mutant("dora.norm_not_detached", NormNotDetached, "oracle",
-           "gradients flow through ‖W + sBA‖, which the paper (§4.3) and PEFT treat as a constant (B13)"),
+           "gradients flow through ‖W + sBA‖, which the paper (§4.3) and PEFT treat as a constant"),
     Mutant("dora.norm_wrong_axis", NormWrongAxis, "oracle", "the norm taken per input column instead of per output row",
            square=True),
-    Mutant("dora.dropout_ignored", DropoutIgnored, "dropout", "cfg.dropout accepted but never applied (B08)"),
+    Mutant("dora.dropout_ignored", DropoutIgnored, "dropout", "cfg.dropout accepted but never applied"),
 ]

@@ -22,7 +22,7 @@ class DataIgnored(EVA):
 
 
 class DropoutIgnored(EVA):
-    """cfg.dropout accepted but the adapter path sees the clean input (B08)."""
+    """cfg.dropout accepted but the adapter path sees the clean input."""
 
     def forward(self, ad, x, y):
         s = lora_scale(ad.cfg.alpha, ad.cfg.r, ad.cfg.rslora)
@@ -54,5 +54,5 @@ MUTANTS = [
            "load re-runs the data-driven group init, so it needs calibration data", patch=load_reruns_group_init),
     Mutant("eva.data_path_unwired", DataIgnored, "data_path",
            "init independent of the calibration data (A from W's singular vectors)"),
-    Mutant("eva.dropout_ignored", DropoutIgnored, "dropout", "cfg.dropout accepted but never applied on eva's path (B08)"),
+    Mutant("eva.dropout_ignored", DropoutIgnored, "dropout", "cfg.dropout accepted but never applied on eva's path"),
 ]

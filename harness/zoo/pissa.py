@@ -16,7 +16,7 @@ class ResidualNotSaved(PiSSA):
 
 
 class ScaleNotDivided(PiSSA):
-    """S_r is not divided by s = alpha / r (B10): identity still holds, A and B are √s too large."""
+    """S_r is not divided by s = alpha / r: identity still holds, A and B are √s too large."""
 
     def factors(self, W, r, s):
         return principal_factors(W, r, 1.0)
@@ -30,8 +30,8 @@ class DropoutIgnored(PiSSA):
 
 MUTANTS = [
     Mutant("pissa.residual_not_saved", ResidualNotSaved, "checkpoint_roundtrip",
-           "W_res written behind the runtime's back: not saved, so load runs the adapter on the original W (B11)"),
+           "W_res written behind the runtime's back: not saved, so load runs the adapter on the original W"),
     Mutant("pissa.scale_not_divided", ScaleNotDivided, "init_formula",
-           "S_r not divided by alpha / r: A and B off by sqrt(alpha / r) though the identity holds (B10)"),
-    Mutant("pissa.dropout_ignored", DropoutIgnored, "dropout", "cfg.dropout accepted but never applied (B08)"),
+           "S_r not divided by alpha / r: A and B off by sqrt(alpha / r) though the identity holds"),
+    Mutant("pissa.dropout_ignored", DropoutIgnored, "dropout", "cfg.dropout accepted but never applied"),
 ]

@@ -2,7 +2,7 @@
 the same way, so every property that checks the implementation against its own spec still passes. Only the
 comparison with an implementation written by someone else (PEFT, harness.differential) can flag them.
 
-Mutants that change a tensor's shape or the side of a gate run on square layers (conventions section 8).
+Mutants that change a tensor's shape or the side of a gate run on square layers (docs/conventions.md §8).
 """
 import math
 
