@@ -91,15 +91,26 @@ def setup(spec: Spec, be, case: Case, layout: str = "linear", kind: str = "rando
     return Setup(W, b, model, x, cal, y0)
 
 
+def perturb_tensors(spec: Spec, tensors: dict[str, torch.Tensor], d_in: int, d_out: int, cfg, g: torch.Generator,
+                    sigma: float = 0.5, around_current: bool = False) -> None:
+    """Move every trainable tensor the spec declares present for (d_in, d_out, cfg) off its init: to the spec's
+    own `perturb` value where it declares a domain, else to sigma·N(0, 1), or by sigma·N(0, 1) from where it is
+    (`around_current`). One helper for the properties, the end-to-end tests and the cost report."""
+    with torch.no_grad():
+        for ts in spec.present(d_in, d_out, cfg, trainable=True):
+            t = tensors[ts.name]
+            if ts.perturb is not None:
+                new = ts.perturb(tuple(t.shape), g)
+            else:
+                new = torch.randn(t.shape, generator=g, dtype=torch.float64) * sigma
+                if around_current:
+                    new = new + t.detach().double().cpu()
+            t.copy_(new.to(device=t.device, dtype=t.dtype))
+
+
 def perturb(spec: Spec, be, model, case: Case, scale: float = 1.0) -> None:
     """Move every trainable tensor away from its init (docs/conventions.md §8)."""
-    g = case.gen(3)
-    live = be.tensors(model)
-    with torch.no_grad():
-        for ts in spec.present(case.d_in, case.d_out, cfg_of(spec, case), trainable=True):
-            t = live[ts.name]
-            new = ts.perturb(tuple(t.shape), g) if ts.perturb else torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.5
-            t.copy_((new.double() * scale if ts.perturb is None else new).to(t.dtype))
+    perturb_tensors(spec, be.tensors(model), case.d_in, case.d_out, cfg_of(spec, case), case.gen(3), sigma=0.5 * scale)
 
 
 def cfg_of(spec: Spec, case: Case, **over):

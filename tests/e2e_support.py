@@ -25,6 +25,7 @@ import impl
 from harness import tolerance as tol
 from spec import SPECS
 from harness.models import batch, calibration
+from harness.probes import perturb_tensors
 
 R = 8  # rank of every e2e config: within every targeted layer of the tiny models (min width 32), even (hra)
 ALPHA = 12.0  # alpha != r, so a scale bug shows
@@ -115,17 +116,9 @@ def present_trainables(spec, ad) -> tuple:
 def perturb_from_init(model: nn.Module, name: str, sigma: float, seed: int) -> None:
     """Move every trainable tensor of every adapter by sigma x N(0, 1) from where it is, or to a value from the
     spec's `perturb` for tensors whose values must stay in a domain."""
-    spec = SPECS.get(name)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for ad in impl.adapters(model).values():
-            live = ad.tensors()
-            for ts in present_trainables(spec, ad):
-                t = live[ts.name]
-                if ts.perturb is not None:
-                    t.copy_(ts.perturb(tuple(t.shape), g).to(t.dtype))
-                else:
-                    t.add_((torch.randn(t.shape, generator=g, dtype=torch.float64) * sigma).to(t.dtype))
+    for ad in impl.adapters(model).values():
+        perturb_tensors(SPECS.get(name), ad.tensors(), ad.d_in, ad.d_out, ad.cfg, g, sigma, around_current=True)
 
 
 def teacher_logits(student: nn.Module, build, name: str, arch: str, b: dict, seed: int = 1234) -> torch.Tensor:
@@ -180,15 +173,9 @@ def train(model: nn.Module, b: dict, target_logits: torch.Tensor, steps: int = S
 def perturb(model: nn.Module, name: str, seed: int = 3) -> None:
     """Move every trainable tensor of every adapter away from its init (the spec's `perturb` where it declares
     a domain, else N(0, 0.5²)), as the property library does (docs/conventions.md §8)."""
-    spec = SPECS.get(name)
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for ad in impl.adapters(model).values():
-            live = ad.tensors()
-            for ts in present_trainables(spec, ad):
-                t = live[ts.name]
-                new = ts.perturb(tuple(t.shape), g) if ts.perturb else torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.5
-                t.copy_(new.to(t.dtype))
+    for ad in impl.adapters(model).values():
+        perturb_tensors(SPECS.get(name), ad.tensors(), ad.d_in, ad.d_out, ad.cfg, g)
 
 
 def check_identity(spec, y: torch.Tensor, y_base: torch.Tensor, dtype: torch.dtype, what: str) -> float:

@@ -11,6 +11,7 @@ from torch import nn
 import impl
 from impl import layers
 from harness.models import ARCHS, batch, tiny
+from tests import e2e_support as e2e
 
 ROLES = {"llama": ("q", "v", "down"), "qwen": ("q", "v", "down"), "gpt2": ("qkv", "down")}
 
@@ -25,11 +26,7 @@ def lora_cfg(arch, **kw):
 
 
 def perturb(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for ad in impl.adapters(model).values():
-            for t in ad.parameters():
-                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+    e2e.perturb(model, next(iter(impl.adapters(model).values())).cfg.variant, seed)
 
 
 def state(model):

@@ -226,15 +226,10 @@ def variant_config(name: str, opts: Options):
 def perturb_trainables(spec, tensors: dict[str, torch.Tensor], d_in: int, d_out: int, cfg, seed: int) -> None:
     """Move every trainable tensor off its init (timing and the PEFT comparison on a degenerate init, such as
     B = 0, would hide work): the spec's own `perturb` where it declares a domain, else init + N(0, 0.05²)."""
+    from harness.probes import perturb_tensors
+
     g = torch.Generator().manual_seed(seed + 3)
-    with torch.no_grad():
-        for ts in spec.present(d_in, d_out, cfg, trainable=True):
-            t = tensors[ts.name]
-            if ts.perturb is not None:
-                new = ts.perturb(tuple(t.shape), g).to(t.dtype)
-            else:
-                new = t.detach().float().cpu() + 0.05 * torch.randn(t.shape, generator=g)
-            t.copy_(new.to(device=t.device, dtype=t.dtype))
+    perturb_tensors(spec, tensors, d_in, d_out, cfg, g, sigma=0.05, around_current=True)
 
 
 @dataclass
