@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from impl import layers
 
 from . import tolerance as tol
-from .models import single
+from .models import single, tiny
 from .probes import _dt, cfg_of, gradient_scales, loss_weights, perturb, prop, require, setup
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
@@ -477,23 +477,8 @@ ROLE_NAMES = {  # the module names an architectural role has in each tiny model 
 
 
 def tiny_model(arch: str, seed: int) -> torch.nn.Module:
-    """A 2-layer Llama- or GPT-2-style causal LM built from a config (nothing downloaded), in float64. GPT-2's
-    projections are transformers' transposed Conv1D (PEFT's fan_in_fan_out path)."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
-        model = tf.LlamaForCausalLM(cfg)
-    elif arch == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
-                            bos_token_id=0, eos_token_id=0)
-        model = tf.GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}")
-    return model.double().eval()
+    """A 2-layer Llama- or GPT-2-style causal LM in float64, hidden 32 (harness.models.tiny)."""
+    return tiny(arch, seed, torch.float64, hidden=32, vocab=64)
 
 
 def token_batch(seed: int, n: int = 2, t: int = 8) -> dict[str, torch.Tensor]:

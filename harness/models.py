@@ -8,12 +8,13 @@ from torch import nn
 ARCHS = ("llama", "qwen", "gpt2")
 
 
-def tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, hidden: int = 64):
-    """A 2-layer model of the given architecture family with random weights."""
+def tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, hidden: int = 64, vocab: int = 128):
+    """A 2-layer model of the given architecture family (llama, qwen, gpt2) with random weights, built from a
+    config (nothing downloaded), in eval mode. GPT-2's projections are transformers' transposed Conv1D."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=128, num_hidden_layers=2, attn_implementation="eager")
+    common = dict(vocab_size=vocab, num_hidden_layers=2, attn_implementation="eager")
     if arch == "llama":
         cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
                              num_key_value_heads=2, **common)
@@ -23,12 +24,12 @@ def tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, hidden: i
                              num_key_value_heads=2, **common)
         model = tf.Qwen2ForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = tf.GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=64, vocab_size=128,
+        cfg = tf.GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=64, vocab_size=vocab,
                             attn_implementation="eager", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             bos_token_id=0, eos_token_id=0)
         model = tf.GPT2LMHeadModel(cfg)
     else:
-        raise ValueError(arch)
+        raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS)}")
     return model.to(dtype).eval()
 
 

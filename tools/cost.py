@@ -655,13 +655,10 @@ def memory_in_children(opts: Options, progress: Callable[[str], None]) -> dict[s
 
 
 def tiny_llama(seed: int):
-    """A 2-layer Llama, hidden 64, built from a config with random weights (nothing downloaded)."""
-    import transformers as tf
+    """A 2-layer Llama, hidden 64, built from a config with random weights (harness.models.tiny)."""
+    from harness.models import tiny
 
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
-    return tf.LlamaForCausalLM(cfg).eval()
+    return tiny("llama", seed)
 
 
 def tiny_calibration(seed: int, n: int = 4, b: int = 2, t: int = 32) -> list[dict[str, torch.Tensor]]:
