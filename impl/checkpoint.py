@@ -8,7 +8,10 @@ validates the whole file against the model before touching it.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import stat
 import struct
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from .targeting import find_targets
 
 FORMAT = "lora-verify-adapter/1"
 _SEP = "::"
+_FP32_MAX = torch.finfo(torch.float32).max  # a knob beyond it is inf in an fp32 forward
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 _DTYPE_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -74,47 +79,124 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, data)
 
 
-def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    try:
-        raw = Path(path).read_bytes()
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_META_TYPES = {"config": dict, "knobs": dict, "targets": list, "base_hashes": dict}
+_BAD_JSON = (ValueError, RecursionError, TypeError, OverflowError)  # incl. a 5,000-digit integer, deep nesting
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole file, read only if it is a regular file and only as many bytes as its header declares."""
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path} is not a regular file (a device, FIFO, socket or folder); "
+                                  "a checkpoint is a safetensors file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt): "
+                                      f"{len(head)} bytes")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, st.st_size - 8):
+                raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt): "
+                                      f"header length {n} exceeds the file ({st.st_size} bytes)")
+            header = f.read(n)
+            total = 8 + n + _data_length(path, header)
+            if total != st.st_size:
+                raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt): "
+                                      f"its header declares {total} bytes, the file has {st.st_size}")
+            rest = f.read(total - 8 - n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    return head + header + rest
+
+
+def _data_length(path, header: bytes) -> int:
+    """The byte length of the tensor data that the header's offsets declare."""
+    try:
+        h = json.loads(header)
+        ends = [int(v["data_offsets"][1]) for k, v in h.items() if k != "__metadata__"]
+    except (*_BAD_JSON, AttributeError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt): "
+                              f"bad header ({type(e).__name__})") from None
+    return max(ends, default=0)
+
+
+def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    raw = _read_bytes(path)
+    try:
         (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8 : 8 + n])
-        meta = header.get("__metadata__") or {}
+        meta = json.loads(raw[8 : 8 + n]).get("__metadata__") or {}
         tensors = safetensors.torch.load(raw)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint (truncated or corrupt): {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r} (foreign or other version)")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: format {fmt!r} is not {FORMAT!r} (foreign or other version)")
     try:
-        meta = {
-            "variant": meta["variant"],
-            "config": json.loads(meta["config"]),
-            "knobs": json.loads(meta["knobs"]),
-            "targets": json.loads(meta["targets"]),
-            "base_hashes": json.loads(meta["base_hashes"]),
-        }
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: metadata incomplete or corrupt ({e})") from None
-    return meta, tensors
+        out = {"variant": meta["variant"]}
+        for key in _META_TYPES:
+            out[key] = json.loads(meta[key])
+    except KeyError as e:
+        raise CheckpointError(f"{path}: metadata incomplete (no {e})") from None
+    except _BAD_JSON as e:
+        raise CheckpointError(f"{path}: metadata corrupt ({type(e).__name__}: {str(e)[:200]})") from None
+    for key, kind in _META_TYPES.items():
+        if not isinstance(out[key], kind):
+            raise CheckpointError(f"{path}: metadata '{key}' is {type(out[key]).__name__}, expected {kind.__name__}")
+    if not isinstance(out["variant"], str):
+        raise CheckpointError(f"{path}: metadata 'variant' is not a string")
+    if not all(isinstance(t, str) for t in out["targets"]):
+        raise CheckpointError(f"{path}: metadata 'targets' is not a list of layer names")
+    bad = [k for k, h in out["base_hashes"].items() if not (isinstance(h, str) and _HEX64.fullmatch(h))]
+    if bad:
+        raise CheckpointError(f"{path}: metadata 'base_hashes' of {bad[:3]} is not a sha256 hex digest")
+    return out, tensors
 
 
-def load(model: nn.Module, path: str | os.PathLike, *, allow_base_mismatch: bool = False) -> nn.Module:
+def _check_knobs(path, knobs: dict, variant, targets) -> None:
+    """Saved knobs: per target, known knob names with finite numbers (the rule of runtime.set_knobs)."""
+    for name, values in knobs.items():
+        if name not in targets:
+            raise CheckpointError(f"{path}: knobs for '{name}', a layer the checkpoint does not target")
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{path}: knobs of layer '{name}' are {type(values).__name__}, expected an object")
+        unknown = sorted(set(values) - set(variant.knobs))
+        if unknown:
+            raise CheckpointError(f"{path}: layer '{name}': variant '{variant.name}' has no runtime knob(s) "
+                                  f"{unknown}; knobs: {list(variant.knobs)}")
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) <= _FP32_MAX:
+                raise CheckpointError(f"{path}: layer '{name}' knob '{k}': expected a finite (float32) number, got "
+                                      f"{str(v)[:40]!r}")
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, allow_base_mismatch: bool = False,
+         allow_nonfinite: bool = False) -> nn.Module:
     """Attach the adapter saved at path to model, with no init, SVD or calibration pass.
 
-    Refuses (CheckpointError, model untouched) a corrupt or foreign file, another variant's or shape's
-    tensors, a missing or unexpected tensor, and targeted base weights that hash differently from the ones
-    the adapter was trained on (unless allow_base_mismatch=True).
+    Refuses (CheckpointError, model untouched) anything but a regular file, a corrupt or foreign file,
+    metadata of the wrong type, unknown or non-finite knobs, another variant's or shape's tensors, a tensor of
+    another dtype than the config declares (param_dtype for trainables, dtype or the base weight's dtype for
+    frozen tensors and residuals), a missing or unexpected tensor, NaN or Inf in a tensor (unless
+    allow_nonfinite=True, e.g. to inspect a diverged run), and targeted base weights that hash differently
+    from the ones the adapter was trained on (unless allow_base_mismatch=True). Everything is checked before
+    the model is touched.
     """
     meta, tensors = _read(path)
     if runtime.is_attached(model):
         raise CheckpointError("an adapter is already attached to this model; detach it before load")
     try:
         cfg = Config.from_dict(meta["config"])
-    except AdapterError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except (AdapterError, *_BAD_JSON) as e:
+        raise CheckpointError(f"{path}: {type(e).__name__ + ': ' if not isinstance(e, AdapterError) else ''}"
+                              f"{str(e)[:300]}") from None
     if cfg.variant != meta["variant"]:
         raise CheckpointError(f"{path}: metadata variant {meta['variant']!r} != config variant {cfg.variant!r}")
     variant = REGISTRY.get(cfg.variant)()
@@ -126,6 +208,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_base_mismatch: bool
         raise CheckpointError(
             f"{path}: checkpoint targets {meta['targets']} but this model's matching layers are {list(targets)}"
         )
+    _check_knobs(path, meta["knobs"], variant, targets)
     by_target: dict[str, dict[str, torch.Tensor]] = {n: {} for n in targets}
     for key, t in tensors.items():
         name, _, tname = key.rpartition(_SEP)
@@ -134,9 +217,13 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_base_mismatch: bool
         by_target[name][tname] = t
     for name, layer in targets.items():
         d_in, d_out = layers.dims(layer)
-        expected = {k: d.shape for k, d in variant.tensors(d_in, d_out, cfg).items()}
+        decls = variant.tensors(d_in, d_out, cfg)
+        expected = {k: d.shape for k, d in decls.items()}
+        frozen_dtype = cfg.dtype or layers.weight_dtype(layer)
+        dtypes = {k: cfg.param_dtype if d.trainable else frozen_dtype for k, d in decls.items()}
         if variant.rewrites_base and "base_weight" in by_target[name]:
             expected["base_weight"] = (d_out, d_in)
+            dtypes["base_weight"] = layers.weight_dtype(layer)
         got = by_target[name]
         missing = sorted(set(expected) - set(got))
         extra = sorted(set(got) - set(expected))
@@ -147,6 +234,12 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_base_mismatch: bool
                 raise CheckpointError(
                     f"{path}: layer '{name}' tensor '{k}' has shape {tuple(got[k].shape)}, expected {tuple(shape)}"
                 )
+            if got[k].dtype != dtypes[k]:
+                raise CheckpointError(f"{path}: layer '{name}' tensor '{k}' is {got[k].dtype}, but the config "
+                                      f"declares {dtypes[k]}")
+            if not allow_nonfinite and got[k].is_floating_point() and not torch.isfinite(got[k]).all():
+                raise CheckpointError(f"{path}: layer '{name}' tensor '{k}' holds NaN or Inf; pass "
+                                      "allow_nonfinite=True to load it anyway")
         if not allow_base_mismatch:
             h = layers.weight_hash(layer)
             if h != meta["base_hashes"].get(name):
@@ -155,7 +248,11 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_base_mismatch: bool
                     "(sha256 mismatch); pass allow_base_mismatch=True to load anyway"
                 )
     runtime.attach(model, cfg, _restore=by_target)
-    for name, ad in runtime.adapters(model).items():
-        ad.knobs.update(meta["knobs"].get(name, {}))
-    runtime.state_of(model).base_hashes.update(meta["base_hashes"])
+    try:
+        for name, ad in runtime.adapters(model).items():
+            ad.knobs.update({k: float(v) for k, v in meta["knobs"].get(name, {}).items()})
+        runtime.state_of(model).base_hashes.update(meta["base_hashes"])
+    except BaseException:
+        runtime.detach(model)
+        raise
     return model

@@ -6,6 +6,7 @@ import math
 from types import MappingProxyType
 from typing import Any, Mapping
 
+import regex
 import torch
 
 from .errors import ConfigError
@@ -25,6 +26,7 @@ COMMON: dict[str, Any] = {
     "exclude_names": (r"lm_head", r"embed"),
 }
 
+MAX_PATTERN_CHARS = 256  # a module-name regex longer than this is refused
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -101,6 +103,17 @@ def _as_str_tuple(name: str, v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _check_patterns(name: str, patterns: tuple[str, ...]) -> None:
+    """Refuse a regex that is too long or does not compile; matching is time-bounded (impl.targeting)."""
+    for p in patterns:
+        if len(p) > MAX_PATTERN_CHARS:
+            raise ConfigError(f"field '{name}': regex of {len(p)} characters is longer than {MAX_PATTERN_CHARS}")
+        try:
+            regex.compile(p)
+        except (regex.error, RecursionError, OverflowError, ValueError) as e:
+            raise ConfigError(f"field '{name}': invalid regex {p!r}: {e}") from None
+
+
 def _coerce(name: str, default: Any, v: Any) -> Any:
     """Coerce a variant field to its default's type; bools and numbers are not interchangeable."""
     if default is None or v is None:
@@ -158,6 +171,8 @@ def config(variant: str, **fields: Any) -> Config:
     v["param_dtype"] = _as_dtype("param_dtype", v["param_dtype"], allow_none=False)
     for name in ("target_names", "target_roles", "exclude_names"):
         v[name] = _as_str_tuple(name, v[name])
+    for name in ("target_names", "exclude_names"):
+        _check_patterns(name, v[name])
     bad_roles = [x for x in v["target_roles"] if x not in ROLES]
     if bad_roles:
         raise ConfigError(f"field 'target_roles': unknown role(s) {bad_roles}; valid: {list(ROLES)}")

@@ -42,7 +42,11 @@ FetchReport`` (one FetchResult per entry: fetched / recorded / cached / missing,
 Exit status of the command: 0 when every selected entry is present, or only missing
 because its source could not be reached (warnings are printed); 1 when an entry was
 refused for an integrity reason (hash or size mismatch, oversize, unsafe archive);
-2 when the manifest or the arguments are invalid.
+2 when the manifest or the arguments are invalid; 3 when the cache's lock.json is unreadable
+or malformed (delete it to re-record).
+
+Concurrency: runs sharing a cache serialise their lock.json updates with a file lock
+(``.lock.json.flock`` in the cache), so every hash recorded on a first fetch is kept.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from typing import Any
 
 import httpx
 from impl.atomic import atomic_write_bytes as atomic_write
+from impl.atomic import file_lock
 
 LOG = logging.getLogger("tools.fetch")
 
@@ -116,6 +121,10 @@ _TOP_KEYS = frozenset({"schema_version", "file"})
 
 class ManifestError(ValueError):
     """The manifest (or a name given on the command line) is invalid; the message names the entry."""
+
+
+class LockError(ManifestError):
+    """The cache's lock.json is unreadable or malformed (exit status 3); the message names the file."""
 
 
 class FetchRefused(Exception):
@@ -405,20 +414,25 @@ def _file_has_hash(path: Path, digest: str) -> bool:
 
 
 def _read_lock(cache_dir: Path) -> dict[str, dict[str, Any]]:
-    """Recorded hashes keyed by RefEntry.source_key; an unreadable lock is an error, not empty."""
+    """Recorded hashes keyed by RefEntry.source_key; an unreadable or malformed lock is a LockError, not empty."""
     lock = cache_dir / "lock.json"
     if not lock.exists():
         return {}
     try:
         data = json.loads(lock.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"{lock}: unreadable lock file ({exc}); delete it to re-record") from None
-    recorded = data.get("recorded") if isinstance(data, dict) else None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise LockError(f"{lock}: unreadable lock file ({type(exc).__name__}: {str(exc)[:200]}); delete it to "
+                        "re-record") from None
+    if not isinstance(data, dict):
+        raise LockError(f"{lock}: malformed lock file (a JSON {type(data).__name__}, not an object with "
+                        "'schema_version' and 'recorded'); delete it to re-record")
+    recorded = data.get("recorded")
     if data.get("schema_version") != LOCK_SCHEMA_VERSION or not isinstance(recorded, dict):
-        raise ManifestError(f"{lock}: unexpected lock format; delete it to re-record")
+        raise LockError(f"{lock}: unexpected lock format (schema_version {LOCK_SCHEMA_VERSION} and a 'recorded' "
+                        "object expected); delete it to re-record")
     for key, rec in recorded.items():
         if not (isinstance(rec, dict) and _HEX64.match(str(rec.get("sha256", "")))):
-            raise ManifestError(f"{lock}: bad record for {key!r}; delete it to re-record")
+            raise LockError(f"{lock}: bad record for {key!r}; delete it to re-record")
     return recorded
 
 
@@ -452,13 +466,19 @@ def cached_path(
 
 
 def _write_lock(cache_dir: Path, new_records: Mapping[str, Mapping[str, Any]]) -> None:
-    """Merge ``new_records`` into lock.json (re-read first, so concurrent runs mostly merge)."""
+    """Merge ``new_records`` into lock.json under an exclusive file lock (``.lock.json.flock``): re-read, merge,
+    replace atomically, so concurrent runs lose no record. A hash recorded first is never replaced."""
     if not new_records:
         return
-    recorded = dict(_read_lock(cache_dir))
-    recorded.update(new_records)
-    body = {"schema_version": LOCK_SCHEMA_VERSION, "recorded": dict(sorted(recorded.items()))}
-    atomic_write(cache_dir / "lock.json", (json.dumps(body, indent=2) + "\n").encode())
+    with file_lock(cache_dir / ".lock.json.flock"):
+        recorded = dict(_read_lock(cache_dir))
+        for key, rec in new_records.items():
+            first = recorded.setdefault(key, dict(rec))
+            if first["sha256"] != rec["sha256"]:
+                LOG.warning("reference %s: another run recorded %s first; keeping it (this run got %s)",
+                            rec.get("id"), first["sha256"], rec["sha256"])
+        body = {"schema_version": LOCK_SCHEMA_VERSION, "recorded": dict(sorted(recorded.items()))}
+        atomic_write(cache_dir / "lock.json", (json.dumps(body, indent=2) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- helpers
@@ -927,6 +947,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = fetch_all(
             args.manifest, args.cache, only=only, refresh=args.refresh, pypi_download=downloader
         )
+    except LockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,7 +31,14 @@ Secrets: the key lives in a :class:`SecretStr` whose ``repr``/``str`` are redact
 function that builds one attempt's headers, whose frame is never part of a raised exception's traceback. Every error
 message is scrubbed of the key, and :class:`LLMError` is always raised outside any ``except`` block, so it carries
 neither ``__cause__`` nor ``__context__`` (no httpx request objects, which hold headers, hang off it). Cache files
-hold only the answer text and usage, and are scrubbed of the key before writing.
+hold only the answer text and usage, and are scrubbed of the key before writing. Scrubbing replaces the whole key,
+any prefix of it of at least ``MIN_SCRUB_PREFIX`` characters, and the key split by whitespace; bodies are scrubbed
+before they are cut into excerpts. httpcore's DEBUG trace of response headers is withheld (a server may echo the
+key in a header).
+
+Hostile answers: every JSON parse of untrusted bytes treats a 5,000-digit integer or deep nesting as a parse error,
+answer parsing is linear in the answer's length, and :meth:`LLMClient.complete_many` turns whatever goes wrong
+with one request into an :class:`LLMError` in that request's slot only.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ ANTHROPIC_VERSION = "2023-06-01"
 CACHE_FORMAT = 1
 MAX_BODY_BYTES = 16 * 1024 * 1024
 REDACTED = "[REDACTED]"
+MIN_SCRUB_PREFIX = 8  # a key prefix this long (or longer) is scrubbed wherever it appears
 _SCHEMA_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PRINTABLE_TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
 # A key goes into a header; quotes and backslashes are excluded too, because an escaped repr of the key (as h11
@@ -110,16 +118,29 @@ class SecretStr:
     Copying returns the same object; pickling is refused so a key cannot be written to disk by accident.
     """
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "_pattern")
 
     def __init__(self, value: str) -> None:
         if not isinstance(value, str) or not value:
             raise ValueError("a secret must be a non-empty string")
         self._value = value
+        self._pattern: re.Pattern | None = None
 
     def reveal(self) -> str:
         """Return the secret value (only for building request headers and scrubbing messages)."""
         return self._value
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the key replaced by ``[REDACTED]``: whole, cut to a prefix of at least
+        ``MIN_SCRUB_PREFIX`` characters (an excerpt boundary), and split by whitespace (a newline, a tab, or the
+        space an excerpt folds them into). Linear: every character of the key is a fixed literal."""
+        if self._pattern is None:
+            chars = [re.escape(c) for c in self._value]
+            m = min(MIN_SCRUB_PREFIX, len(chars))
+            gap = r"(?:\s|\\[nrt])*"  # whitespace, or its JSON escape (a key holds no backslash)
+            rest = "".join(f"(?:{gap}{c}" for c in chars[m:]) + ")?" * (len(chars) - m)
+            self._pattern = re.compile(gap.join(chars[:m]) + rest)
+        return self._pattern.sub(REDACTED, text)
 
     def __repr__(self) -> str:
         return "SecretStr('**********')"
@@ -135,6 +156,29 @@ class SecretStr:
 
     def __reduce__(self):  # noqa: D105 - pickling a key is always a mistake
         raise TypeError("SecretStr cannot be pickled (it holds an API key)")
+
+
+class _WithholdHeaders(logging.Filter):
+    """Replaces the header lists in httpcore's DEBUG trace records by a note: a server that echoes the key in a
+    response header would otherwise have it printed by any DEBUG logging configuration."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        event = msg.split(" ", 1)[0]
+        if "headers" in event and event != msg:
+            record.msg, record.args = f"{event} (headers withheld by tools.llm)", ()
+        return True
+
+
+_HTTP_LOGGERS = ("httpcore.http11", "httpcore.http2", "httpcore.connection", "httpcore.proxy", "httpcore.socks")
+
+
+def withhold_http_headers() -> None:
+    """Install :class:`_WithholdHeaders` on httpcore's loggers (once; every LLMClient calls this)."""
+    for name in _HTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WithholdHeaders) for f in logger.filters):
+            logger.addFilter(_WithholdHeaders())
 
 
 class ConfigError(ValueError):
@@ -356,19 +400,54 @@ class AnswerParseError(ValueError):
 # Tolerant JSON extraction
 # --------------------------------------------------------------------------------------------------------------------
 
-_FENCE_RE = re.compile(
-    r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[A-Za-z0-9_+.-]*)[^\n]*\n(?P<body>.*?)\n?[ \t]*(?P=fence)[ \t]*$",
-    re.S | re.M,
-)
+_FENCE_OPEN_RE = re.compile(r"[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[A-Za-z0-9_+.-]*)")
 _MAX_PROSE_STARTS = 200
+_JSON_ERRORS = (ValueError, RecursionError)  # ValueError: also a 5,000-digit integer; RecursionError: deep nesting
 
 
 def _fenced_blocks(text: str) -> list[str]:
-    """Bodies of fenced code blocks, those labelled ``json`` first, then the others, each group in order."""
+    """Bodies of fenced code blocks, those labelled ``json`` first, then the others, each group in order.
+
+    A block opens on a line starting with 3+ backticks or tildes (and an optional language) and closes at the
+    first later line that ends with the same fence (its trailing run of that character is at least as long).
+    Linear time: each line's trailing run is computed once, and a running maximum from the end says in O(1)
+    whether an opener closes anywhere at all (a regex with a lazy body and a backreference took quadratic
+    time on many unclosed fences: 35 s for 40 kB).
+    """
+    lines = text.split("\n")
+    tails = []  # (fence character or "", length of the trailing run of it)
+    for line in lines:
+        s = line.rstrip(" \t")
+        c = s[-1:] if s[-1:] in ("`", "~") else ""
+        tails.append((c, len(s) - len(s.rstrip(c)) if c else 0))
+    longest = {"`": [0] * (len(lines) + 1), "~": [0] * (len(lines) + 1)}  # longest run at or after line k
+    for k in range(len(lines) - 1, -1, -1):
+        for c, row in longest.items():
+            row[k] = max(row[k + 1], tails[k][1] if tails[k][0] == c else 0)
     labelled, other = [], []
-    for m in _FENCE_RE.finditer(text):
-        (labelled if m.group("lang").lower() == "json" else other).append(m.group("body"))
+    i = 0
+    while i < len(lines) - 1:
+        m = _FENCE_OPEN_RE.match(lines[i])
+        if m is None or longest[m.group("fence")[0]][i + 1] < len(m.group("fence")):
+            i += 1  # not an opener, or its fence closes nowhere after it
+            continue
+        fence = m.group("fence")
+        j = i + 1
+        while not (tails[j][0] == fence[0] and tails[j][1] >= len(fence)):
+            j += 1
+        before = lines[j].rstrip(" \t")[: -len(fence)].rstrip(" \t")
+        body = "\n".join(lines[i + 1 : j] + ([before] if before else []))
+        (labelled if m.group("lang").lower() == "json" else other).append(body)
+        i = j + 1
     return labelled + other
+
+
+def _loads(text: str) -> Any:
+    """json.loads with every way untrusted text can fail turned into ValueError (deep nesting included)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
 
 
 def _require_object(value: Any, where: str) -> dict:
@@ -396,19 +475,27 @@ def parse_json_answer(text: str) -> dict:
     errors: list[str] = []
     for where, candidate in candidates:
         try:
-            value = json.loads(candidate)
-        except json.JSONDecodeError as e:
+            value = _loads(candidate)
+        except ValueError as e:
             errors.append(f"{where}: {e}")
             continue
         return _require_object(value, where)
+    # Prose around an object: try decoding from each '{', within a budget of scanned characters, so that many
+    # '{' each followed by a long unterminated string cannot make this quadratic.
     decoder = json.JSONDecoder()
+    budget = 4 * len(stripped) + 10_000
     for n, match in enumerate(re.finditer(r"\{", stripped)):
-        if n >= _MAX_PROSE_STARTS:
+        if n >= _MAX_PROSE_STARTS or budget <= 0:
             break
         try:
-            value, _ = decoder.raw_decode(stripped, match.start())
-        except json.JSONDecodeError:
+            value, end = decoder.raw_decode(stripped, match.start())
+        except json.JSONDecodeError as e:  # an unterminated string was read to the end; e.pos is its start
+            budget -= (len(stripped) if e.msg.startswith("Unterminated") else e.pos + 1) - match.start()
             continue
+        except _JSON_ERRORS:
+            budget -= len(stripped) - match.start()
+            continue
+        budget -= end - match.start()
         if isinstance(value, dict):
             return value
     # Report the most informative error: a json-labelled fenced block if there was one, else the whole answer.
@@ -469,11 +556,12 @@ def _parse_retry_after(headers: httpx.Headers, now_wall: float) -> float | None:
     return max(0.0, when.timestamp() - now_wall)
 
 
-def _error_excerpt(raw: bytes, limit: int = 300) -> str:
-    """The ``error.message`` of a JSON error body (both formats), else the start of the body as text."""
-    text = raw.decode("utf-8", errors="replace").strip()
+def _error_excerpt(body: str, scrub: Callable[[str], str], limit: int = 300) -> str:
+    """The ``error.message`` of a JSON error body (both formats), else the start of the body as text; folded to
+    one line and scrubbed (``scrub``) before it is cut, so no key prefix is left at the cut."""
+    text = body.strip()
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except ValueError:
         data = None
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
@@ -481,14 +569,14 @@ def _error_excerpt(raw: bytes, limit: int = 300) -> str:
         parts = [str(err.get(k)) for k in ("type", "code") if err.get(k)]
         msg = str(err.get("message", ""))
         text = (f"[{', '.join(parts)}] " if parts else "") + msg
-    text = " ".join(text.split())
+    text = scrub(" ".join(text.split()))
     return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _is_quota_exhausted(raw: bytes) -> bool:
     """True when a 429 body says the quota or spend limit is exhausted (OpenAI and Anthropic spellings)."""
     try:
-        data = json.loads(raw)
+        data = _loads(raw)
     except ValueError:
         return False
     err = data.get("error") if isinstance(data, dict) else None
@@ -644,6 +732,7 @@ class LLMClient:
         self._lock = threading.Lock()
         self._stats = ClientStats()
         self._format_unsupported = False
+        withhold_http_headers()
         url = httpx.URL(config.endpoint)
         self._url = str(url)
         self._where = f"{url.host}{':' + str(url.port) if url.port else ''}{url.path}"
@@ -751,13 +840,16 @@ class LLMClient:
     def complete_many(self, requests: Sequence[CompletionRequest]) -> list[Completion | LLMError]:
         """Run requests on a pool of ``max_concurrency`` threads; results come back in request order.
 
-        A request that fails with :class:`LLMError` (including :class:`MalformedAnswer`) yields that error in its
-        slot and never stops the others. Any other exception is a bug: it is re-raised once all requests finished.
+        A request that fails yields an :class:`LLMError` (including :class:`MalformedAnswer`) in its slot and
+        never stops the others: whatever a hostile answer makes go wrong while it is handled (an exception that
+        is not an LLMError) becomes an LLMError naming the exception type, scrubbed of the key. Bad arguments are
+        refused up front (TypeError/ValueError) before any request is sent.
         """
         reqs = list(requests)
         for i, r in enumerate(reqs):
             if not isinstance(r, CompletionRequest):
                 raise TypeError(f"requests[{i}] must be a CompletionRequest, got {type(r).__name__}")
+            self._check_inputs(r.system, r.user, r.schema, r.schema_name, r.template_id)
         if not reqs:
             return []
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(reqs)),
@@ -771,7 +863,9 @@ class LLMClient:
             elif isinstance(exc, LLMError):
                 results.append(exc)
             else:
-                raise exc
+                detail = self._scrub(f"{type(exc).__name__}: {exc}")[:300]
+                results.append(LLMError(f"{self.config.provider} {self._where}: handling this request failed "
+                                        f"({detail})"))
         return results
 
     def _run_request(self, r: CompletionRequest) -> Completion:
@@ -833,9 +927,9 @@ class LLMClient:
         return headers
 
     def _scrub(self, text: str) -> str:
-        """``text`` with every occurrence of the API key replaced by ``[REDACTED]``."""
+        """``text`` with the API key (whole, a prefix, or split by whitespace) replaced by ``[REDACTED]``."""
         key = self.config.api_key
-        return text.replace(key.reveal(), REDACTED) if key is not None else text
+        return key.scrub(text) if key is not None else text
 
     # -- sending -------------------------------------------------------------------------------------------------
 
@@ -969,9 +1063,9 @@ class LLMClient:
         """Turn a complete HTTP answer into a reply or a failure (retryable or not)."""
         if 200 <= status < 300:
             try:
-                data = json.loads(raw)
+                data = _loads(raw)
             except ValueError:
-                head = self._scrub(raw[:120].decode("utf-8", errors="replace"))
+                head = self._scrub(raw.decode("utf-8", errors="replace"))[:120]  # scrubbed before the cut
                 return _Failure(f"HTTP {status} but the body is not JSON (starts {head!r})", False, status)
             extracted = _extract_openai(data) if self.config.provider == "openai" else _extract_anthropic(data)
             if isinstance(extracted, str):
@@ -979,7 +1073,9 @@ class LLMClient:
             # An answer that echoes the key (only possible if a prompt held it) is scrubbed before anything
             # (cache, errors, the repair prompt, callers) sees it.
             return dataclasses.replace(extracted, text=self._scrub(extracted.text))
-        excerpt = self._scrub(_error_excerpt(raw))
+        # Scrubbed as raw text (JSON escapes of whitespace included) and again once decoded and folded, before
+        # the excerpt is cut.
+        excerpt = _error_excerpt(self._scrub(raw.decode("utf-8", errors="replace")), self._scrub)
         retry_after = _parse_retry_after(headers, time.time())
         if status == 429:
             if _is_quota_exhausted(raw):
@@ -1042,13 +1138,13 @@ class LLMClient:
         else:
             problem = self._cache_problem(raw, key)
             if problem is None:
-                return json.loads(raw)
+                return _loads(raw)
         raise CacheError(f"cache file {path} {problem}; delete it to fetch the answer again")
 
     @staticmethod
     def _cache_problem(raw: bytes, key: str) -> str | None:
         try:
-            entry = json.loads(raw)
+            entry = _loads(raw)
         except ValueError:
             return "is not valid JSON"
         if not isinstance(entry, dict) or entry.get("cache_format") != CACHE_FORMAT:

@@ -13,8 +13,10 @@ existing audit is never overwritten, even by two renders racing for the same N. 
 (the title and the changes section depend on N; the winner's sidecar is complete by then, so the loser
 compares itself with it) and tries again.
 
-Changes since the previous audit. The previous audit is the newest one below N that has a sidecar when
-rendering starts. Findings are matched by their stable identity (`id`, see tools/review.py: a hash of the
+Changes since the previous audit. The previous audit is the newest one below N that exists whole (its audit
+and its sidecar) when rendering starts: a sidecar whose audit is missing (a render killed between the two
+claims) is skipped, so "Compared with vN" never links to a file that does not exist. A render killed mid-write
+leaves at most a git-ignored temporary file, which the next write into the folder removes (impl/atomic.py). Findings are matched by their stable identity (`id`, see tools/review.py: a hash of the
 variant, the finding's category, the cited path and the enclosing symbol or a line anchor, never the free
 text), only over variants reviewed in both runs, and only verified findings take part (unverified ones are
 never shown as fact, so they can be neither new nor resolved). Verdict changes are listed per variant.
@@ -37,6 +39,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -167,11 +170,11 @@ def audit_path(audits_dir: Path, n: int, ext: str = "md") -> Path:
 
 
 def previous_sidecar(audits_dir: Path, below: int) -> tuple[int, dict] | None:
-    """The newest sidecar with a number below `below` (and its audit), or None. A sidecar that is not ours
-    is an error, not silently skipped (the changes section would otherwise be wrong)."""
+    """The newest sidecar with a number below `below` whose audit exists too, or None. A sidecar that is not
+    ours is an error, not silently skipped (the changes section would otherwise be wrong)."""
     for n in sorted((n for n in audit_numbers(audits_dir) if n < below), reverse=True):
         p = audit_path(audits_dir, n, "json")
-        if not p.is_file():
+        if not p.is_file() or not audit_path(audits_dir, n, "md").is_file():
             continue
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
@@ -281,6 +284,9 @@ def check_review(review: Any) -> dict:
                 raise RenderError(f"review of {r.get('variant', '?')!r} lacks '{key}'")
         if r["verdict"] not in VERDICTS:
             raise RenderError(f"review of {r['variant']!r}: verdict {r['verdict']!r} not in {VERDICTS}")
+        if r["verdict"] != "BUGGY" and any(f.get("severity") == "high" for f in r["findings"]):
+            raise RenderError(f"review of {r['variant']!r}: verdict {r['verdict']} contradicts its verified high "
+                              "finding (the audit's rule: a verified high finding makes it BUGGY)")
     return review
 
 
@@ -377,12 +383,20 @@ def publish(audits_dir: Path, render_for: Callable[[int, tuple[int, dict] | None
         # The sidecar claims N first: a render that loses the race then finds it complete when it re-reads the
         # folder, and compares itself with it.
         if not create_exclusive(js, payload):
-            continue  # another render took N: take the next one
+            _wait_for(md)  # another render took N: let it finish its audit, so that we compare with it
+            continue  # and take the next one
         if not create_exclusive(md, text.encode("utf-8")):
             js.unlink()  # an audit vN without a sidecar appeared meanwhile: give N up, take the next one
             continue
         return n, md
     raise RenderError(f"could not claim an audit number in {audits_dir} after {max_tries} attempts")
+
+
+def _wait_for(path: Path, timeout_s: float = 10.0) -> None:
+    """Wait until `path` exists (a racing render's audit), at most timeout_s (it may have been killed)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def write_audit(review: Mapping[str, Any], audits_dir: Path, *, root: Path = ROOT, templates_dir: Path = TEMPLATES,

@@ -57,8 +57,10 @@ without a pinned reference (medium), variants none of whose pinned references is
 absent from the verify JSON (medium) or without a registered implementation (high). Mechanical findings come from
 our own records, so they are verified by construction; the lines they cite are checked all the same.
 
-Verdict: the worse of the mechanical verdict (BUGGY if a high finding, Partial if a medium one, else OK) and the
-model's; a model's BUGGY counts as BUGGY only when one of its verified findings is high, otherwise as Partial.
+Verdict: the worst of the verdict of every verified finding, mechanical and the model's (BUGGY if a high one,
+Partial if a medium one, else OK) and the model's own verdict; a model's BUGGY counts as BUGGY only when one of its
+verified findings is high, otherwise as Partial. So a verified high finding decides, whatever the model says.
+An answer that cannot be read (off the schema, or anything else going wrong with it) fails that variant only.
 
 Identity. A finding's `id` is a hash of (variant, category, path, anchor): the anchor is the enclosing Python
 symbol of the first cited line (e.g. `LoRA.forward`), else the whitespace-normalised text of that line, and for
@@ -566,7 +568,7 @@ def _evidence_item(raw: Any, i: int) -> dict:
         raise AnswerShapeError(f"evidence {i} lacks {', '.join(missing)}")
     try:
         a, b = int(raw["start_line"]), int(raw["end_line"])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise AnswerShapeError(f"evidence {i}: line numbers must be integers") from None
     path = str(raw["path"]).strip().replace("\\", "/")
     while path.startswith("./"):
@@ -664,12 +666,15 @@ def verdict_of(findings: Iterable[Mapping[str, Any]]) -> str:
 
 
 def combine_verdicts(mechanical: str, llm: str | None, llm_findings: Sequence[Mapping[str, Any]]) -> str:
-    """The worse of the two; a model's BUGGY needs a verified high finding of its own, else it counts as Partial."""
+    """The worst of the mechanical verdict, the verdict of the model's verified findings (a verified high one
+    is BUGGY whatever the model says) and the model's own verdict, whose BUGGY needs a verified high finding of
+    its own, else it counts as Partial."""
+    worst = max(mechanical, verdict_of(llm_findings), key=VERDICTS.index)
     if llm is None:
-        return mechanical
+        return worst
     if llm == "BUGGY" and not any(f["severity"] == "high" for f in llm_findings):
         llm = "Partial"
-    return max(mechanical, llm, key=VERDICTS.index)
+    return max(worst, llm, key=VERDICTS.index)
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -873,6 +878,9 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
                     llm_verdict, summary, llm_ok, llm_bad = parse_answer(ans.data or {}, v, bundle)
                 except AnswerShapeError as exc:
                     error = f"the answer does not follow the findings schema: {exc}"
+                except Exception as exc:  # noqa: BLE001 - a hostile answer fails its own variant only
+                    llm_verdict, summary, llm_ok, llm_bad = None, None, [], []
+                    error = f"the answer could not be read ({type(exc).__name__}: {str(exc)[:200]})"
         m_verdict = verdict_of(f for f in mech if f["verified"])
         verdict = combine_verdicts(m_verdict, llm_verdict, llm_ok)
         note = ""
