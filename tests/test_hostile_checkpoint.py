@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import impl
 from impl.checkpoint import serialize
-from tests.models import tiny
+from harness.models import tiny
 from tests.test_runtime import assert_untouched, lora_cfg, perturb, state
 
 BAD_REGEX = r"^(.*?)*\d\d\d$"  # backtracks exponentially on a module name (`re` takes minutes)
