@@ -23,8 +23,8 @@ import math
 
 
 class Linear:
-    def update_layer(self, r, lora_alpha, use_rslora):
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+    def update_layer(self, r, alpha, rslora):
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
 
     def forward(self, x, lora_A, lora_B, scaling):
         result = x
@@ -75,7 +75,7 @@ def test_a_diff_line_maps_to_its_file_line_and_quotes_are_checked_at_both_sides(
     assert not ok and "working tree" in why
 
 
-def test_functions_align_by_body_and_unmatched_ones_are_left_out():
+def test_functions_align_by_the_names_they_use_and_unmatched_ones_are_left_out():
     pairs = D.align(OURS, THEIRS)
     got = {p["ours"]: p["theirs"] for p in pairs}
     assert got == {"lora_scale": "Linear.update_layer", "LoRA.forward": "Linear.forward"}

@@ -3,7 +3,8 @@ up, function by function, with its pinned reference.
 
 * `changes_since(commit, paths, root)`: the unified diff (git) of the variant's spec and implementation files
   between the commit of the previous audit and the working tree, with per-file counts.
-* `side_by_side(ours, theirs)`: our file's functions aligned with the reference's (by name and body), each pair
+* `side_by_side(ours, theirs)`: our file's functions aligned with the reference's (by the names they use and
+  their own names), each pair
   printed as rows `ours-line | code || theirs-line | code`, so a divergence shows with line numbers in both.
 * `diff_line_origin` / `check_diff_quote`: a quote that cites lines of a unified diff is verified against the
   files themselves: a removed or context line must exist at the base commit, an added or context line in the
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import ast
 import difflib
+import keyword
+import math
 import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+(\d+)(?:,\d+)? @@")
-MIN_SIMILARITY = 0.35  # below this a function has no counterpart in the reference
+MIN_SIMILARITY = 0.25  # below this a function has no counterpart in the reference
+NAME_BONUS = 0.25  # the two functions' own names share a word
+COMMON = {"self", "cls", "torch", "nn", "F", "x"}
 COLUMN = 72  # width of our side in a side-by-side row
 
 
@@ -138,36 +143,50 @@ def functions(lines: Sequence[str]) -> list[tuple[str, int, int]]:
     return out
 
 
-def _tokens(lines: Sequence[str]) -> list[str]:
-    return re.findall(r"[A-Za-z_]\w*|\S", "\n".join(line.split("#", 1)[0] for line in lines))
+def identifiers(lines: Sequence[str]) -> set[str]:
+    """The names a function uses (comments, keywords and `self`/`torch` left out)."""
+    words = set(re.findall(r"[A-Za-z_]\w*", "\n".join(line.split("#", 1)[0] for line in lines)))
+    return words - set(keyword.kwlist) - COMMON
 
 
-def similarity(name_a: str, body_a: Sequence[str], name_b: str, body_b: Sequence[str]) -> float:
-    """How alike two functions are: their bodies' token sequences, with a bonus for the same last name part."""
-    body = difflib.SequenceMatcher(None, _tokens(body_a), _tokens(body_b), autojunk=False).ratio()
-    same_name = name_a.rsplit(".", 1)[-1] == name_b.rsplit(".", 1)[-1]
-    return min(1.0, body + (0.15 if same_name else 0.0))
+def name_words(qualified: str) -> set[str]:
+    """Words of a function's own name, 4+ characters, cut to 4 (so merged ~ merge, forward_input ~ forward)."""
+    return {w[:4] for w in qualified.rsplit(".", 1)[-1].lower().split("_") if len(w) >= 4}
 
 
 def align(ours: Sequence[str], theirs: Sequence[str]) -> list[dict]:
-    """Each of our functions with its most similar reference function (each reference function used once),
-    best pairs first; functions with no counterpart above MIN_SIMILARITY are left out."""
+    """Each of our functions with the reference function most like it, when one is like it at all.
+
+    Likeness = the share of our function's names (weighted by rarity: a name used by few functions of the two
+    files says more) that the reference function uses too, plus NAME_BONUS when their own names share a word.
+    Research code and libraries name the same math differently and cut it differently (a paper-style helper
+    against a library method), so several of ours may align with one of theirs.
+    """
     fa, fb = functions(ours), functions(theirs)
-    scored = []
+    ids = {("a", f[0]): identifiers(ours[f[1] - 1:f[2]]) for f in fa}
+    ids.update({("b", f[0]): identifiers(theirs[f[1] - 1:f[2]]) for f in fb})
+    df: dict[str, int] = {}
+    for words in ids.values():
+        for w in words:
+            df[w] = df.get(w, 0) + 1
+    weight = {w: math.log((len(ids) + 1) / c) for w, c in df.items()}
+    pairs = []
     for a in fa:
-        for b in fb:
-            s = similarity(a[0], ours[a[1] - 1:a[2]], b[0], theirs[b[1] - 1:b[2]])
-            if s >= MIN_SIMILARITY:
-                scored.append((s, a, b))
-    pairs, used_a, used_b = [], set(), set()
-    for s, a, b in sorted(scored, key=lambda t: (-t[0], t[1][1], t[2][1])):
-        if a[0] in used_a or b[0] in used_b:
+        mine = ids[("a", a[0])]
+        total = sum(weight[w] for w in mine)
+        if not total:
             continue
-        used_a.add(a[0])
-        used_b.add(b[0])
-        pairs.append({"ours": a[0], "ours_lines": [a[1], a[2]], "theirs": b[0], "theirs_lines": [b[1], b[2]],
-                      "similarity": round(s, 2)})
-    return sorted(pairs, key=lambda p: p["ours_lines"][0])
+        best = None
+        for b in fb:
+            shared = sum(weight[w] for w in mine & ids[("b", b[0])]) / total
+            score = min(1.0, shared + (NAME_BONUS if name_words(a[0]) & name_words(b[0]) else 0.0))
+            if score >= MIN_SIMILARITY and (best is None or score > best[0]):
+                best = (score, b)
+        if best is not None:
+            b = best[1]
+            pairs.append({"ours": a[0], "ours_lines": [a[1], a[2]], "theirs": b[0], "theirs_lines": [b[1], b[2]],
+                          "similarity": round(best[0], 2)})
+    return pairs
 
 
 def side_by_side(ours: Sequence[str], theirs: Sequence[str], ours_path: str, theirs_path: str) -> tuple[list[str], list[dict]]:
