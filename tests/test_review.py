@@ -433,3 +433,65 @@ def test_online_review_end_to_end_against_the_loopback_server(tmp_path, wire):
     (out / "review.json").write_text(json.dumps(run))
     assert KEY.encode() not in _all_written_bytes(out)
     assert KEY not in json.dumps(run) + json.dumps(run2)
+
+
+def test_an_unchanged_variant_is_not_asked_again_and_a_changed_one_is(tmp_path):
+    """The second LLM review diffs lora against the commit of the first audit: nothing changed, so the model is
+    not asked and its findings are carried over (quotes checked anew); after an edit it is asked again and the
+    bundle holds the diff, whose quoted lines are checked against both commits."""
+    import shutil
+    import subprocess
+
+    root = tmp_path / "repo"
+    for folder in ("impl", "spec"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+
+    def commit(msg: str) -> None:
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", msg], check=True)
+
+    subprocess.run([*git, "init", "-q"], check=True)
+    commit("base")
+    man, cache = manifest_with_ref(tmp_path)
+    vj = verify_json(tmp_path / "v.json", [("lora", "oracle", "pass", "", 0.02)])
+    audits = root / "audits"
+    with LLMTestServer() as server:
+        server.script(Answer(json.dumps(_answer_for_lora())), match="Variant under review: lora\\n")
+        config = ProviderConfig.from_env({"REVIEW_PROVIDER": "openai", "REVIEW_BASE_URL": server.base_url,
+                                          "REVIEW_MODEL": "test-model", "OPENAI_API_KEY": KEY})
+        kw = {"root": root, "verify_json": vj, "config": config, "manifest_path": man, "refs_cache": cache,
+              "audits_dir": audits, "templates_dir": TEMPLATES, "client_options": {"max_retries": 0}}
+        first = R.review(["lora"], **kw)
+        write_audit(first, audits, root=root, templates_dir=TEMPLATES)
+        commit("audit v1")
+
+        second = R.review(["lora"], **kw)
+        assert len(server.requests_matching("Variant under review: lora\\n")) == 1  # not asked again
+        (r,) = second["reviews"]
+        assert r["llm_carried"] and "not asked again" in r["verdict_note"]
+        assert r["changes"]["previous"] == 1 and {f["status"] for f in r["changes"]["files"]} == {"unchanged"}
+        assert [f["id"] for f in r["findings"]] == [f["id"] for f in first["reviews"][0]["findings"]]
+        assert r["llm_verdict"] == first["reviews"][0]["llm_verdict"]
+
+        lora = root / "impl" / "variants" / "lora.py"
+        lora.write_text(lora.read_text() + "\nEXTRA_SCALE = 2.0  # a change since v1\n")
+        from tools.diffs import changes_since
+
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        files = json.loads(vj.read_text())["specs"]["lora"]["files"]
+        diff = changes_since(head, [files["spec"], files["impl"], *files["impl_deps"]], root)["diff"]
+        at = diff.index("+EXTRA_SCALE = 2.0  # a change since v1") + 1
+        cite = {"path": "generated/changes/lora.diff", "start_line": at, "end_line": at,
+                "quote": "EXTRA_SCALE = 2.0  # a change since v1"}
+        server.script(Answer(json.dumps({"verdict": "OK", "summary": "s", "findings": [
+            {"severity": "low", "category": "scale", "claim": "a new module constant", "evidence": [cite]}]})),
+                      match="Variant under review: lora\\n")
+        third = R.review(["lora"], **kw)
+        assert len(server.requests_matching("Variant under review: lora\\n")) == 2
+        (r3,) = third["reviews"]
+        assert not r3["llm_carried"]
+        assert {f["path"]: f["status"] for f in r3["changes"]["files"]}["impl/variants/lora.py"] == "modified"
+        assert "+EXTRA_SCALE = 2.0  # a change since v1" in server.requests[-1].body.decode()
+        (diff_finding,) = [f for f in r3["findings"] if f["source"] == "llm"]  # a quote of a diff hunk, verified
+        assert diff_finding["evidence"][0]["path"] == "generated/changes/lora.diff"
