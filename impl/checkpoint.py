@@ -1,6 +1,7 @@
 """save / load: the checkpoint contract of conventions section 4.
 
-A checkpoint is one safetensors file: every adapter tensor, every base weight the variant rewrote
+A checkpoint is one safetensors file: every adapter tensor (a frozen tensor several layers share stored once,
+the other keys naming it in the metadata entry `shared`), every base weight the variant rewrote
 (as `<target>::base_weight`, dense (d_out, d_in)), and metadata (format version, variant, full config,
 runtime knobs, targets, per-target base hashes). load never reruns an init, SVD or calibration pass, and it
 validates the whole file against the model before touching it.
@@ -55,10 +56,17 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     st = runtime.state_of(model)
     tensors: dict[str, torch.Tensor] = {}
     knobs = {}
+    first: dict[int, str] = {}  # id of a tensor several layers share -> the key it is stored under
+    shared: dict[str, str] = {}  # every later key of a shared tensor -> that key (stored once)
     for name, layer in st.targets.items():
         ad = layer.adapter
         for tname, t in ad.tensors().items():
-            tensors[f"{name}{_SEP}{tname}"] = t.detach().cpu().contiguous().clone()
+            key = f"{name}{_SEP}{tname}"
+            if id(t) in first:
+                shared[key] = first[id(t)]
+                continue
+            first[id(t)] = key
+            tensors[key] = t.detach().cpu().contiguous().clone()
         if ad.rewritten:
             tensors[f"{name}{_SEP}base_weight"] = layers.dense_weight(layer).detach().cpu().contiguous().clone()
         knobs[name] = ad.knobs
@@ -70,6 +78,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "targets": json.dumps(list(st.targets)),
         "base_hashes": json.dumps(st.base_hashes, sort_keys=True),
     }
+    if shared:
+        meta["shared"] = json.dumps(shared, sort_keys=True)
     data = serialize(tensors, meta)
     atomic_write_bytes(path, data)
 
@@ -95,6 +105,7 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
             "knobs": json.loads(meta["knobs"]),
             "targets": json.loads(meta["targets"]),
             "base_hashes": json.loads(meta["base_hashes"]),
+            "shared": json.loads(meta.get("shared", "{}")),
         }
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: metadata incomplete or corrupt ({e})") from None
@@ -126,6 +137,10 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_base_mismatch: bool
         raise CheckpointError(
             f"{path}: checkpoint targets {meta['targets']} but this model's matching layers are {list(targets)}"
         )
+    for key, src in meta["shared"].items():  # a tensor several layers share is stored once
+        if src not in tensors or key in tensors:
+            raise CheckpointError(f"{path}: shared tensor '{key}' names '{src}', which is not stored once in the file")
+        tensors[key] = tensors[src]
     by_target: dict[str, dict[str, torch.Tensor]] = {n: {} for n in targets}
     for key, t in tensors.items():
         name, _, tname = key.rpartition(_SEP)
