@@ -219,6 +219,27 @@ def table(results: list[dict], variants: list[str], properties: list[str]) -> st
     return "\n".join(lines)
 
 
+def changes(previous: list[dict], current: list[dict]) -> dict[str, list[str]]:
+    """What changed between two runs' results, over the (variant, property) pairs both ran: `new_failures`
+    (not failing before, failing now), `fixed` (failing before, not now), `other` (any other status change,
+    as "variant/property: old -> new")."""
+    before = {(r["variant"], r["property"]): r["status"] for r in previous}
+    out: dict[str, list[str]] = {"new_failures": [], "fixed": [], "other": []}
+    for r in current:
+        key = (r["variant"], r["property"])
+        old, new = before.get(key), r["status"]
+        if old is None or old == new:
+            continue
+        name = "/".join(key)
+        if new == "fail":
+            out["new_failures"].append(name)
+        elif old == "fail":
+            out["fixed"].append(name)
+        else:
+            out["other"].append(f"{name}: {old} -> {new}")
+    return out
+
+
 def quantized_matrix(results: list[dict], specs: dict[str, Spec]) -> dict[str, dict]:
     """Declared vs observed support on bitsandbytes layers, from the `quantized` property's results."""
     out = {}
