@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,8 @@ def pytest_configure(config):
         except impl.ConfigError as e:
             raise pytest.UsageError(str(e)) from None
     profile = _opt(config, "verify_profile") or ("ci" if os.environ.get("CI") else "verify")
-    config._verify = {"profile": profile, "backend": _backend(_opt(config, "backend")), "device": _opt(config, "device")}
+    config._verify = {"profile": profile, "backend": _backend(_opt(config, "backend")), "device": _opt(config, "device"),
+                      "t0": time.perf_counter()}
     torch.set_num_threads(1)  # one torch thread per process (each xdist worker sets its own)
 
 
@@ -132,9 +134,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(f"{label:9} {r['variant']}/{r['property']}: {r['detail'][:400]}")
             if r["status"] == "fail" and r.get("example"):
                 tr.write_line(f"          minimal example: {r['example']}")
-    tr.write_line(f"results: {payload['summary']} -> {path}")
+    tr.write_line(summary_line(payload, time.perf_counter() - env["t0"]) + f" -> {path}")
     if previous is not None:
         tr.write_line(describe_changes(changes(previous[1], results), previous[0]))
+
+
+def summary_line(payload: dict, seconds: float) -> str:
+    """The run's counts, from its results: 'verify: V variants x P properties: ... pass, ... in S s'."""
+    n = payload["summary"]
+    return (f"verify: {len(payload['variants'])} variants x {len(payload['properties'])} properties: {n['pass']} pass, "
+            f"{n['deviation']} declared deviation, {n['na']} n/a, {n['fail']} fail in {seconds:.0f} s")
 
 
 def keep_previous(path: Path) -> tuple[Path, list[dict]] | None:
