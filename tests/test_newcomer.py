@@ -39,11 +39,14 @@ def verify(tmp_path, module: Path, *extra: str):
 
 
 def plant(tmp_path, old: str, new: str) -> tuple[Path, int]:
-    """The documented example with one line changed; returns (module path, the changed line's number)."""
+    """The documented example with one line changed, and a chatty library logger (DEBUG records on every
+    attach) as third-party code has; returns (module path, the changed line's number)."""
     src = doc_example()
     assert src.count(old) == 1, old
+    src = src.replace(old, new).replace("    def tensors(self, d_in, d_out, cfg):\n", "    def tensors(self, d_in, d_out, cfg):\n"
+                                        "        CHATTY.debug('chatty library record')\n")
     mod = tmp_path / "vera_x.py"
-    mod.write_text(src.replace(old, new))
+    mod.write_text("import logging\nCHATTY = logging.getLogger('chatty')\nCHATTY.setLevel(logging.DEBUG)\n" + src)
     line = next(i for i, text in enumerate(mod.read_text().splitlines(), 1) if new in text)
     return mod, line
 
@@ -70,18 +73,20 @@ def test_documented_variant_passes_then_bugs_are_reported_where_they_are(tmp_pat
         assert r["where"].startswith(f"{mod}:{line} in forward"), r["where"]
         assert f"{mod}:{line}" in r["detail"] and r["example"].startswith("Case(")
     assert f"{mod}:{line}" in proc.stdout
+    assert "chatty" not in proc.stdout + proc.stderr  # library logging stays off below ERROR ...
     assert re.search(r"^vera_x\s+E\s+E\s+\.\s*$", proc.stdout, flags=re.M), proc.stdout[-2000:]
     assert "new failures (2): vera_x/oracle, vera_x/merge" in proc.stdout  # against the run before it
     assert (tmp_path / "verify.prev.json").exists()
 
     # an init bug (d starts at 1.0, the paper's 0.1 in the spec): flagged by the property that names it
     mod, _ = plant(tmp_path, '"d": TensorDecl((cfg.r,), 0.1)', '"d": TensorDecl((cfg.r,), 1.0)')
-    proc, _, res = verify(tmp_path, mod, "--properties", "init_formula,oracle")
+    proc, _, res = verify(tmp_path, mod, "--properties", "init_formula,oracle", "--log-level", "DEBUG")
     assert proc.returncode != 0
     r = res["init_formula"]
     assert r["status"] == "fail" and r["failure_kind"] == "assertion" and "'d'" in r["detail"], r
     assert res["oracle"]["status"] == "pass"
     assert "fixed (1): vera_x/oracle" in proc.stdout
+    assert "chatty library record" in proc.stdout + proc.stderr  # ... unless asked for
 
 
 def test_shared_frozen_tensors_declared_but_copied_are_flagged(tmp_path):

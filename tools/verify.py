@@ -17,6 +17,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def show_logging_from(level: str) -> None:
+    """Let records from `level` up through to stderr, whatever level a library set on its own logger (a handler
+    level filters every record that reaches it; logging's last-resort handler would print warnings)."""
+    handler = logging.StreamHandler()
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.verify", description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="")
@@ -37,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         have = version("peft")
         if have != a.peft_version:
             ap.error(f"--peft-version {a.peft_version} requested but peft {have} is installed; run it through nox -s verify")
-    logging.basicConfig(level=a.log_level, format="%(levelname)s %(name)s: %(message)s")
+    show_logging_from(a.log_level)
     args = [str(ROOT / "harness" / "verify_test.py"), "-p", "harness.plugin", "-q", "--no-header", "-p", "no:randomly",
             "-p", "no:warnings", f"--log-level={a.log_level}", f"--rootdir={ROOT}", "--backend", a.backend,
             "--device", a.device]
