@@ -6,6 +6,7 @@ that each property catches the bug it names.
 """
 from . import properties  # noqa: I001,F401  (registers the generic properties first: the table's order)
 from . import differential  # noqa: F401  (then the differential ones)
+from . import structure  # noqa: F401  (then the ones over a model's structure: rank limit, shared tensors)
 from .probes import PROPERTIES, Falsified, Property
 
 __all__ = ["PROPERTIES", "Property", "Falsified"]

@@ -5,7 +5,9 @@ Results flow one way: spec -> generated property -> Result -> JSON (build/verify
 from __future__ import annotations
 
 import json
+import sysconfig
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +32,19 @@ settings.register_profile("zoo", derandomize=True, max_examples=20,
 
 @dataclass
 class Result:
+    """The outcome of one property on one variant.
+
+    status: pass | fail | deviation (a failure the spec declares, with its reason) | na (not applicable; `detail`
+    says why). detail: what broke, or why n/a. worst_error: the largest scaled error the property measured
+    over the examples it ran (the failing one included, where its check reports a size): a dimensionless
+    ratio, error / (size of the adapter's contribution + eps * size of the output), with max-abs norms over
+    the whole tensor (harness.tolerance.scaled_error); None when the property measures no error (a
+    structural check) or crashed before measuring one; 0.0 for exact checks that held. example: the
+    minimal falsifying case (repr of harness.strategies.Case). examples: how many examples ran. seconds:
+    wall time. failure_kind: "assertion" (the property's check failed) or "crash" (the code under test
+    raised); where: for a crash, the innermost frame of the code under test as "file:line in function: source".
+    """
+
     variant: str
     property: str
     status: str  # pass | fail | deviation | na
@@ -39,6 +54,7 @@ class Result:
     examples: int = 0
     seconds: float = 0.0
     failure_kind: str | None = None  # assertion | crash
+    where: str | None = None  # crash site in the code under test
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -48,6 +64,47 @@ def _first(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+_LIBRARY_DIRS = tuple({str(Path(sysconfig.get_paths()[k]).resolve()) for k in ("stdlib", "purelib", "platlib")})
+_HARNESS_DIR = str(Path(__file__).resolve().parent)
+
+
+def _is_library(filename: str) -> bool:
+    """Python's own library, an installed package, or this harness: code that is not under test."""
+    f = str(Path(filename).resolve())
+    return f.startswith(_LIBRARY_DIRS + (_HARNESS_DIR,)) or "site-packages" in f or f.startswith("<")
+
+
+def crash_site(exc: BaseException, own_files: set[str] = frozenset()) -> str | None:
+    """The innermost traceback frame of the code under test, as "file:line in function: source".
+
+    Prefers frames in `own_files` (the files that define the variant and its spec); otherwise the innermost
+    frame outside Python's library, installed packages and the harness. None when every frame is library code.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = {str(Path(f).resolve()) for f in own_files}
+    mine = [f for f in frames if str(Path(f.filename).resolve()) in own] or \
+        [f for f in frames if not _is_library(f.filename)]
+    if not mine:
+        return None
+    f = mine[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def variant_files(spec: Spec) -> set[str]:
+    """The source files that define a variant: its registered impl class (if any) and its spec's oracles."""
+    import inspect
+
+    from impl.registry import REGISTRY
+
+    files = {fn.__code__.co_filename for fn in (spec.oracle, spec.init_oracle) if hasattr(fn, "__code__")}
+    if spec.name in REGISTRY.names():
+        try:
+            files.add(inspect.getfile(REGISTRY.get(spec.name)))
+        except (TypeError, OSError):
+            pass
+    return files
 
 
 def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", device: str = "cpu") -> Result:
@@ -72,7 +129,7 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
             state["worst"] = w if state["worst"] is None else max(state["worst"], w)
 
     t0 = time.perf_counter()
-    status, detail, kind = "pass", "", None
+    status, detail, kind, where = "pass", "", None, None
     try:
         run()
     except BaseException as e:  # noqa: BLE001 - every failure becomes a Result
@@ -82,8 +139,15 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         status = "fail"
         kind = "assertion" if isinstance(e, (Falsified, AssertionError)) else "crash"
         detail = str(e) if kind == "assertion" else f"{type(e).__name__}: {e}"
+        if kind == "crash":
+            where = crash_site(e, variant_files(spec))
+            detail += f" [at {where}]" if where else ""
+        size = getattr(e, "size", None)
+        if size is not None:
+            state["worst"] = max(state["worst"] or 0.0, float(size))
     res = Result(spec.name, prop.name, status, detail, state["worst"],
-                 None if status == "pass" else repr(state["case"]), state["n"], round(time.perf_counter() - t0, 3), kind)
+                 None if status == "pass" else repr(state["case"]), state["n"], round(time.perf_counter() - t0, 3), kind,
+                 where)
     dev = declared_deviation(spec, prop.name, backend)
     if dev is None or (status == "fail" and dev.match and dev.match not in detail):
         return res
@@ -140,17 +204,40 @@ def measure_deviation(prop: Property, spec: Spec, backend, dev, device: str) -> 
 
 
 def table(results: list[dict], variants: list[str], properties: list[str]) -> str:
-    """A variant x property table in plain text: pass '.', fail 'F', declared deviation 'D', n/a '-'."""
-    mark = {"pass": ".", "fail": "F", "deviation": "D", "na": "-"}
-    by = {(r["variant"], r["property"]): r["status"] for r in results}
+    """A variant x property table in plain text: pass '.', failed check 'F', crash 'E', declared deviation 'D',
+    n/a '-'."""
+    mark = {"pass": ".", "fail": "F", "crash": "E", "deviation": "D", "na": "-"}
+    by = {(r["variant"], r["property"]): "crash" if r.get("failure_kind") == "crash" and r["status"] == "fail"
+          else r["status"] for r in results}
     w = max(len(v) for v in variants) + 1
     lines = [" " * w + " ".join(f"{i:>2}" for i in range(len(properties)))]
     for v in variants:
         lines.append(f"{v:<{w}}" + " ".join(f"{mark.get(by.get((v, p)), '?'):>2}" for p in properties))
     lines.append("")
     lines += [f"{i:>2} {p}" for i, p in enumerate(properties)]
-    lines.append("legend: . pass  F fail  D declared deviation  - not applicable  ? not run")
+    lines.append("legend: . pass  F failed check  E crash  D declared deviation  - not applicable  ? not run")
     return "\n".join(lines)
+
+
+def changes(previous: list[dict], current: list[dict]) -> dict[str, list[str]]:
+    """What changed between two runs' results, over the (variant, property) pairs both ran: `new_failures`
+    (not failing before, failing now), `fixed` (failing before, not now), `other` (any other status change,
+    as "variant/property: old -> new")."""
+    before = {(r["variant"], r["property"]): r["status"] for r in previous}
+    out: dict[str, list[str]] = {"new_failures": [], "fixed": [], "other": []}
+    for r in current:
+        key = (r["variant"], r["property"])
+        old, new = before.get(key), r["status"]
+        if old is None or old == new:
+            continue
+        name = "/".join(key)
+        if new == "fail":
+            out["new_failures"].append(name)
+        elif old == "fail":
+            out["fixed"].append(name)
+        else:
+            out["other"].append(f"{name}: {old} -> {new}")
+    return out
 
 
 def quantized_matrix(results: list[dict], specs: dict[str, Spec]) -> dict[str, dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from spec import SPECS
 
 from . import records
-from .engine import SCHEMA, quantized_matrix, table, write_json
+from .engine import SCHEMA, changes, quantized_matrix, table, write_json
 from .probes import PROPERTIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,8 @@ def pytest_addoption(parser):
     g.addoption("--backend", default="impl", help="impl | peft")
     g.addoption("--device", default="cpu", help="cpu | cuda")
     g.addoption("--verify-profile", default=None, help="Hypothesis profile: verify (default), ci, dev")
-    g.addoption("--verify-json", default=None, help="where to write the results JSON")
+    g.addoption("--verify-json", default=None, help="where to write the results JSON (the previous one is kept "
+                                                   "beside it as <name>.prev.json)")
 
 
 def _opt(config, name):
@@ -52,12 +54,14 @@ def pytest_configure(config):
     import impl
 
     for mod in _opt(config, "variant_module"):
-        impl.load_variant_module(mod)
+        try:
+            impl.load_variant_module(mod)
+        except impl.ConfigError as e:
+            raise pytest.UsageError(str(e)) from None
     profile = _opt(config, "verify_profile") or ("ci" if os.environ.get("CI") else "verify")
-    config._verify = {"profile": profile, "backend": _backend(_opt(config, "backend")), "device": _opt(config, "device")}
-    if not hasattr(config, "workerinput"):  # one torch thread per xdist worker is set in the worker
-        pass
-    torch.set_num_threads(1)
+    config._verify = {"profile": profile, "backend": _backend(_opt(config, "backend")), "device": _opt(config, "device"),
+                      "t0": time.perf_counter()}
+    torch.set_num_threads(1)  # one torch thread per process (each xdist worker sets its own)
 
 
 def selected(config) -> tuple[list[str], list[str]]:
@@ -123,6 +127,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                                       [r for r in results if r["variant"] == v], be.name, props)
                            for v in variants}
     path = Path(_opt(config, "verify_json") or Path("build/verify") / f"{be.name}.json")
+    previous = keep_previous(path)
     write_json(path, payload)
     tr = terminalreporter
     tr.write_sep("=", f"verify: backend {be.name}, profile {env['profile']}, device {env['device']}")
@@ -134,10 +139,41 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(f"  {v:<18} declared {row['declared']:<7} bnb4 {row['bnb4'][:40]:<40} bnb8 {row['bnb8'][:40]}")
     for r in results:
         if r["status"] in ("fail", "deviation"):
-            tr.write_line(f"{r['status'].upper():9} {r['variant']}/{r['property']}: {r['detail'][:400]}")
+            label = "CRASH" if r.get("failure_kind") == "crash" else r["status"].upper()
+            tr.write_line(f"{label:9} {r['variant']}/{r['property']}: {r['detail'][:400]}")
             if r["status"] == "fail" and r.get("example"):
                 tr.write_line(f"          minimal example: {r['example']}")
-    tr.write_line(f"results: {payload['summary']} -> {path}")
+    tr.write_line(summary_line(payload, time.perf_counter() - env["t0"]) + f" -> {path}")
+    if previous is not None:
+        tr.write_line(describe_changes(changes(previous[1], results), previous[0]))
+
+
+def summary_line(payload: dict, seconds: float) -> str:
+    """The run's counts, from its results: 'verify: V variants x P properties: ... pass, ... in S s'."""
+    n = payload["summary"]
+    return (f"verify: {len(payload['variants'])} variants x {len(payload['properties'])} properties: {n['pass']} pass, "
+            f"{n['deviation']} declared deviation, {n['na']} n/a, {n['fail']} fail in {seconds:.0f} s")
+
+
+def keep_previous(path: Path) -> tuple[Path, list[dict]] | None:
+    """Move the results JSON of the previous run at `path` to <name>.prev.json; return (that path, its results),
+    or None when there was no previous run. An unreadable previous file is kept, not compared."""
+    if not path.is_file():
+        return None
+    prev = path.with_name(path.stem + ".prev.json")
+    os.replace(path, prev)
+    try:
+        return prev, json.loads(prev.read_text())["results"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def describe_changes(ch: dict[str, list[str]], prev: Path) -> str:
+    """One line per kind of change since the previous run, or one line saying nothing changed."""
+    labels = (("new_failures", "new failures"), ("fixed", "fixed"), ("other", "other changes"))
+    lines = [f"  {label} ({len(ch[k])}): {', '.join(ch[k])}" for k, label in labels if ch[k]]
+    head = f"since the previous run ({prev}):"
+    return "\n".join([head] + lines) if lines else f"{head} no status changed"
 
 
 def _impl_version() -> str:

@@ -53,10 +53,10 @@ def _dims(draw, min_width: int, square: bool) -> tuple[int, int]:
 @st.composite
 def cases(draw, spec: Spec, dtypes=(torch.float32,), square: bool = False, bias=None, device: str = "cpu",
           defaults_only: bool = False) -> Case:
-    """A case within the spec's declared constraints: r in [1, min dim] (or what spec.fields draws),
+    """A case within the spec's declared constraints: r in [1, the spec's rank limit] (or what spec.fields draws),
     alpha != r, bias on and off, the given dtypes."""
     d_in, d_out = draw(_dims(spec.min_width, square or spec.square_only))
-    lo = min(d_in, d_out)
+    lo = spec.rank_limit(d_in, d_out) or 2 * max(d_in, d_out)  # no declared limit: ranks above the width too
     r_kind = draw(st.sampled_from(["mid", "mid", "one", "max"]), label="r kind")
     r = {"one": 1, "max": lo}.get(r_kind) or draw(st.integers(min(2, lo), lo), label="r")
     alpha = draw(st.sampled_from([2.0, 3.0, 5.0, 12.0]).filter(lambda a: a != r), label="alpha")

@@ -15,4 +15,5 @@ def test_property(variant, prop, verify_env, record_property):
     if res.status == "na":
         pytest.skip(f"n/a: {res.detail}")
     if res.status == "fail":
-        pytest.fail(f"{variant}/{prop}: {res.detail}\nminimal example: {res.example}", pytrace=False)
+        kind = "crashed" if res.failure_kind == "crash" else "failed"
+        pytest.fail(f"{variant}/{prop} {kind}: {res.detail}\nminimal example: {res.example}", pytrace=False)

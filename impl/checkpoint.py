@@ -1,6 +1,7 @@
 """save / load: the checkpoint contract of docs/conventions.md §4.
 
-A checkpoint is one safetensors file: every adapter tensor, every base weight the variant rewrote
+A checkpoint is one safetensors file: every adapter tensor (a frozen tensor several layers share stored once,
+the other keys naming it in the metadata entry `shared`), every base weight the variant rewrote
 (as `<target>::base_weight`, dense (d_out, d_in)), and metadata (format version, variant, full config,
 runtime knobs, targets, per-target base hashes). load never reruns an init, SVD or calibration pass, and it
 validates the whole file against the model before touching it.
@@ -8,12 +9,10 @@ validates the whole file against the model before touching it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import stat
 import struct
-from pathlib import Path
 
 import safetensors.torch
 import torch
@@ -60,10 +59,17 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     st = runtime.state_of(model)
     tensors: dict[str, torch.Tensor] = {}
     knobs = {}
+    first: dict[int, str] = {}  # id of a tensor several layers share -> the key it is stored under
+    shared: dict[str, str] = {}  # every later key of a shared tensor -> that key (stored once)
     for name, layer in st.targets.items():
         ad = layer.adapter
         for tname, t in ad.tensors().items():
-            tensors[f"{name}{_SEP}{tname}"] = t.detach().cpu().contiguous().clone()
+            key = f"{name}{_SEP}{tname}"
+            if id(t) in first:
+                shared[key] = first[id(t)]
+                continue
+            first[id(t)] = key
+            tensors[key] = t.detach().cpu().contiguous().clone()
         if ad.rewritten:
             tensors[f"{name}{_SEP}base_weight"] = layers.dense_weight(layer).detach().cpu().contiguous().clone()
         knobs[name] = ad.knobs
@@ -75,6 +81,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         "targets": json.dumps(list(st.targets)),
         "base_hashes": json.dumps(st.base_hashes, sort_keys=True),
     }
+    if shared:
+        meta["shared"] = json.dumps(shared, sort_keys=True)
     data = serialize(tensors, meta)
     atomic_write_bytes(path, data)
 
@@ -143,6 +151,7 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         out = {"variant": meta["variant"]}
         for key in _META_TYPES:
             out[key] = json.loads(meta[key])
+        out["shared"] = json.loads(meta.get("shared", "{}"))  # a tensor several layers share, stored once
     except KeyError as e:
         raise CheckpointError(f"{path}: metadata incomplete (no {e})") from None
     except _BAD_JSON as e:
@@ -154,6 +163,9 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{path}: metadata 'variant' is not a string")
     if not all(isinstance(t, str) for t in out["targets"]):
         raise CheckpointError(f"{path}: metadata 'targets' is not a list of layer names")
+    if not isinstance(out["shared"], dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in out["shared"].items()):
+        raise CheckpointError(f"{path}: metadata 'shared' is not an object of tensor names")
     bad = [k for k, h in out["base_hashes"].items() if not (isinstance(h, str) and _HEX64.fullmatch(h))]
     if bad:
         raise CheckpointError(f"{path}: metadata 'base_hashes' of {bad[:3]} is not a sha256 hex digest")
@@ -209,6 +221,10 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_base_mismatch: bool
             f"{path}: checkpoint targets {meta['targets']} but this model's matching layers are {list(targets)}"
         )
     _check_knobs(path, meta["knobs"], variant, targets)
+    for key, src in meta["shared"].items():  # a tensor several layers share is stored once
+        if src not in tensors or key in tensors:
+            raise CheckpointError(f"{path}: shared tensor '{key}' names '{src}', which is not stored once in the file")
+        tensors[key] = tensors[src]
     by_target: dict[str, dict[str, torch.Tensor]] = {n: {} for n in targets}
     for key, t in tensors.items():
         name, _, tname = key.rpartition(_SEP)

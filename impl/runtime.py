@@ -23,7 +23,15 @@ STATE_ATTR = "_adapter_state"
 
 
 class Adapter(nn.Module):
-    """The adapter tensors of one targeted layer, plus what the variant's math needs to know about it."""
+    """The adapter tensors of one targeted layer, plus what the variant's math needs to know about it.
+
+    This is the `ad` every Variant method receives. Attributes: one per declared tensor (`ad.A`); `cfg` (the
+    Config); `knobs` (runtime knob values by name, changed by set_knobs); `drop` (the dropout module for the
+    adapter's input; nn.Identity when dropout is 0); `d_in`, `d_out`; `dtype` (storage dtype of frozen
+    tensors), `param_dtype` (trainables); `name` (the target module's name); `kind` ("linear", "conv1d" or a
+    quantized kind); `layer` (the base module); `variant`. Methods: `weight()`, `original()`, `bias()`,
+    `tensors()`; property `rewritten`.
+    """
 
     def __init__(self, variant: Variant, cfg: Config, layer: nn.Module, name: str):
         super().__init__()
@@ -40,11 +48,18 @@ class Adapter(nn.Module):
         self.original_weight: torch.Tensor | None = None  # kept when the variant rewrites the base
         self.cpu_layout = layers.hold_cpu_layout(layer)  # bitsandbytes' CPU repacking is off while attached
 
-    def add(self, name: str, decl: TensorDecl) -> torch.Tensor:
+    def add(self, name: str, decl: TensorDecl, pool: dict | None = None) -> torch.Tensor:
+        """Create the tensor `decl` declares as `self.<name>`. A shared declaration whose (name, shape, dtype,
+        device) is already in `pool` (one dict per attach) reuses that tensor object instead."""
         dtype = self.param_dtype if decl.trainable else self.dtype
-        t = torch.empty(decl.shape, dtype=dtype, device=self.layer.weight.device)
+        device = self.layer.weight.device
+        key = (name, tuple(decl.shape), dtype, device)
+        if decl.shared and pool is not None and key in pool:
+            self.register_buffer(name, pool[key], persistent=True)
+            return pool[key]
+        t = torch.empty(decl.shape, dtype=dtype, device=device)
         with torch.no_grad():
-            if decl.init == "zeros":
+            if decl.init in ("zeros", "empty"):
                 t.zero_()
             elif decl.init == "ones":
                 t.fill_(1.0)
@@ -53,16 +68,16 @@ class Adapter(nn.Module):
                     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
                 else:
                     t.normal_(0.0, 0.02)
-            elif decl.init == "empty":
-                t.zero_()
             elif callable(decl.init):
                 decl.init(t, None)
-            else:
-                raise ConfigError(f"variant '{self.variant.name}': unknown init {decl.init!r} for '{name}'")
+            else:  # a number (TensorDecl validated the vocabulary)
+                t.fill_(float(decl.init))
         if decl.trainable:
             self.register_parameter(name, nn.Parameter(t, requires_grad=True))
         else:
             self.register_buffer(name, t, persistent=True)
+            if decl.shared and pool is not None:
+                pool[key] = t
         return getattr(self, name)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -246,13 +261,14 @@ def attach(model: nn.Module, cfg: Config, calibration: Iterable | None = None, *
     hashes = {n: layers.weight_hash(m) for n, m in targets.items()}
     ads: dict[str, Adapter] = {}
     handles: list = []
+    pool: dict = {}  # shared frozen tensors of this attach
     try:
         for name, layer in targets.items():
             ad = Adapter(variant, cfg, layer, name)
             layer.add_module("adapter", ad)
             ads[name] = ad
             for tname, decl in variant.tensors(ad.d_in, ad.d_out, cfg).items():
-                ad.add(tname, decl)
+                ad.add(tname, decl, pool)
             if _restore is None:
                 with torch.no_grad():
                     W_new = variant.init(ad, ad.weight().detach().float().clone(), cfg)
@@ -321,7 +337,8 @@ def set_knobs(model: nn.Module, **knobs: float) -> None:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the adapter into the dense base weights and remove it (docs/conventions.md §7)."""
+    """Fold the adapter into the dense base weights and remove it, every hook and adapter tensor
+    (docs/conventions.md §7)."""
     st = state_of(model)
     for name, layer in st.targets.items():
         if layers.is_quantized(layer):

@@ -18,7 +18,15 @@ CLAIM_KINDS = ("nonnegative", "unit_interval", "bounded", "orthogonal_det1", "no
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One adapter tensor. `shape` and formulas are Python expressions over d_in, d_out and config fields."""
+    """One adapter tensor, as the paper defines it.
+
+    name: the attribute the implementation gives it (`ad.<name>`). shape: a Python expression over d_in, d_out
+    and the config fields, e.g. "(r, d_in)". init: free text for the reader and the audit ("zeros",
+    "kaiming-uniform(a=sqrt 5)", "0.1"); the values are checked through the spec's `init_oracle`, not
+    through this text. trainable: a trained Parameter (True) or a frozen buffer (False). shared: frozen, and
+    one tensor for every adapted layer of the same shape (stored once in a checkpoint; property
+    `tensor_sharing`).
+    """
 
     name: str
     shape: str
@@ -27,6 +35,7 @@ class TensorSpec:
     zero_grad_at_init: str = ""  # why its gradient is exactly zero at init ("" = non-zero)
     perturb: Callable[[tuple, torch.Generator], torch.Tensor] | None = None  # non-init values; default N(0, 0.5²)
     when: str = ""  # a Python expression over the config fields: the tensor exists only where it is true ("" = always)
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,14 @@ class PeftMap:
 
 @dataclass(frozen=True)
 class Spec:
+    """The math of one variant. Required: name (the registered variant name), title, equation (LaTeX),
+    tensors, param_count (a formula over d_in, d_out and config fields: the number of trainable entries), and
+    oracle(W, b, T, x, cfg, knobs, xd=None) -> y: the adapted output in float64 from the base weight W
+    (d_out, d_in), bias b (or None), the adapter tensors T by name, the input x (..., d_in), the Config and
+    the runtime knobs; xd is the input after dropout (the adapter's input path), x when None. Every other
+    field has a default that suits a plain LoRA-like variant (see the comments beside each field).
+    """
+
     name: str
     title: str
     equation: str  # LaTeX, for the audit
@@ -133,6 +150,9 @@ class Spec:
     rewrites_base: bool = False
     fields: Callable[..., dict] | None = None  # (draw, d_in, d_out) -> config fields (r, alpha, structural ones)
     min_width: int = 1
+    # the largest rank r a layer of shape (d_in, d_out) accepts (a Python expression over d_in, d_out), attach
+    # refusing a larger one; None: any r (r sets no layer-shaped matrix, or the variant works above the width)
+    max_rank: str | None = "min(d_in, d_out)"
     square_only: bool = False  # draw square layers only (zoo mutants that would otherwise break shapes)
     constraints: tuple[Constraint, ...] = ()
     init_oracle: Callable[..., dict] | None = None  # (W, cfg, X) -> {tensor or "base_weight": expected}
@@ -157,6 +177,8 @@ class Spec:
             raise ValueError(f"spec '{self.name}': bad data or quantized declaration")
         if not isinstance(self.roles, tuple) or not self.roles or not all(isinstance(r, str) for r in self.roles):
             raise ValueError(f"spec '{self.name}': roles must be a non-empty tuple of role names")
+        if any(t.shared and t.trainable for t in self.tensors):
+            raise ValueError(f"spec '{self.name}': only frozen tensors (trainable=False) can be shared")
         for d in self.deviations:
             if (d.size is None) != (d.case is None) or (d.size is not None and d.size <= 0):
                 raise ValueError(f"spec '{self.name}': deviation on '{d.property}' needs both a positive size and a case")
@@ -172,6 +194,12 @@ class Spec:
 
     def deviation(self, prop: str, backend: str) -> Deviation | None:
         return next((d for d in self.deviations if d.property == prop and d.backend == backend), None)
+
+    def rank_limit(self, d_in: int, d_out: int) -> int | None:
+        """The largest r a (d_in, d_out) layer accepts, or None for no limit."""
+        if self.max_rank is None:
+            return None
+        return int(eval(self.max_rank, {"__builtins__": {}}, {"d_in": d_in, "d_out": d_out, "min": min, "max": max}))
 
     def present(self, d_in: int, d_out: int, cfg, trainable: bool | None = None) -> tuple[TensorSpec, ...]:
         """The tensors a layer with this config has (those whose `when` holds), optionally only the trainable

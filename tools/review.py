@@ -729,7 +729,7 @@ def load_verify(path: Path) -> dict:
 
 
 def zoo_summary(path: Path, root: Path) -> dict | None:
-    """Per-variant detection from the zoo JSON (tests/zoo report()), or None when there is none."""
+    """Per-variant detection from the zoo JSON (harness/zoo report()), or None when there is none."""
     if not path.is_file():
         return None
     try:

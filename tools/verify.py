@@ -1,17 +1,30 @@
 """`python -m tools.verify`: run every property on every variant and write the results table and JSON.
 
 Options: --variants lora,dora  --properties oracle,merge  --variant-module path/or.module  --backend impl|peft
---device cpu|cuda  --profile verify|ci|dev  --json PATH  -n WORKERS. Exits non-zero on any failure.
+--device cpu|cuda  --profile verify|ci|dev  --json PATH  -n WORKERS  --log-level LEVEL. Exits non-zero on any
+failure. The previous run's JSON is kept as <name>.prev.json and the summary says what changed since it.
+Logging from the libraries under test is shown from --log-level (default ERROR) up.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def show_logging_from(level: str) -> None:
+    """Let records from `level` up through to stderr, whatever level a library set on its own logger (a handler
+    level filters every record that reaches it; logging's last-resort handler would print warnings)."""
+    handler = logging.StreamHandler()
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("-n", "--workers", default="2")
+    ap.add_argument("--log-level", default="ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                    help="show library logging from this level up (default ERROR)")
     ap.add_argument("--peft-version", default=None, help="handled by `nox -s verify`; here it must match the installed peft")
     a = ap.parse_args(argv)
     if a.peft_version:
@@ -32,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         have = version("peft")
         if have != a.peft_version:
             ap.error(f"--peft-version {a.peft_version} requested but peft {have} is installed; run it through nox -s verify")
+    show_logging_from(a.log_level)
     args = [str(ROOT / "harness" / "verify_test.py"), "-p", "harness.plugin", "-q", "--no-header", "-p", "no:randomly",
-            f"--rootdir={ROOT}", "--backend", a.backend, "--device", a.device]
+            "-p", "no:warnings", f"--log-level={a.log_level}", f"--rootdir={ROOT}", "--backend", a.backend,
+            "--device", a.device]
     if a.workers not in ("0", "1"):
         args += ["-n", a.workers]
     for flag, value in (("--variants", a.variants), ("--properties", a.properties), ("--verify-profile", a.profile),

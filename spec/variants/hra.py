@@ -59,6 +59,7 @@ SPEC = register(
         identity="tolerance",
         dropout="rejected",
         fields=fields,
+        max_rank="d_in",  # r reflections act on the input space: any d_out
         constraints=(
             Constraint("r is even (paired init: H_{2j} H_{2j+1} = I)", {"r": 3}),
             Constraint("r is a positive integer", {"r": 0}),

@@ -22,6 +22,7 @@ SPEC = register(
         equation=r"y = g \odot (W x + b),\quad g \in \mathbb{R}^{d_{out}},\ g_0 = \mathbf{1}",
         tensors=(TensorSpec("g", "(d_out,)", "ones"),),
         param_count="d_out",
+        max_rank=None,  # a gate has no rank: r is not used
         macs="ew(d_out)",  # the gate: one multiply per output, no matmul
         macs_per_forward="0",
         oracle=oracle,

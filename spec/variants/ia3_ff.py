@@ -22,6 +22,7 @@ SPEC = register(
         equation=r"y = W (g \odot x) + b,\quad g \in \mathbb{R}^{d_{in}},\ g_0 = \mathbf{1}",
         tensors=(TensorSpec("g", "(d_in,)", "ones"),),
         param_count="d_in",
+        max_rank=None,  # a gate has no rank: r is not used
         macs="ew(d_in)",  # the gate: one multiply per input, no matmul
         macs_per_forward="0",
         oracle=oracle,
