@@ -20,7 +20,7 @@ def run_verify(tmp_path, module: Path, variant: str):
 def test_user_variant_module_verifies(tmp_path):
     proc, data = run_verify(tmp_path, ROOT / "examples" / "scaled_lora.py", "scaled_lora")
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert data["schema"] == "lora-verify/results/1" and data["variants"] == ["scaled_lora"]
+    assert data["schema"] == "lora-verify/results/2" and data["variants"] == ["scaled_lora"]
     statuses = {r["property"]: r["status"] for r in data["results"]}
     assert statuses["oracle"] == statuses["checkpoint_roundtrip"] == statuses["merge"] == "pass"
     assert set(statuses.values()) <= {"pass", "na"}
