@@ -6,7 +6,6 @@ download CUDA builds) and installs with `-c constraints.txt`, which pins torch, 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 

@@ -137,8 +137,11 @@ def load(model: nn.Module, path: str | os.PathLike, *, allow_base_mismatch: bool
         raise CheckpointError(
             f"{path}: checkpoint targets {meta['targets']} but this model's matching layers are {list(targets)}"
         )
-    for key, src in meta["shared"].items():  # a tensor several layers share is stored once
-        if src not in tensors or key in tensors:
+    shared = meta["shared"]
+    if not isinstance(shared, dict):
+        raise CheckpointError(f"{path}: metadata 'shared' is not a mapping of tensor keys")
+    for key, src in shared.items():  # a tensor several layers share is stored once
+        if not isinstance(src, str) or src not in tensors or key in tensors:
             raise CheckpointError(f"{path}: shared tensor '{key}' names '{src}', which is not stored once in the file")
         tensors[key] = tensors[src]
     by_target: dict[str, dict[str, torch.Tensor]] = {n: {} for n in targets}

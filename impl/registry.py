@@ -6,7 +6,6 @@ file only states its math. A user's own variant registers the same way from any 
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
