@@ -6,7 +6,6 @@ download CUDA builds) and installs with `-c constraints.txt`, which pins torch, 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -25,21 +24,22 @@ STAMP = "lora-verify-install.stamp"
 
 
 def install_key(constraints: Path = CONSTRAINTS) -> str:
-    """sha256 over what decides the installed packages: pyproject.toml and the constraints file."""
+    """sha256 over what decides the installed packages: pyproject.toml, the constraints file and this file (which
+    holds the install commands)."""
     h = hashlib.sha256()
-    for f in (ROOT / "pyproject.toml", constraints):
+    for f in (ROOT / "pyproject.toml", constraints, Path(__file__)):
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 
 def install(session: nox.Session, constraints: Path = CONSTRAINTS) -> None:
     """Install the project (editable) and its pinned dependencies into the session's virtualenv, unless the
-    stamp in that virtualenv says this pyproject.toml and constraints file are already installed there.
+    stamp in that virtualenv says this pyproject.toml, constraints file and noxfile are already installed there.
     (Source edits need no reinstall: the install is editable. Remove the stamp or the virtualenv to force one.)"""
     stamp = Path(session.virtualenv.location) / STAMP
     key = install_key(constraints)
     if stamp.is_file() and stamp.read_text() == key:
-        session.log(f"install skipped: {stamp.name} matches pyproject.toml and {constraints.name}")
+        session.log(f"install skipped: {stamp.name} matches pyproject.toml, {constraints.name} and noxfile.py")
         return
     session.install("-c", str(constraints), "torch==2.13.0")
     session.install("-c", str(constraints), "-e", ".[test]")

@@ -145,7 +145,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 tr.write_line(f"          minimal example: {r['example']}")
     tr.write_line(summary_line(payload, time.perf_counter() - env["t0"]) + f" -> {path}")
     if previous is not None:
-        tr.write_line(describe_changes(changes(previous[1], results), previous[0]))
+        prev_path, prev_results = previous
+        if isinstance(prev_results, str):
+            tr.write_line(f"the previous run ({prev_path}) is not compared: {prev_results}")
+        else:
+            tr.write_line(describe_changes(changes(prev_results, results), prev_path))
 
 
 def summary_line(payload: dict, seconds: float) -> str:
@@ -155,17 +159,17 @@ def summary_line(payload: dict, seconds: float) -> str:
             f"{n['deviation']} declared deviation, {n['na']} n/a, {n['fail']} fail in {seconds:.0f} s")
 
 
-def keep_previous(path: Path) -> tuple[Path, list[dict]] | None:
-    """Move the results JSON of the previous run at `path` to <name>.prev.json; return (that path, its results),
-    or None when there was no previous run. An unreadable previous file is kept, not compared."""
+def keep_previous(path: Path) -> tuple[Path, list[dict] | str] | None:
+    """Move the results JSON of the previous run at `path` to <name>.prev.json; return (that path, its results,
+    or why they cannot be read), or None when there was no previous run."""
     if not path.is_file():
         return None
     prev = path.with_name(path.stem + ".prev.json")
     os.replace(path, prev)
     try:
         return prev, json.loads(prev.read_text())["results"]
-    except (ValueError, KeyError, TypeError):
-        return None
+    except (ValueError, KeyError, TypeError) as e:
+        return prev, f"not a results file ({type(e).__name__}: {e})"
 
 
 def describe_changes(ch: dict[str, list[str]], prev: Path) -> str:

@@ -28,8 +28,8 @@ class Adapter(nn.Module):
     This is the `ad` every Variant method receives. Attributes: one per declared tensor (`ad.A`); `cfg` (the
     Config); `knobs` (runtime knob values by name, changed by set_knobs); `drop` (the dropout module for the
     adapter's input; nn.Identity when dropout is 0); `d_in`, `d_out`; `dtype` (storage dtype of frozen
-    tensors), `param_dtype` (trainables); `name` (the target module's name); `kind` ("linear", "conv1d" or a
-    quantized kind); `layer` (the base module); `variant`. Methods: `weight()`, `original()`, `bias()`,
+    tensors), `param_dtype` (trainables); `name` (the target module's name); `kind` ("linear", "conv1d",
+    "bnb4" or "bnb8"); `layer` (the base module); `variant`. Methods: `weight()`, `original()`, `bias()`,
     `tensors()`; property `rewritten`.
     """
 

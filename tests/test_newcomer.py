@@ -115,6 +115,16 @@ def test_import_time_error_names_the_user_line(tmp_path):
         impl.load_variant_module(str(mod))
 
 
+def test_readme_and_docs_state_only_counts_the_code_gives():
+    from harness import PROPERTIES
+    from spec import SPECS
+
+    actual = {"properties": len(PROPERTIES), "variants": len(SPECS.names())}
+    for path in (ROOT / "README.md", DOC):
+        for n, what in re.findall(r"\b(\d+) (properties|variants)\b", path.read_text()):
+            assert int(n) == actual[what], f"{path.name} says {n} {what}; the code has {actual[what]}"
+
+
 def test_documented_ad_names_exist_on_a_live_adapter():
     names = set(re.findall(r"`ad\.([a-z_]+)", DOC.read_text())) - {"A", "B"}
     assert {"cfg", "drop", "knobs", "weight", "d_in", "param_dtype"} <= names
