@@ -114,12 +114,12 @@ def oracle(spec, be, case):
     live = be.tensors(s.model)
     grads = {n: (live[n].grad, T[n].grad) for n in T if T[n].requires_grad}
     grads["input"] = (x.grad, x64.grad)
-    limit = tol.BACKWARD * tol.ACCUMULATION[case.dtype] * spec.identity_factor * tol.eps(case.dtype)
+    limit = tol.gradient_limit(case.dtype, spec.identity_factor)
     for n, (g, g_ref) in grads.items():
         require(g is not None, f"no gradient reached '{n}'")
         diff = tol.maxabs(g.cpu().double() - g_ref)
-        err = diff / (scales[n] + 1e-300)
-        require(diff <= limit * scales[n] + 1e-300,
+        ok, err = tol.within(diff, limit * scales[n])
+        require(ok,
                 f"gradient of '{n}' differs from the oracle's (max diff {diff:.3g}, gradient {tol.maxabs(g_ref):.3g}, "
                 f"term scale {scales[n]:.3g})", err)
         worst = max(worst, err)
@@ -293,8 +293,10 @@ def bias_invariance(spec, be, case):
         s.model.layer.bias.copy_(b)
     err = tol.maxabs((y_b - y_0).double() - b.double())
     limit = tol.ACCUMULATION[case.dtype] * tol.eps(case.dtype) * (tol.maxabs(y_b) + tol.maxabs(b))
-    require(err <= limit, f"(y with bias) - (y without) differs from the bias by {err:.3g} (bias scale {tol.maxabs(b):.3g})")
-    return err / (tol.maxabs(b) + 1e-300)
+    ok, ratio = tol.within(err, limit)
+    require(ok, f"(y with bias) - (y without) differs from the bias by {err:.3g} (bias scale {tol.maxabs(b):.3g}, "
+                f"scaled error {ratio:.3g})", ratio)
+    return ratio
 
 
 def _check_claim(claim, obj, dtype) -> float:
@@ -504,11 +506,11 @@ def layout(spec, be, case):
     (yl, gl, Wl, s), (yc, gc, Wc, _) = out["linear"], out["conv1d"]
     ok, worst = tol.close(yc, yl, s.y0, case.dtype)
     require(ok, f"Conv1D output differs from Linear (scaled error {worst:.3g})", worst)
-    limit = tol.BACKWARD * tol.ACCUMULATION[case.dtype] * tol.eps(case.dtype)
+    limit = tol.gradient_limit(case.dtype)
     for n in gl:
         diff = tol.maxabs(gc[n].double() - gl[n].double())
-        err = diff / (scales[n] + 1e-300)
-        require(diff <= limit * scales[n] + 1e-300,
+        ok, err = tol.within(diff, limit * scales[n])
+        require(ok,
                 f"Conv1D gradient of '{n}' differs from Linear's (max diff {diff:.3g}, term scale {scales[n]:.3g})", err)
         worst = max(worst, err)
     ok, err = tol.close(Wc, Wl, None, case.dtype)

@@ -28,6 +28,19 @@ class TensorSpec:
     perturb: Callable[[tuple, torch.Generator], torch.Tensor] | None = None  # non-init values; default N(0, 0.5²)
     when: str = ""  # a Python expression over the config fields: the tensor exists only where it is true ("" = always)
 
+    def distribution(self, shape: tuple[int, ...], env: Mapping[str, Any]) -> tuple[str, float] | None:
+        """The random distribution `init` declares, as ("uniform", bound) or ("normal", std); None for a
+        deterministic init. Two forms are read: "kaiming-uniform(a=sqrt 5)..." (nn.Linear's init: U(−b, b) with
+        b = 1/sqrt(fan_in), fan_in the tensor's last dim) and "N(0, <variance>)" (<variance> a formula over d_in,
+        d_out and the config fields)."""
+        text = self.init.strip()
+        if "kaiming-uniform" in text:
+            return "uniform", 1.0 / shape[-1] ** 0.5
+        if text.startswith("N(0,") and text.endswith(")"):
+            var = float(eval(text[4:-1].replace("²", "**2"), {"__builtins__": {}}, dict(env)))
+            return "normal", var**0.5
+        return None
+
 
 @dataclass(frozen=True)
 class Constraint:

@@ -78,7 +78,7 @@ SPEC = register(
                       "codes, unscaled, by H (it reads the packed storage as the weight): its output is wrong there "
                       "(a PEFT bug, harness/backends/peft.py 'quantized'); ours rotates the input of the layer's own forward",
                       source="peft/tuners/hra/layer.py:263 (orig_weight = self.get_base_layer().weight.data)",
-                      match="bnb8", size=0.997,
+                      match="bnb8", size=6.52e4,
                       case={"d_in": 8, "d_out": 6, "bias": True, "dtype": "float32", "seed": 1,
                             "fields": {"r": 2, "alpha": 2.0}}),
             Deviation("layout", "PEFT's HRA wraps only torch.nn.Linear and Conv2d: transformers' Conv1D is refused "
