@@ -322,8 +322,7 @@ def reference_init(spec, be, case):
     factor = 4 * spec.identity_factor * max(W.shape)
     if spec.peft.compare is not None:
         return _compare_quantities(spec.peft.compare(ours, theirs, cfg_of(spec, case)), W, case.dtype, factor)
-    cfg = cfg_of(spec, case)
-    named = set(spec.init_oracle(W, cfg, X)) if spec.init_oracle else set()
+    named = set(spec.init_oracle(W, cfg_of(spec, case), X)) if spec.init_oracle else set()
     declared = {t.name: t for t in spec.tensors}
     worst = 0.0
     for name in sorted(set(ours) | set(theirs)):
@@ -332,7 +331,7 @@ def reference_init(spec, be, case):
         require(a.shape == e.shape, f"'{name}' has shape {tuple(a.shape)}, PEFT's {tuple(e.shape)}")
         # a tensor the spec declares random is never compared in value, whatever its size (a one-element random
         # tensor is trivially 'all equal')
-        random = name in declared and declared[name].distribution(tuple(e.shape), spec.env(*W.shape[::-1], cfg))
+        random = name in declared and declared[name].random
         constant = not random and e.numel() > 0 and bool((e == e.reshape(-1)[0]).all())
         if name in named or constant:
             dim = spec.sign_free.get(name)

@@ -50,7 +50,8 @@ SPEC = register(
         title="HRA: Householder reflection adaptation",
         equation=r"y = W H x + b,\quad H = \prod_{i=0}^{r-1} \Big(I - \frac{2\,u_i u_i^\top}{\lVert u_i\rVert^2}\Big)"
                  r"\ \ (H_{r-1}\text{ acts first})",
-        tensors=(TensorSpec("U", "(r, d_in)", "r/2 kaiming-uniform rows, each repeated twice (H = I)"),),
+        tensors=(TensorSpec("U", "(r, d_in)", "r/2 kaiming-uniform(fan_in=r/2) rows (the fan-in of PEFT's (d_in, r/2) "
+                                              "half matrix), each repeated twice (H = I)"),),
         param_count="r * d_in",
         # compact WY form (impl): x Uᵀ, then Tᵀ, then U per token; the Gram U Uᵀ and T's triangular solve per forward
         macs="2 * r * d_in + r * r",
