@@ -391,6 +391,32 @@ def dropout(spec, be, case):
     return max(err, err2)
 
 
+@prop("dropout_live", _dt(torch.float32), max_examples=8,
+      applies=lambda spec, be: None if spec.dropout == "honoured" else "the spec declares dropout rejected")
+def dropout_live(spec, be, case):
+    """With dropout 0.5 and perturbed trainables, train-mode outputs under two random states differ from each other
+    and from the eval-mode output, and eval mode equals the same adapter built with dropout 0 (a check independent of
+    the hand-computed mask)."""
+    s = setup(spec, be, case, dropout=0.5)
+    perturb(spec, be, s.model, case)
+    s0 = setup(spec, be, case)
+    with torch.no_grad():
+        for n, t in be.tensors(s0.model).items():
+            t.copy_(be.tensors(s.model)[n])
+        s.model.eval()
+        y_eval, y_plain = s.model(s.x), s0.model(s.x)
+        s.model.train()
+        torch.manual_seed(case.seed)
+        y1 = s.model(s.x)
+        torch.manual_seed(case.seed + 1)
+        y2 = s.model(s.x)
+    require(not torch.equal(y1, y2), "train-mode outputs under two random states are equal: dropout is not applied")
+    require(not torch.equal(y1, y_eval), "train-mode output equals the eval-mode output: dropout is not applied")
+    require(torch.equal(y_eval, y_plain), f"eval mode with dropout differs from dropout 0 by "
+                                          f"{tol.maxabs(y_eval.double() - y_plain.double()):.3g}")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- lifecycle
 
 
@@ -436,6 +462,29 @@ def merge(spec, be, case):
     ok, err = tol.close(y_m, y_h, s.y0, case.dtype, spec.identity_factor)
     require(ok, f"merged output differs from the hooked output (scaled error {err:.3g})")
     return err
+
+
+@prop("merge_oracle", _dt(torch.float32))
+def merge_oracle(spec, be, case):
+    """After perturbing and setting every knob to a drawn non-default value, the merged dense weight and bias equal
+    the spec's float64 oracle's dense map (its outputs on the unit inputs, less its output at 0): a check of merge
+    independent of the hooked forward."""
+    s = setup(spec, be, case)
+    perturb(spec, be, s.model, case)
+    set_drawn_knobs(spec, be, s.model, case)
+    s.model.eval()
+    x64 = torch.cat([torch.eye(case.d_in, dtype=torch.float64), torch.zeros(1, case.d_in, dtype=torch.float64)])
+    y_ref, _ = oracle_output(spec, be, s, case, x64)
+    M, b = (y_ref[:-1] - y_ref[-1:]).T, y_ref[-1]
+    be.merge(s.model)
+    W_m = be.base_weight(s.model).detach().double().cpu()
+    layer_b = getattr(s.model.layer, "bias", None)
+    b_m = torch.zeros_like(b) if layer_b is None else layer_b.detach().double().cpu()
+    ok, err = tol.close(W_m, M, s.W, case.dtype, spec.identity_factor)
+    require(ok, f"merged weight differs from the oracle's dense map (scaled error {err:.3g})", err)
+    ok, err_b = tol.close(b_m, b, torch.zeros_like(b) if s.b is None else s.b, case.dtype, spec.identity_factor * case.d_in)
+    require(ok, f"merged bias differs from the oracle's output at 0 (scaled error {err_b:.3g})", err_b)
+    return max(err, err_b)
 
 
 def _file_diff(f1: Path, f2: Path) -> str:
@@ -657,25 +706,35 @@ def init_distribution(spec, be, case):
 @prop("config_roundtrip", _dt(torch.float32), max_examples=6,
       applies=lambda spec, be: None if hasattr(be, "config_fields") else "the backend exposes no config record")
 def config_roundtrip(spec, be, case):
-    """With non-default dtype, param_dtype and dropout drawn (and the spec's drawn fields), the config a checkpoint
-    loads into a fresh model equals the saved one, field by field: a field dropped on save would reload as its
-    default."""
+    """With non-default dtype, param_dtype and dropout drawn (and the spec's drawn fields, perturbed trainables and
+    knobs at drawn non-default values), the config a checkpoint loads into a fresh model equals the saved one, field
+    by field (a field dropped on save would reload as its default), and so does the eval output, bit-exactly."""
     g = case.gen(15)
     over = {"dtype": (torch.float32, torch.float64)[int(torch.randint(2, (1,), generator=g))],
             "param_dtype": torch.float64}
     if spec.dropout == "honoured":
         over["dropout"] = 0.1
     s = setup(spec, be, case, **over)
+    perturb(spec, be, s.model, case)
+    set_drawn_knobs(spec, be, s.model, case)
+    s.model.eval()
     saved = be.config_fields(s.model)
     with tempfile.TemporaryDirectory() as d:
         f = Path(d, "a.safetensors")
         be.save(s.model, f)
         m2 = _fresh(s, case)
-        be.load(m2, f)
+        try:
+            be.load(m2, f)
+        except AdapterError as e:
+            raise Falsified(f"the checkpoint does not load into a fresh model: {e}") from None
+        m2.eval()  # after load: the adapter modules load adds start in train mode
         loaded = be.config_fields(m2)
     diff = sorted(k for k in set(saved) | set(loaded) if saved.get(k, "<absent>") != loaded.get(k, "<absent>"))
     require(not diff, "the loaded config differs from the saved one in " +
             ", ".join(f"'{k}' ({saved.get(k, '<absent>')!r} saved, {loaded.get(k, '<absent>')!r} loaded)" for k in diff))
+    with torch.no_grad():
+        y1, y2 = s.model(s.x), m2(s.x)
+    require(torch.equal(y1, y2), f"with this config the loaded eval output differs by {tol.maxabs(y2.double() - y1.double()):.3g}")
     return None
 
 
