@@ -19,7 +19,7 @@ from impl.errors import AttachError
 from . import tolerance as tol
 from .models import calibration as token_calibration
 from .models import single, tiny
-from .probes import drawn_knob, grad_flags, prop, require
+from .probes import drawn_knob, grad_flags, prop, require, same_state, snapshot
 from .properties import compare_init
 from .strategies import cases
 
@@ -120,13 +120,14 @@ def model_targeting(spec, be, drawn):
     trials = [selection] + [{"target_roles": (r,)} for r in sorted(set(MODULES[arch].values()))]
     for sel in trials:
         expected = expected_targets(arch, sel)
-        flags = grad_flags(model)
+        flags, state = grad_flags(model), snapshot(model)
         try:
             torch.manual_seed(case.seed)
             be.attach_targets(model, spec, case, sel, cal)
         except AttachError as e:
             require(not expected, f"{arch} {sel}: attach refused ({e}) but {sorted(expected)} should be adapted")
-            require(grad_flags(model) == flags, f"{arch} {sel}: a refused attach changed requires_grad flags")
+            require(grad_flags(model) == flags and same_state(snapshot(model), state),
+                    f"{arch} {sel}: a refused attach changed the model")
             continue
         got = set(be.adapted_layers(model))
         be.detach(model)
