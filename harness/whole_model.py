@@ -176,8 +176,10 @@ def model_freezing(spec, be, drawn):
     flags = grad_flags(model)
     adapted = _attach(spec, be, case, arch, model)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}  # after attach: a rewritten base counts
-    adapter_ids = {id(t) for tensors, _, _ in adapted.values() for t in tensors.values()}
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_ids]
+    # by storage, not identity: a backend's tensors may be views (reshaped, transposed) of its parameters
+    adapter = {t.untyped_storage().data_ptr() for tensors, _, _ in adapted.values() for t in tensors.values()}
+    is_adapter = {n: p.untyped_storage().data_ptr() in adapter for n, p in model.named_parameters()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and not is_adapter[n]]
     require(not trainable, f"{arch}: base parameters left trainable after attach: {trainable[:5]}")
     _perturb_all(spec, adapted, case)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -189,7 +191,7 @@ def model_freezing(spec, be, drawn):
     opt.step()
     require(all(not torch.equal(p.detach(), b) for p, b in zip(params, before)), f"{arch}: an adapter tensor did not move")
     for n, p in model.named_parameters():
-        if id(p) in adapter_ids:
+        if is_adapter.get(n, False):
             continue
         require(p.grad is None, f"{arch}: base parameter '{n}' received a gradient")
         require(n not in base or torch.equal(p.detach(), base[n]), f"{arch}: base parameter '{n}' changed in training")
