@@ -5,6 +5,7 @@ that each property catches the bug it names.
 `PROPERTIES` is the full property library: the generic properties, then the differential ones.
 """
 from . import properties  # noqa: I001,F401  (registers the generic properties first: the table's order)
+from . import whole_model  # noqa: F401  (then the model-level ones)
 from . import differential  # noqa: F401  (then the differential ones)
 from . import structure  # noqa: F401  (then the ones over a model's structure: rank limit, shared tensors)
 from .probes import PROPERTIES, Falsified, Property

@@ -232,3 +232,28 @@ class Probe:
         eye = torch.eye(d_in, dtype=torch.float64)
         y = self.output(torch.cat([eye, torch.zeros(1, d_in, dtype=torch.float64)], 0))
         return (y[:-1] - y[-1:]).T
+
+
+def drawn_knob(default: float, identity: float, g: torch.Generator) -> float:
+    """A knob value strictly between its identity value and its config value (both legal, so every value between
+    them is for a knob whose legal set is an interval), equal to neither: code that reads the knob from the
+    config, or sets it on one layer only, computes something else."""
+    u = 0.3 + 0.6 * float(torch.rand(1, generator=g, dtype=torch.float64))
+    return identity + u * ((default - identity) or 1.0)
+
+
+def set_drawn_knobs(spec: Spec, be, model, case: Case) -> dict[str, float]:
+    """Set every knob the spec declares to a drawn non-default value on the live model; return them."""
+    g = case.gen(13)
+    values = {}
+    for knob, identity in spec.knobs.items():
+        values[knob] = drawn_knob(be.knobs(model)[knob], identity, g)
+        be.set_knob(model, knob, values[knob])
+    return values
+
+
+def layouts(spec: Spec, be) -> tuple[str, ...]:
+    """The layouts a restore or round-trip property runs on: Linear and transformers' transposed Conv1D, unless
+    the spec declares (for this backend) that the variant does not run on Conv1D."""
+    dev = spec.deviation("layout", be.name)
+    return ("linear",) if dev is not None else ("linear", "conv1d")

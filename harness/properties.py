@@ -21,9 +21,10 @@ from spec.schema import Spec
 
 from . import tolerance as tol
 from .models import single
-from .probes import (Falsified, Probe, Setup, _dt, base_out, cfg_of, gradient_scales, grad_flags, loss_weights,
-                     oracle_output, perturb, prop, require, same_state, setup, snapshot, untouched)
-from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
+from .probes import (Falsified, Probe, Setup, _dt, base_out, cfg_of, gradient_scales, grad_flags, layouts,
+                     loss_weights, oracle_output, perturb, prop, require, same_state, set_drawn_knobs, setup, snapshot,
+                     untouched)
+from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs, square_or_not
 
 
 # ----------------------------------------------------------------------------------------------- identity
@@ -114,12 +115,12 @@ def oracle(spec, be, case):
     live = be.tensors(s.model)
     grads = {n: (live[n].grad, T[n].grad) for n in T if T[n].requires_grad}
     grads["input"] = (x.grad, x64.grad)
-    limit = tol.BACKWARD * tol.ACCUMULATION[case.dtype] * spec.identity_factor * tol.eps(case.dtype)
+    limit = tol.gradient_limit(case.dtype, spec.identity_factor)
     for n, (g, g_ref) in grads.items():
         require(g is not None, f"no gradient reached '{n}'")
         diff = tol.maxabs(g.cpu().double() - g_ref)
-        err = diff / (scales[n] + 1e-300)
-        require(diff <= limit * scales[n] + 1e-300,
+        ok, err = tol.within(diff, limit * scales[n])
+        require(ok,
                 f"gradient of '{n}' differs from the oracle's (max diff {diff:.3g}, gradient {tol.maxabs(g_ref):.3g}, "
                 f"term scale {scales[n]:.3g})", err)
         worst = max(worst, err)
@@ -136,20 +137,30 @@ def init_formula(spec, be, case):
     expected = spec.init_oracle(s.W, cfg_of(spec, case), X)
     actual = {n: t.detach().double().cpu() for n, t in be.tensors(s.model).items()}
     actual["base_weight"] = be.base_weight(s.model).detach().double().cpu()
+    # an SVD's rounding grows with the layer's width
+    return compare_init(spec, expected, actual, s.W, case.dtype, 4 * spec.identity_factor * max(s.W.shape),
+                        "", "the spec's formula")
+
+
+def compare_init(spec, expected: dict, actual: dict, W: torch.Tensor, dtype, factor: float, where: str = "",
+                 what: str = "the reference init") -> float:
+    """Compare init tensors (by name; "base_weight" the rewritten base) with expected ones, up to sign where the
+    spec declares it, within `factor` times the dtype's tolerance; the worst scaled error."""
     worst = 0.0
     for name, e in expected.items():
-        require(name in actual, f"init formula names '{name}', which the implementation lacks")
+        require(name in actual, f"{where}init names '{name}', which the implementation lacks")
         a = actual[name]
-        require(a.shape == e.shape, f"'{name}' has shape {tuple(a.shape)}, the formula {tuple(e.shape)}")
+        require(a.shape == e.shape, f"{where}'{name}' has shape {tuple(a.shape)}, {what} {tuple(e.shape)}")
         if name in spec.sign_free:
             dim = spec.sign_free[name]
             dots = (a * e).sum(dim=1 - dim if a.dim() == 2 else 0, keepdim=True)
             e = e * torch.where(dots < 0, -1.0, 1.0).to(e.dtype)
         # a rewritten base is checked at the scale of what the init moved out of W (a residual that is 0
         # when r reaches the rank of W carries W's rounding, not its own)
-        ref = s.W if name == "base_weight" else None
-        ok, err = tol.close(a, e, ref, case.dtype, 4 * spec.identity_factor * max(s.W.shape))
-        require(ok, f"init of '{name}' differs from the spec's formula (max diff {tol.maxabs(a - e):.3g}, scale {tol.maxabs(e):.3g})")
+        ref = W if name == "base_weight" else None
+        ok, err = tol.close(a, e, ref, dtype, factor)
+        require(ok, f"{where}init of '{name}' differs from {what} (max diff {tol.maxabs(a - e):.3g}, scale "
+                    f"{tol.maxabs(e):.3g}, scaled error {err:.3g})", err)
         worst = max(worst, err)
     return worst
 
@@ -293,8 +304,10 @@ def bias_invariance(spec, be, case):
         s.model.layer.bias.copy_(b)
     err = tol.maxabs((y_b - y_0).double() - b.double())
     limit = tol.ACCUMULATION[case.dtype] * tol.eps(case.dtype) * (tol.maxabs(y_b) + tol.maxabs(b))
-    require(err <= limit, f"(y with bias) - (y without) differs from the bias by {err:.3g} (bias scale {tol.maxabs(b):.3g})")
-    return err / (tol.maxabs(b) + 1e-300)
+    ok, ratio = tol.within(err, limit)
+    require(ok, f"(y with bias) - (y without) differs from the bias by {err:.3g} (bias scale {tol.maxabs(b):.3g}, "
+                f"scaled error {ratio:.3g})", ratio)
+    return ratio
 
 
 def _check_claim(claim, obj, dtype) -> float:
@@ -378,33 +391,64 @@ def dropout(spec, be, case):
     return max(err, err2)
 
 
+@prop("dropout_live", _dt(torch.float32), max_examples=8,
+      applies=lambda spec, be: None if spec.dropout == "honoured" else "the spec declares dropout rejected")
+def dropout_live(spec, be, case):
+    """With dropout 0.5 and perturbed trainables, train-mode outputs under two random states differ from each other
+    and from the eval-mode output, and eval mode equals the same adapter built with dropout 0 (a check independent of
+    the hand-computed mask)."""
+    s = setup(spec, be, case, dropout=0.5)
+    perturb(spec, be, s.model, case)
+    s0 = setup(spec, be, case)
+    with torch.no_grad():
+        for n, t in be.tensors(s0.model).items():
+            t.copy_(be.tensors(s.model)[n])
+        s.model.eval()
+        y_eval, y_plain = s.model(s.x), s0.model(s.x)
+        s.model.train()
+        torch.manual_seed(case.seed)
+        y1 = s.model(s.x)
+        torch.manual_seed(case.seed + 1)
+        y2 = s.model(s.x)
+    require(not torch.equal(y1, y2), "train-mode outputs under two random states are equal: dropout is not applied")
+    require(not torch.equal(y1, y_eval), "train-mode output equals the eval-mode output: dropout is not applied")
+    require(torch.equal(y_eval, y_plain), f"eval mode with dropout differs from dropout 0 by "
+                                          f"{tol.maxabs(y_eval.double() - y_plain.double()):.3g}")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- lifecycle
 
 
-@prop("detach_restores", _dt(torch.float32, torch.bfloat16))
+@prop("detach_restores", lambda spec, device: square_or_not(spec, (torch.float32, torch.bfloat16), device))
 def detach_restores(spec, be, case):
-    """attach, perturb, forward, detach: the base output, state dict and requires_grad flags are bit-exactly
-    what they were, and no hook or adapter is left."""
-    s = setup(spec, be, case, attach=False)
-    state, flags = snapshot(s.model), grad_flags(s.model)
-    torch.manual_seed(case.seed)
-    be.attach(s.model, spec, case, s.cal)
-    perturb(spec, be, s.model, case)
-    s.model(s.x)
-    be.detach(s.model)
-    with torch.no_grad():
-        y = s.model(s.x)
-    require(torch.equal(y, s.y0), f"output after detach differs from the base by {tol.maxabs(y.double() - s.y0.double()):.3g}")
-    untouched(be, s.model, state, flags, "after detach")
+    """On each layout (Linear, Conv1D): attach, perturb, set every knob to a drawn non-default value, forward,
+    detach: the base output, state dict and requires_grad flags are bit-exactly what they were, and no hook or
+    adapter is left."""
+    for lay in layouts(spec, be):
+        s = setup(spec, be, case, layout=lay, attach=False)
+        state, flags = snapshot(s.model), grad_flags(s.model)
+        torch.manual_seed(case.seed)
+        be.attach(s.model, spec, case, s.cal)
+        perturb(spec, be, s.model, case)
+        set_drawn_knobs(spec, be, s.model, case)
+        s.model(s.x)
+        be.detach(s.model)
+        with torch.no_grad():
+            y = s.model(s.x)
+        require(torch.equal(y, s.y0), f"{lay}: output after detach differs from the base by "
+                                      f"{tol.maxabs(y.double() - s.y0.double()):.3g}")
+        untouched(be, s.model, state, flags, f"{lay}: after detach")
     return 0.0
 
 
 @prop("merge", _dt(torch.float32, torch.bfloat16))
 def merge(spec, be, case):
-    """After perturbing, merge folds the adapter into dense weights: the output equals the hooked output,
-    every base weight keeps its dtype, and no hook is left."""
+    """After perturbing and setting every knob to a drawn non-default value, merge folds the adapter into dense
+    weights: the output equals the hooked output, every base weight keeps its dtype, and no hook is left."""
     s = setup(spec, be, case)
     perturb(spec, be, s.model, case)
+    set_drawn_knobs(spec, be, s.model, case)
     s.model.eval()
     dtypes = {k: v.dtype for k, v in s.model.layer.state_dict().items() if "adapter" not in k}
     with torch.no_grad():
@@ -418,6 +462,29 @@ def merge(spec, be, case):
     ok, err = tol.close(y_m, y_h, s.y0, case.dtype, spec.identity_factor)
     require(ok, f"merged output differs from the hooked output (scaled error {err:.3g})")
     return err
+
+
+@prop("merge_oracle", _dt(torch.float32))
+def merge_oracle(spec, be, case):
+    """After perturbing and setting every knob to a drawn non-default value, the merged dense weight and bias equal
+    the spec's float64 oracle's dense map (its outputs on the unit inputs, less its output at 0): a check of merge
+    independent of the hooked forward."""
+    s = setup(spec, be, case)
+    perturb(spec, be, s.model, case)
+    set_drawn_knobs(spec, be, s.model, case)
+    s.model.eval()
+    x64 = torch.cat([torch.eye(case.d_in, dtype=torch.float64), torch.zeros(1, case.d_in, dtype=torch.float64)])
+    y_ref, _ = oracle_output(spec, be, s, case, x64)
+    M, b = (y_ref[:-1] - y_ref[-1:]).T, y_ref[-1]
+    be.merge(s.model)
+    W_m = be.base_weight(s.model).detach().double().cpu()
+    layer_b = getattr(s.model.layer, "bias", None)
+    b_m = torch.zeros_like(b) if layer_b is None else layer_b.detach().double().cpu()
+    ok, err = tol.close(W_m, M, s.W, case.dtype, spec.identity_factor)
+    require(ok, f"merged weight differs from the oracle's dense map (scaled error {err:.3g})", err)
+    ok, err_b = tol.close(b_m, b, torch.zeros_like(b) if s.b is None else s.b, case.dtype, spec.identity_factor * case.d_in)
+    require(ok, f"merged bias differs from the oracle's output at 0 (scaled error {err_b:.3g})", err_b)
+    return max(err, err_b)
 
 
 def _file_diff(f1: Path, f2: Path) -> str:
@@ -434,60 +501,67 @@ def _file_diff(f1: Path, f2: Path) -> str:
     return ", ".join(out) or "byte layout"
 
 
-def _fresh(s: Setup, case: Case, W=None):
-    return single(s.W if W is None else W, s.b, case.dtype, "linear", case.device)
+def _fresh(s: Setup, case: Case, W=None, layout: str = "linear"):
+    return single(s.W if W is None else W, s.b, case.dtype, layout, case.device)
 
 
-@prop("checkpoint_roundtrip", _dt(torch.float32, torch.bfloat16))
+@prop("checkpoint_roundtrip", lambda spec, device: square_or_not(spec, (torch.float32, torch.bfloat16), device))
 def checkpoint_roundtrip(spec, be, case):
-    """save -> load -> save -> load into freshly built models, with no calibration data on load, reproduces the
-    outputs bit-exactly and the second file equals the first; a model with other base weights is refused
-    and left untouched."""
-    s = setup(spec, be, case)
+    """On each layout (Linear, Conv1D), with every knob at a drawn non-default value: save -> load -> save -> load
+    into freshly built models, with no calibration data on load, reproduces the outputs and knobs bit-exactly and
+    the second file equals the first; a model with other base weights is refused and left untouched."""
+    for lay in layouts(spec, be):
+        _roundtrip(spec, be, case, lay)
+    return 0.0
+
+
+def _roundtrip(spec, be, case: Case, lay: str) -> None:
+    s = setup(spec, be, case, layout=lay)
     perturb(spec, be, s.model, case)
-    for knob in spec.knobs:
-        be.set_knob(s.model, knob, 0.7)
+    knobs = set_drawn_knobs(spec, be, s.model, case)
     with torch.no_grad():
         y1 = s.model(s.x)
     with tempfile.TemporaryDirectory() as d:
         f1, f2 = Path(d, "a.safetensors"), Path(d, "b.safetensors")
         be.save(s.model, f1)
-        m2 = _fresh(s, case)
+        m2 = _fresh(s, case, layout=lay)
         try:
             be.load(m2, f1)
         except AdapterError as e:  # any clear refusal (e.g. a load that asks for calibration data) fails here
-            raise Falsified(f"the checkpoint save wrote does not load into a fresh model: {e}") from None
+            raise Falsified(f"{lay}: the checkpoint save wrote does not load into a fresh model: {e}") from None
         with torch.no_grad():
             y2 = m2(s.x)
-        require(torch.equal(y2, y1), f"loaded output differs by {tol.maxabs(y2.double() - y1.double()):.3g}")
+        require(torch.equal(y2, y1), f"{lay}: loaded output differs by {tol.maxabs(y2.double() - y1.double()):.3g}")
+        loaded = {k: be.knobs(m2)[k] for k in knobs}
+        require(loaded == knobs, f"{lay}: knobs {knobs} saved, {loaded} loaded")
         be.save(m2, f2)
         require(f1.read_bytes() == f2.read_bytes(),
-                f"save -> load -> save does not reproduce the checkpoint: {_file_diff(f1, f2)}")
-        m3 = _fresh(s, case)
+                f"{lay}: save -> load -> save does not reproduce the checkpoint: {_file_diff(f1, f2)}")
+        m3 = _fresh(s, case, layout=lay)
         be.load(m3, f2)
         with torch.no_grad():
             y3 = m3(s.x)
-        require(torch.equal(y3, y1), f"second load differs by {tol.maxabs(y3.double() - y1.double()):.3g}")
+        require(torch.equal(y3, y1), f"{lay}: second load differs by {tol.maxabs(y3.double() - y1.double()):.3g}")
         if getattr(be, "checks_base_hash", True):
-            other = _fresh(s, case, W=s.W + 0.01)
+            other = _fresh(s, case, W=s.W + 0.01, layout=lay)
             state, flags = snapshot(other), grad_flags(other)
             try:
                 be.load(other, f1)
             except CheckpointError:
-                untouched(be, other, state, flags, "after a refused load")
+                untouched(be, other, state, flags, f"{lay}: after a refused load")
             else:
-                raise Falsified("load into a model with different base weights was accepted")
-    return 0.0
+                raise Falsified(f"{lay}: load into a model with different base weights was accepted")
 
 
 @prop("layout", lambda spec, device: cases(spec, dtypes=(torch.float32, torch.float64), bias=True, device=device))
 def layout(spec, be, case):
-    """The variant on a Linear and on a transposed-storage Conv1D holding the same weight gives the same
-    outputs, gradients (adapter tensors and input, at the scale of the terms they sum) and merged weight."""
+    """The variant on a Linear and on a transposed-storage Conv1D holding the same weight, with every knob at the
+    same drawn non-default value, gives the same outputs, gradients (adapter tensors and input, at the scale of the terms they sum) and merged weight."""
     out = {}
     for lay in ("linear", "conv1d"):
         s = setup(spec, be, case, layout=lay)
         perturb(spec, be, s.model, case)
+        set_drawn_knobs(spec, be, s.model, case)
         x = s.x.detach().clone().requires_grad_(True)
         y = s.model(x)
         c = loss_weights(y, case).to(case.dtype).double()
@@ -504,11 +578,11 @@ def layout(spec, be, case):
     (yl, gl, Wl, s), (yc, gc, Wc, _) = out["linear"], out["conv1d"]
     ok, worst = tol.close(yc, yl, s.y0, case.dtype)
     require(ok, f"Conv1D output differs from Linear (scaled error {worst:.3g})", worst)
-    limit = tol.BACKWARD * tol.ACCUMULATION[case.dtype] * tol.eps(case.dtype)
+    limit = tol.gradient_limit(case.dtype)
     for n in gl:
         diff = tol.maxabs(gc[n].double() - gl[n].double())
-        err = diff / (scales[n] + 1e-300)
-        require(diff <= limit * scales[n] + 1e-300,
+        ok, err = tol.within(diff, limit * scales[n])
+        require(ok,
                 f"Conv1D gradient of '{n}' differs from Linear's (max diff {diff:.3g}, term scale {scales[n]:.3g})", err)
         worst = max(worst, err)
     ok, err = tol.close(Wc, Wl, None, case.dtype)
@@ -534,6 +608,133 @@ def degenerate_weights(spec, be, case):
                     require(t.grad is not None and bool(torch.isfinite(t.grad).all()), f"{kind} W, {stage}: non-finite gradient of '{n}'")
                     t.grad = None
             require(bool(torch.isfinite(x.grad).all()), f"{kind} W, {stage}: non-finite input gradient")
+    return None
+
+
+SATURATION = (1e3, 1e-6)  # trainable scales far past any clamp, gain or floor on either side, within float32's range
+
+
+@prop("saturated_trainables", _dt(torch.float32))
+def saturated_trainables(spec, be, case):
+    """Extreme but legal trainable values (every trainable at random values of both signs of size 1e3, then of
+    size 1e-6: past every clamp's bound and under every norm floor) give finite outputs and finite gradients of
+    every trainable and of the input: a gain written with an exp that overflows, or a division by a norm without a
+    floor, is caught here and not only on degenerate base weights."""
+    s = setup(spec, be, case)
+    live = be.tensors(s.model)
+    present = spec.present(case.d_in, case.d_out, cfg_of(spec, case), trainable=True)
+    g = case.gen(14)
+    for scale in SATURATION:
+        with torch.no_grad():
+            for ts in present:
+                t = live[ts.name]
+                t.copy_((torch.randn(t.shape, generator=g, dtype=torch.float64) * scale).to(t.dtype))
+        x = s.x.detach().clone().requires_grad_(True)
+        y = s.model(x)
+        require(bool(torch.isfinite(y).all()), f"trainables at scale {scale:g}: non-finite output")
+        (y.double() * loss_weights(y, case).to(y.device)).sum().backward()
+        for ts in present:
+            t = live[ts.name]
+            require(t.grad is not None and bool(torch.isfinite(t.grad).all()),
+                    f"trainables at scale {scale:g}: non-finite gradient of '{ts.name}'")
+            t.grad = None
+        require(bool(torch.isfinite(x.grad).all()), f"trainables at scale {scale:g}: non-finite input gradient")
+    return None
+
+
+# A declared random init is tested on pooled samples of several attaches of a wide layer; Z standard errors keep
+# a correct init's false-failure chance below 1e-8 per statistic, SAMPLES make a wrong scale visible.
+INIT_WIDTH, SAMPLES, MAX_ATTACHES, Z = (48, 64), 4096, 128, 6.0
+
+
+def _random_inits(spec, case) -> dict[str, tuple[str, float]]:
+    d_out, d_in = INIT_WIDTH
+    cfg = cfg_of(spec, case)
+    env = spec.env(d_in, d_out, cfg)
+    out = {}
+    for ts in spec.present(d_in, d_out, cfg):
+        dist = ts.distribution(spec.shape_of(ts, d_in, d_out, cfg), env)
+        if dist is not None:
+            out[ts.name] = dist
+    return out
+
+
+def moments_agree(x: torch.Tensor, kind: str, scale: float) -> str:
+    """'' when the samples x (distinct values) fit U(−scale, scale) or N(0, scale²) within Z standard errors in
+    mean and variance (and, for a uniform, lie within its bound); else what does not fit."""
+    n, m, v = x.numel(), float(x.mean()), float((x * x).mean())
+    if kind == "uniform":
+        var, var_of_sq = scale**2 / 3, 4 * scale**4 / 45
+        top = tol.maxabs(x)
+        if top > scale * (1 + 4 * tol.eps(torch.float32)):
+            return f"a value of size {top:.4g} lies outside the declared bound {scale:.4g}"
+    else:
+        var, var_of_sq = scale**2, 2 * scale**4
+    if abs(m) > Z * (var / n) ** 0.5:
+        return f"mean {m:.4g} over {n} samples, expected 0 (standard error {(var / n) ** 0.5:.3g})"
+    if abs(v - var) > Z * (var_of_sq / n) ** 0.5:
+        return f"standard deviation {v ** 0.5:.4g} over {n} samples, expected {var ** 0.5:.4g}"
+    return ""
+
+
+@prop("init_distribution", lambda spec, device: cases(spec, device=device, defaults_only=True),
+      applies=lambda spec, be: None if any(t.random for t in spec.tensors) else "the spec declares no random init",
+      max_examples=3)
+def init_distribution(spec, be, case):
+    """Each random init the spec declares (kaiming-uniform: U(−1/sqrt(fan_in), 1/sqrt(fan_in)); N(0, σ²)) holds on
+    a wide layer: samples pooled over seeded attaches stay within a uniform's bound and match the declared mean and
+    variance within six standard errors (a correct init fails with a chance below 1e-8; a wrong scale by a factor
+    of 1.3 or more fails)."""
+    d_out, d_in = INIT_WIDTH
+    wide = case.with_(d_in=d_in, d_out=d_out)
+    dists = _random_inits(spec, wide)
+    samples: dict[str, list] = {n: [] for n in dists}
+    for i in range(MAX_ATTACHES):
+        s = setup(spec, be, wide.with_(seed=case.seed + i), with_data=spec.data == "required")
+        live = be.tensors(s.model)
+        for n in dists:
+            samples[n].append(live[n].detach().double().reshape(-1).cpu())
+        if min(sum(t.numel() for t in v) for v in samples.values()) >= SAMPLES:
+            break
+    for n, (kind, scale) in dists.items():
+        x = torch.unique(torch.cat(samples[n]))  # distinct values: an init that repeats rows counts each once
+        bad = moments_agree(x, kind, scale)
+        require(not bad, f"init of '{n}' is not the declared {kind} of scale {scale:.4g}: {bad}")
+    return None
+
+
+@prop("config_roundtrip", _dt(torch.float32), max_examples=6,
+      applies=lambda spec, be: None if hasattr(be, "config_fields") else "the backend exposes no config record")
+def config_roundtrip(spec, be, case):
+    """With non-default dtype, param_dtype and dropout drawn (and the spec's drawn fields, perturbed trainables and
+    knobs at drawn non-default values), the config a checkpoint loads into a fresh model equals the saved one, field
+    by field (a field dropped on save would reload as its default), and so does the eval output, bit-exactly."""
+    g = case.gen(15)
+    over = {"dtype": (torch.float32, torch.float64)[int(torch.randint(2, (1,), generator=g))],
+            "param_dtype": torch.float64}
+    if spec.dropout == "honoured":
+        over["dropout"] = 0.1
+    s = setup(spec, be, case, **over)
+    perturb(spec, be, s.model, case)
+    set_drawn_knobs(spec, be, s.model, case)
+    s.model.eval()
+    saved = be.config_fields(s.model)
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d, "a.safetensors")
+        be.save(s.model, f)
+        m2 = _fresh(s, case)
+        try:
+            be.load(m2, f)
+        except AdapterError as e:
+            raise Falsified(f"the checkpoint does not load into a fresh model: {e}") from None
+        m2.eval()  # after load: the adapter modules load adds start in train mode
+        loaded = be.config_fields(m2)
+    diff = sorted(k for k in set(saved) | set(loaded) if saved.get(k, "<absent>") != loaded.get(k, "<absent>"))
+    require(not diff, "the loaded config differs from the saved one in " +
+            ", ".join(f"'{k}' ({saved.get(k, '<absent>')!r} saved, {loaded.get(k, '<absent>')!r} loaded)" for k in diff))
+    with torch.no_grad():
+        y1, y2 = s.model(s.x), m2(s.x)
+    require(torch.equal(y1, y2), f"with this config the loaded eval output differs by {tol.maxabs(y2.double() - y1.double()):.3g}")
     return None
 
 

@@ -131,3 +131,9 @@ def calibration(case: Case, W: torch.Tensor, r: int, variant: int = 0, pad_value
 def calibration_tokens(batches) -> torch.Tensor:
     """The non-padding tokens of calibration batches as (N, d_in) float64 (what the spec's init sees)."""
     return torch.cat([b["x"][b["attention_mask"].bool()].double() for b in batches], 0)
+
+
+def square_or_not(spec: Spec, dtypes=(torch.float32,), device: str = "cpu") -> st.SearchStrategy[Case]:
+    """Cases on non-square and on square layers: a transpose on a square layer computes a wrong value where a
+    non-square one would fail on shapes."""
+    return st.one_of(cases(spec, dtypes=dtypes, device=device), cases(spec, dtypes=dtypes, square=True, device=device))

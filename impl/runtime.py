@@ -259,6 +259,10 @@ def attach(model: nn.Module, cfg: Config, calibration: Iterable | None = None, *
     targets = _check_attachable(model, cfg, variant, calibration if _restore is None else ())
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     hashes = {n: layers.weight_hash(m) for n, m in targets.items()}
+    # every layer is calibrated on the inputs it receives in the unadapted model: captured before any adapter
+    # exists, so no later layer sees activations an earlier (not yet identity) adapter produced
+    calibrate = _restore is None and calibration is not None and variant.data != "none"
+    acts = capture_inputs(model, targets, calibration) if calibrate else {}
     ads: dict[str, Adapter] = {}
     handles: list = []
     pool: dict = {}  # shared frozen tensors of this attach
@@ -285,8 +289,7 @@ def attach(model: nn.Module, cfg: Config, calibration: Iterable | None = None, *
                 handles.append(layer.register_forward_hook(_output_hook, with_kwargs=True))
             else:
                 handles.append(layer.register_forward_pre_hook(_input_hook, with_kwargs=True))
-        if _restore is None and calibration is not None and variant.data != "none":
-            acts = capture_inputs(model, targets, calibration)
+        if calibrate:
             for name, X in acts.items():
                 if X.shape[0] < cfg.r:
                     raise AttachError(f"layer '{name}' saw {X.shape[0]} calibration tokens, fewer than r={cfg.r}")

@@ -7,6 +7,7 @@ float64 oracle written straight from the paper's equation (sharing no code with 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -36,6 +37,27 @@ class TensorSpec:
     perturb: Callable[[tuple, torch.Generator], torch.Tensor] | None = None  # non-init values; default N(0, 0.5²)
     when: str = ""  # a Python expression over the config fields: the tensor exists only where it is true ("" = always)
     shared: bool = False
+
+    def distribution(self, shape: tuple[int, ...], env: Mapping[str, Any]) -> tuple[str, float] | None:
+        """The random distribution `init` declares, as ("uniform", bound) or ("normal", std); None for a
+        deterministic init. Two forms are read: "kaiming-uniform(a=sqrt 5)..." (nn.Linear's init: U(−b, b) with
+        b = 1/sqrt(fan_in), fan_in the tensor's last dim, or the formula given as "kaiming-uniform(fan_in=<formula>)")
+        and "N(0, <variance>)"; formulas are over d_in, d_out and the config fields."""
+        text = self.init.strip()
+        if "kaiming-uniform" in text:
+            m = re.search(r"kaiming-uniform\(fan_in=([^)]*)\)", text)
+            fan_in = float(eval(m.group(1), {"__builtins__": {}}, dict(env))) if m else shape[-1]
+            return "uniform", 1.0 / fan_in**0.5
+        if self.random:
+            var = float(eval(text[4:-1].replace("²", "**2"), {"__builtins__": {}}, dict(env)))
+            return "normal", var**0.5
+        return None
+
+    @property
+    def random(self) -> bool:
+        """Whether `init` declares a random distribution (one of the two forms `distribution` reads)."""
+        text = self.init.strip()
+        return "kaiming-uniform" in text or (text.startswith("N(0,") and text.endswith(")"))
 
 
 @dataclass(frozen=True)

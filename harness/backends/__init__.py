@@ -66,6 +66,17 @@ class ImplBackend:
         return impl.attach(model, self.config(spec, case, target_names=(), target_roles=roles, **over),
                            calibration=calibration)
 
+    def attach_targets(self, model: nn.Module, spec: Spec, case: Case, selection: dict, calibration=None,
+                       **over) -> nn.Module:
+        """Attach to a whole model with an explicit target selection: any of target_roles, target_names,
+        layers and exclude_names (config field names)."""
+        return impl.attach(model, self.config(spec, case, **{"target_names": (), **selection, **over}),
+                           calibration=calibration)
+
+    def config_fields(self, model) -> dict:
+        """The attached adapter's config, field by field (the values a checkpoint must carry)."""
+        return impl.adapters(model)["layer"].cfg.to_dict()
+
     def base_weight(self, model) -> torch.Tensor:
         """The adapted layer's current dense base weight (d_out, d_in)."""
         return layers.dense_weight(model.layer)

@@ -50,7 +50,8 @@ SPEC = register(
         title="HRA: Householder reflection adaptation",
         equation=r"y = W H x + b,\quad H = \prod_{i=0}^{r-1} \Big(I - \frac{2\,u_i u_i^\top}{\lVert u_i\rVert^2}\Big)"
                  r"\ \ (H_{r-1}\text{ acts first})",
-        tensors=(TensorSpec("U", "(r, d_in)", "r/2 kaiming-uniform rows, each repeated twice (H = I)"),),
+        tensors=(TensorSpec("U", "(r, d_in)", "r/2 kaiming-uniform(fan_in=r/2) rows (the fan-in of PEFT's (d_in, r/2) "
+                                              "half matrix), each repeated twice (H = I)"),),
         param_count="r * d_in",
         # compact WY form (impl): x Uᵀ, then Tᵀ, then U per token; the Gram U Uᵀ and T's triangular solve per forward
         macs="2 * r * d_in + r * r",
@@ -79,7 +80,7 @@ SPEC = register(
                       "codes, unscaled, by H (it reads the packed storage as the weight): its output is wrong there "
                       "(a PEFT bug, harness/backends/peft.py 'quantized'); ours rotates the input of the layer's own forward",
                       source="peft/tuners/hra/layer.py:263 (orig_weight = self.get_base_layer().weight.data)",
-                      match="bnb8", size=0.997,
+                      match="bnb8", size=6.52e4,
                       case={"d_in": 8, "d_out": 6, "bias": True, "dtype": "float32", "seed": 1,
                             "fields": {"r": 2, "alpha": 2.0}}),
             Deviation("layout", "PEFT's HRA wraps only torch.nn.Linear and Conv2d: transformers' Conv1D is refused "

@@ -1,0 +1,280 @@
+"""Model-level properties: what only shows with several layers of a real architecture.
+
+A single-layer model's only layer is the target, so it cannot see a runtime that freezes only the adapted
+modules, restores `requires_grad` as "all True", applies a knob to one layer, maps a role to the wrong module or
+calibrates a later layer on the activations of an already-adapted earlier one. These properties adapt the tiny
+Llama, Qwen and GPT-2 models of harness.models (2 blocks, hidden size 32; GPT-2's projections are transformers'
+transposed Conv1D) and keep their example counts small: each is a few whole-model attaches.
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from hypothesis import strategies as st
+
+from impl.errors import AttachError
+
+from . import tolerance as tol
+from .models import calibration as token_calibration
+from .models import single, tiny
+from .probes import drawn_knob, grad_flags, prop, require, same_state, snapshot
+from .properties import compare_init
+from .strategies import cases
+
+HIDDEN = 32
+BLOCKS = 2
+ARCHS = ("llama", "qwen", "gpt2")
+# Each architecture's adaptable block modules and their roles, written from the transformers model classes (not
+# from impl's targeting patterns): the expected target sets are computed from this table.
+_LLAMA = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+          "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+MODULES = {"llama": _LLAMA, "qwen": _LLAMA,
+           "gpt2": {"attn.c_attn": "qkv", "attn.c_proj": "o", "mlp.c_fc": "up", "mlp.c_proj": "down"}}
+BLOCK_PREFIX = {"llama": "model.layers.{i}.", "qwen": "model.layers.{i}.", "gpt2": "transformer.h.{i}."}
+DEFAULT_EXCLUDE = (r"lm_head", r"embed")
+
+
+def block_modules(arch: str) -> dict[str, str]:
+    """Every adaptable block module of the tiny model of `arch`: full name -> role."""
+    return {BLOCK_PREFIX[arch].format(i=i) + suffix: role for i in range(BLOCKS) for suffix, role in MODULES[arch].items()}
+
+
+def expected_targets(arch: str, selection: dict) -> set[str]:
+    """The module names a selection (target_roles, target_names, layers, exclude_names) must adapt: a module is
+    adapted when it has a selected role (if roles are given), matches a name regex (if names are given), lies in a
+    selected block (if layers are given) and matches no exclusion."""
+    roles, names = selection.get("target_roles", ()), selection.get("target_names", ())
+    layers, exclude = selection.get("layers"), selection.get("exclude_names", DEFAULT_EXCLUDE)
+    out = set()
+    for name, role in block_modules(arch).items():
+        block = int(name.split(".")[-3])
+        if (roles and role not in roles) or (names and not any(re.search(p, name) for p in names)):
+            continue
+        if (layers is not None and block not in layers) or any(re.search(p, name) for p in exclude):
+            continue
+        out.add(name)
+    return out
+
+
+def model_roles(spec, arch: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(roles, module suffixes) a whole-model run targets: the spec's roles; GPT-2 fuses q, k and v into qkv."""
+    by_role = {role: suffix for suffix, role in MODULES[arch].items()}
+    roles = []
+    for role in spec.roles:
+        role = "qkv" if arch == "gpt2" and role in ("q", "k", "v") else role
+        if role not in roles and role in by_role:
+            roles.append(role)
+    return tuple(roles), tuple(by_role[r] for r in roles)
+
+
+@st.composite
+def _model_cases(draw, spec, device):
+    c = draw(cases(spec, dtypes=(torch.float32,), device=device))
+    return c, draw(st.sampled_from(ARCHS), label="arch")
+
+
+@st.composite
+def _selections(draw, spec, device):
+    c, arch = draw(_model_cases(spec, device))
+    roles = sorted(set(MODULES[arch].values()))
+    chosen = tuple(draw(st.lists(st.sampled_from(roles), unique=True, max_size=3), label="target_roles"))
+    names = draw(st.sampled_from([(), ("mlp",), ("attn",), (r"\.1\.",)]), label="target_names")
+    if not chosen and not names:
+        names = ("proj",)
+    selection = {"target_roles": chosen, "target_names": names,
+                 "layers": draw(st.sampled_from([None, (0,), (1,), (0, 1)]), label="layers"),
+                 "exclude_names": DEFAULT_EXCLUDE + draw(st.sampled_from([(), ("v_proj|c_fc",), (r"\.0\.",)]),
+                                                         label="extra exclude_names")}
+    return c, arch, selection
+
+
+def _needs(*methods):
+    def applies(spec, be):
+        missing = [m for m in methods if not hasattr(be, m)]
+        if missing:
+            return f"the backend has no {', '.join(missing)} (whole-model attach)"
+        return "the spec runs on square layers only; a tiny model's layers are not square" if spec.square_only else None
+
+    return applies
+
+
+def _calibration(spec):
+    return token_calibration(n=2) if spec.data != "none" else None
+
+
+def _logits(model, batch, grad: bool = False):
+    with torch.set_grad_enabled(grad):
+        return model(**batch).logits
+
+
+@prop("model_targeting", _selections, applies=_needs("attach_targets", "adapted_layers", "detach"), max_examples=3)
+def model_targeting(spec, be, drawn):
+    """On the tiny Llama, Qwen and GPT-2 models, the adapted modules are exactly the expected set for the drawn
+    selection (roles x layer indices x exclude_names x target_names) and for each role alone; a selection that
+    matches nothing is a clear error leaving the model untouched."""
+    case, arch, selection = drawn
+    model = tiny(arch, seed=case.seed % 5, hidden=HIDDEN)
+    cal = _calibration(spec)
+    trials = [selection] + [{"target_roles": (r,)} for r in sorted(set(MODULES[arch].values()))]
+    for sel in trials:
+        expected = expected_targets(arch, sel)
+        flags, state = grad_flags(model), snapshot(model)
+        try:
+            torch.manual_seed(case.seed)
+            be.attach_targets(model, spec, case, sel, cal)
+        except AttachError as e:
+            require(not expected, f"{arch} {sel}: attach refused ({e}) but {sorted(expected)} should be adapted")
+            require(grad_flags(model) == flags and same_state(snapshot(model), state),
+                    f"{arch} {sel}: a refused attach changed the model")
+            continue
+        got = set(be.adapted_layers(model))
+        be.detach(model)
+        require(got == expected, f"{arch} {sel}: adapted {sorted(got - expected)} that the selection excludes and "
+                                 f"missed {sorted(expected - got)}")
+    return None
+
+
+def _freeze_some(model, case) -> None:
+    """Freeze a drawn subset of the base parameters (a user's partly frozen model before attach)."""
+    g = case.gen(11)
+    for _, p in model.named_parameters():
+        if float(torch.rand(1, generator=g)) < 0.4:
+            p.requires_grad_(False)
+
+
+def _attach(spec, be, case, arch, model, **over):
+    roles, suffixes = model_roles(spec, arch)
+    torch.manual_seed(case.seed)
+    be.attach_model(model, spec, case, roles, suffixes, _calibration(spec), **over)
+    adapted = be.adapted_layers(model)
+    require(len(adapted) >= 2, f"{arch}: only {sorted(adapted)} adapted for roles {roles}")
+    return adapted
+
+
+def _perturb_all(spec, adapted, case) -> None:
+    """Move every trainable tensor of every adapted layer away from its init."""
+    g = case.gen(3)
+    with torch.no_grad():
+        for tensors, _, _ in adapted.values():
+            for ts in spec.trainable:
+                if ts.name in tensors:
+                    t = tensors[ts.name]
+                    new = ts.perturb(tuple(t.shape), g) if ts.perturb else torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.5
+                    t.copy_(new.to(t.dtype))
+
+
+@prop("model_freezing", _model_cases, applies=_needs("attach_model", "adapted_layers", "detach"), max_examples=3)
+def model_freezing(spec, be, drawn):
+    """On a tiny model with some base parameters frozen before attach: after attach every base parameter is
+    frozen; after a training step every base parameter is unchanged and has no gradient while every adapter
+    tensor moved; detach restores each requires_grad flag exactly as it was."""
+    case, arch = drawn
+    model = tiny(arch, seed=case.seed % 5, hidden=HIDDEN)
+    _freeze_some(model, case)
+    flags = grad_flags(model)
+    adapted = _attach(spec, be, case, arch, model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}  # after attach: a rewritten base counts
+    # by storage, not identity: a backend's tensors may be views (reshaped, transposed) of its parameters
+    adapter = {t.untyped_storage().data_ptr() for tensors, _, _ in adapted.values() for t in tensors.values()}
+    is_adapter = {n: p.untyped_storage().data_ptr() in adapter for n, p in model.named_parameters()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and not is_adapter[n]]
+    require(not trainable, f"{arch}: base parameters left trainable after attach: {trainable[:5]}")
+    _perturb_all(spec, adapted, case)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    batch = token_calibration(n=1, seed=case.seed)[0]
+    logits = _logits(model, batch, grad=True)
+    (logits * torch.randn(logits.shape, generator=case.gen(4))).sum().backward()
+    opt.step()
+    require(all(not torch.equal(p.detach(), b) for p, b in zip(params, before)), f"{arch}: an adapter tensor did not move")
+    for n, p in model.named_parameters():
+        if is_adapter.get(n, False):
+            continue
+        require(p.grad is None, f"{arch}: base parameter '{n}' received a gradient")
+        require(n not in base or torch.equal(p.detach(), base[n]), f"{arch}: base parameter '{n}' changed in training")
+    be.detach(model)
+    after = grad_flags(model)
+    changed = sorted(n for n in flags if after.get(n) != flags[n])
+    require(not changed, f"{arch}: detach did not restore requires_grad exactly: {changed[:5]}")
+    return None
+
+
+@prop("model_knobs", _model_cases,
+      applies=lambda spec, be: ("the spec declares no runtime knob" if not spec.knobs
+                                else _needs("attach_model", "adapted_layers", "set_knob")(spec, be)), max_examples=3)
+def model_knobs(spec, be, drawn):
+    """On a tiny model, a knob set on the live model reaches every adapted layer (each reports the drawn value),
+    and with every knob at its identity value the logits with every trainable perturbed equal the logits with
+    every trainable at its init, on every layer at once."""
+    case, arch = drawn
+    model = tiny(arch, seed=case.seed % 5, hidden=HIDDEN)
+    adapted = _attach(spec, be, case, arch, model)
+    batch = token_calibration(n=1, seed=case.seed)[0]
+    for knob, identity in spec.knobs.items():
+        default = next(iter(adapted.values()))[2][knob]
+        value = drawn_knob(default, identity, case.gen(12))
+        be.set_knob(model, knob, value)
+        seen = {n: k[knob] for n, (_, _, k) in be.adapted_layers(model).items()}
+        require(all(v == value for v in seen.values()), f"{arch}: set_knob({knob}={value:.4g}) reached only some "
+                                                          f"layers: {seen}")
+        be.set_knob(model, knob, identity)
+    y_init = _logits(model, batch)
+    _perturb_all(spec, adapted, case)
+    y_knob = _logits(model, batch)
+    ok, err = tol.close(y_knob, y_init, None, torch.float32, spec.identity_factor)
+    require(ok, f"{arch}: with {dict(spec.knobs)} set on the live model, perturbing the trainables changes the "
+                f"logits (scaled error {err:.3g}): a layer does not honour the knob", err)
+    return err
+
+
+def _inputs_of(model, names, batches) -> dict[str, list[torch.Tensor]]:
+    """Each named module's (B, T, d_in) input over the batches, from forward pre-hooks on `model`."""
+    seen = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, n=n: seen[n].append(args[0].detach().clone())) for n in names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@prop("model_data_init", _model_cases,
+      applies=lambda spec, be: ("the variant uses no calibration data" if spec.data == "none"
+                                else _needs("attach_model", "adapted_layers")(spec, be)), max_examples=3)
+def model_data_init(spec, be, drawn):
+    """On a tiny model, each adapted layer's data-driven init equals the init of that layer alone calibrated on
+    the inputs it receives in the UNADAPTED model (deterministic tensors and the rewritten base weight): no layer
+    is calibrated on activations that an already-adapted earlier layer produced."""
+    from impl import layers
+
+    case, arch = drawn
+    model = tiny(arch, seed=case.seed % 5, hidden=HIDDEN)
+    unadapted = copy.deepcopy(model)
+    adapted = _attach(spec, be, case, arch, model)
+    batches = _calibration(spec)
+    acts = _inputs_of(unadapted, list(adapted), batches)
+    random = {t.name for t in spec.tensors if t.random}  # drawn afresh by each attach: not comparable in value
+    worst = 0.0
+    for name, (tensors, layer, _) in adapted.items():
+        base = unadapted.get_submodule(name)
+        W = layers.dense_weight(base).detach().double()
+        b = None if getattr(base, "bias", None) is None else base.bias.detach().double()
+        one = single(W, b, torch.float32, layers.kind(base))
+        cal = [{"x": x, "attention_mask": bt["attention_mask"]} for x, bt in zip(acts[name], batches)]
+        torch.manual_seed(case.seed)
+        be.attach(one, spec, case.with_(d_in=W.shape[1], d_out=W.shape[0]), cal)
+        alone = {n: t.detach().double() for n, t in be.tensors(one).items()}
+        alone["base_weight"] = be.base_weight(one).detach().double()
+        ours = {n: t.detach().double() for n, t in tensors.items()}
+        ours["base_weight"] = layers.dense_weight(layer).detach().double()
+        expected = {n: t for n, t in alone.items() if n not in random}
+        # the same init on the same inputs: only the dtype's rounding allowance, no SVD width factor
+        worst = max(worst, compare_init(spec, expected, ours, W, torch.float32, spec.identity_factor, f"{arch} '{name}': "))
+    return worst
