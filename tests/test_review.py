@@ -390,7 +390,7 @@ def test_online_review_end_to_end_against_the_loopback_server(tmp_path, wire):
                "OPENAI_API_KEY" if wire == "openai" else "ANTHROPIC_API_KEY": KEY}
         config = ProviderConfig.from_env(env)
         kw = {"verify_json": vj, "config": config, "manifest_path": man, "refs_cache": cache,
-              "llm_cache": out / "llm", "prompts_dir": out / "prompts", "audits_dir": out / "audits",
+              "llm_cache": out / "llm", "prompts_dir": out / "prompts", "audits_dir": out / "no-audits",
               "client_options": {"max_retries": 0}}
         run = R.review(["lora", mspec.name], **kw)
         assert len(server.requests_matching("Variant under review: lora\\n")) == 1
