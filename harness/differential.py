@@ -33,7 +33,7 @@ from impl import layers
 
 from . import tolerance as tol
 from .models import single, tiny
-from .probes import _dt, cfg_of, gradient_scales, loss_weights, perturb, prop, require, setup
+from .probes import _dt, cfg_of, gradient_scales, loss_weights, perturb, perturb_layers, prop, require, setup
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
 # Declared spectral gap of the reference calibration data: three directions with standard deviations 9, 3 and 1
@@ -557,14 +557,7 @@ def model_oracle(spec, be, drawn):
     be.attach_model(model, spec, case, roles, names, cal, param_dtype=torch.float64)
     adapted = be.adapted_layers(model)
     require(len(adapted) >= 2, f"only {sorted(adapted)} adapted for roles {roles} in {arch}")
-    g = case.gen(3)
-    with torch.no_grad():
-        for tensors, _, _ in adapted.values():
-            for ts in spec.trainable:
-                if ts.name in tensors:
-                    t = tensors[ts.name]
-                    new = ts.perturb(tuple(t.shape), g) if ts.perturb else torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.5
-                    t.copy_(new.to(t.dtype))
+    perturb_layers(spec, adapted, case)
     b = token_batch(case.seed)
     cfg = cfg_of(spec, case)
     oracle_model = _copy.deepcopy(base)

@@ -108,6 +108,19 @@ def perturb_tensors(spec: Spec, tensors: dict[str, torch.Tensor], d_in: int, d_o
             t.copy_(new.to(device=t.device, dtype=t.dtype))
 
 
+def perturb_layers(spec: Spec, adapted: dict, case: Case) -> None:
+    """Move every trainable tensor of every adapted layer of a whole model (`be.adapted_layers`) away from its
+    init: the spec's `perturb` where it declares a domain, else N(0, 0.5²)."""
+    g = case.gen(3)
+    with torch.no_grad():
+        for tensors, _, _ in adapted.values():
+            for ts in spec.trainable:
+                if ts.name in tensors:
+                    t = tensors[ts.name]
+                    new = ts.perturb(tuple(t.shape), g) if ts.perturb else torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.5
+                    t.copy_(new.to(t.dtype))
+
+
 def perturb(spec: Spec, be, model, case: Case, scale: float = 1.0) -> None:
     """Move every trainable tensor away from its init (docs/conventions.md §8)."""
     perturb_tensors(spec, be.tensors(model), case.d_in, case.d_out, cfg_of(spec, case), case.gen(3), sigma=0.5 * scale)

@@ -19,7 +19,7 @@ from impl.errors import AttachError
 from . import tolerance as tol
 from .models import calibration as token_calibration
 from .models import single, tiny
-from .probes import drawn_knob, grad_flags, prop, require, same_state, snapshot
+from .probes import drawn_knob, grad_flags, perturb_layers, prop, require, same_state, snapshot
 from .properties import compare_init
 from .strategies import cases
 
@@ -153,18 +153,6 @@ def _attach(spec, be, case, arch, model, **over):
     return adapted
 
 
-def _perturb_all(spec, adapted, case) -> None:
-    """Move every trainable tensor of every adapted layer away from its init."""
-    g = case.gen(3)
-    with torch.no_grad():
-        for tensors, _, _ in adapted.values():
-            for ts in spec.trainable:
-                if ts.name in tensors:
-                    t = tensors[ts.name]
-                    new = ts.perturb(tuple(t.shape), g) if ts.perturb else torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.5
-                    t.copy_(new.to(t.dtype))
-
-
 @prop("model_freezing", _model_cases, applies=_needs("attach_model", "adapted_layers", "detach"), max_examples=3)
 def model_freezing(spec, be, drawn):
     """On a tiny model with some base parameters frozen before attach: after attach every base parameter is
@@ -181,7 +169,7 @@ def model_freezing(spec, be, drawn):
     is_adapter = {n: p.untyped_storage().data_ptr() in adapter for n, p in model.named_parameters()}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and not is_adapter[n]]
     require(not trainable, f"{arch}: base parameters left trainable after attach: {trainable[:5]}")
-    _perturb_all(spec, adapted, case)
+    perturb_layers(spec, adapted, case)
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
@@ -222,7 +210,7 @@ def model_knobs(spec, be, drawn):
                                                           f"layers: {seen}")
         be.set_knob(model, knob, identity)
     y_init = _logits(model, batch)
-    _perturb_all(spec, adapted, case)
+    perturb_layers(spec, adapted, case)
     y_knob = _logits(model, batch)
     ok, err = tol.close(y_knob, y_init, None, torch.float32, spec.identity_factor)
     require(ok, f"{arch}: with {dict(spec.knobs)} set on the live model, perturbing the trainables changes the "
