@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 
+from .backends.protocol import rejects
 from .probes import PROPERTIES, Falsified, Property
 from spec.schema import Spec
 from .strategies import Case
@@ -62,8 +64,19 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     if declared_deviation(spec, prop.name, backend) is not None:  # a declared difference needs no minimal example:
         base = settings(base, phases=[p for p in base.phases if p != Phase.shrink])  # skip the (costly) shrinking
 
+    strategy = prop.strategy(spec, device)
+    if hasattr(backend, "supports"):  # cases the backend cannot take are not drawn (the backend says why)
+
+        def admitted(drawn) -> bool:
+            why = rejects(backend, spec, drawn)
+            if why:
+                state["refused"] = why
+            return not why
+
+        strategy = strategy.filter(admitted)
+
     @settings(base, max_examples=n)
-    @given(case=prop.strategy(spec, device))
+    @given(case=strategy)
     def run(case):
         state["case"] = case
         state["n"] += 1
@@ -75,6 +88,9 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     status, detail, kind = "pass", "", None
     try:
         run()
+    except Unsatisfiable:
+        return Result(spec.name, prop.name, "na",
+                      detail=f"{backend.name} supports none of the drawn cases: {state.get('refused')}")
     except BaseException as e:  # noqa: BLE001 - every failure becomes a Result
         e = _first(e)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from spec.schema import Spec
 
 from . import tolerance as tol
+from .backends.protocol import lacks
 from .models import single
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
@@ -39,15 +40,20 @@ class Property:
     strategy: Callable[[Spec, str], st.SearchStrategy]
     applies: Callable[[Spec, object], str | None] = lambda spec, be: None
     max_examples: int | None = None  # cap for properties with little to draw
+    needs: tuple[str, ...] = ()  # backend capabilities (harness.backends.protocol.CAPABILITIES); missing -> na
 
 
 PROPERTIES: dict[str, Property] = {}
 
 
-def prop(name: str, strategy, applies=None, max_examples=None):
+def prop(name: str, strategy, applies=None, max_examples=None, needs: tuple[str, ...] = ()):
+    """Register a property; `needs` names the backend capabilities it uses (a backend lacking one makes it na,
+    with the backend's reason)."""
+    own = applies or (lambda spec, be: None)
+
     def deco(fn):
         PROPERTIES[name] = Property(name, (fn.__doc__ or "").strip(), fn, strategy,
-                                    applies or (lambda spec, be: None), max_examples)
+                                    lambda spec, be: lacks(be, spec, *needs) or own(spec, be), max_examples, needs)
         return fn
 
     return deco
@@ -96,16 +102,15 @@ def perturb(spec: Spec, be, model, case: Case, scale: float = 1.0) -> None:
     g = case.gen(3)
     live = be.tensors(model)
     with torch.no_grad():
-        for ts in spec.present(case.d_in, case.d_out, cfg_of(spec, case), trainable=True):
+        for ts in spec.present(case.d_in, case.d_out, cfg_of(spec, be, case), trainable=True):
             t = live[ts.name]
             new = ts.perturb(tuple(t.shape), g) if ts.perturb else torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.5
             t.copy_((new.double() * scale if ts.perturb is None else new).to(t.dtype))
 
 
-def cfg_of(spec: Spec, case: Case, **over):
-    import impl
-
-    return impl.config(spec.name, **{**case.fields, **over})
+def cfg_of(spec: Spec, be, case: Case, **over):
+    """The config the spec's formulas read, as the backend builds it for the case (and the overrides)."""
+    return be.spec_config(spec, case, **over)
 
 
 def oracle_output(spec: Spec, be, s: Setup, case: Case, x64: torch.Tensor, xd=None, grad: bool = False, **over):
@@ -116,7 +121,7 @@ def oracle_output(spec: Spec, be, s: Setup, case: Case, x64: torch.Tensor, xd=No
     W = be.base_weight(s.model).detach().double().cpu()
     layer_b = getattr(s.model.layer, "bias", None)
     b = None if layer_b is None else layer_b.detach().double().cpu()
-    y = spec.oracle(W, b, T, x64, cfg_of(spec, case, **over), be.knobs(s.model), xd=xd)
+    y = spec.oracle(W, b, T, x64, cfg_of(spec, be, case, **over), be.knobs(s.model), xd=xd)
     return y, T
 
 
@@ -170,7 +175,7 @@ class Probe:
 
     def __init__(self, spec, be, s: Setup, case: Case):
         self.spec, self.be, self.s, self.case = spec, be, s, case
-        self.cfg = cfg_of(spec, case)
+        self.cfg = cfg_of(spec, be, case)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().double().cpu() for n, t in self.be.tensors(self.s.model).items()}

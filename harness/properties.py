@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-from impl.errors import AdapterError, AttachError, CheckpointError, ConfigError
-
 from spec.schema import Spec
 
 from . import tolerance as tol
@@ -57,7 +55,7 @@ def identity_at_init(spec, be, case):
     return rel
 
 
-@prop("knob_identity", _dt(torch.float32, torch.float64),
+@prop("knob_identity", _dt(torch.float32, torch.float64), needs=("knobs",),
       applies=lambda spec, be: None if spec.knobs else "the spec declares no runtime knob")
 def knob_identity(spec, be, case):
     """With a knob set to its identity value on the live model after attach, the output equals the layer
@@ -133,7 +131,7 @@ def init_formula(spec, be, case):
     spec says so)."""
     s = setup(spec, be, case)
     X = calibration_tokens(s.cal) if s.cal is not None else None
-    expected = spec.init_oracle(s.W, cfg_of(spec, case), X)
+    expected = spec.init_oracle(s.W, cfg_of(spec, be, case), X)
     actual = {n: t.detach().double().cpu() for n, t in be.tensors(s.model).items()}
     actual["base_weight"] = be.base_weight(s.model).detach().double().cpu()
     worst = 0.0
@@ -157,20 +155,19 @@ def init_formula(spec, be, case):
 # ----------------------------------------------------------------------------------------------- config
 
 
-@prop("config_constraints", _dt(torch.float32), max_examples=1,
-      applies=lambda spec, be: None if be.name == "impl" else "config constraints are impl's config-time checks")
+@prop("config_constraints", _dt(torch.float32), max_examples=1, needs=("config_checks",))
 def config_constraints(spec, be, case):
     """Every config constraint the spec declares is enforced at config time with an error naming the field."""
     for c in spec.constraints:
         try:
-            cfg_of(spec, case, **c.bad)
-        except ConfigError as e:
+            cfg_of(spec, be, case, **c.bad)
+        except be.errors.config as e:
             require(any(k in str(e) for k in c.bad), f"'{c.text}': the error does not name {sorted(c.bad)}: {e}")
             continue
         raise Falsified(f"constraint '{c.text}' not enforced: config accepted {dict(c.bad)}")
     try:
-        cfg_of(spec, case, no_such_field=1)
-    except ConfigError as e:
+        cfg_of(spec, be, case, no_such_field=1)
+    except be.errors.config as e:
         require("no_such_field" in str(e), f"unknown field error does not name it: {e}")
     else:
         raise Falsified("an unknown config field was accepted")
@@ -194,7 +191,7 @@ def gradient_pattern(spec, be, case):
     trainable has a non-zero one, and all are non-zero once every tensor is perturbed."""
     s = setup(spec, be, case)
     g0 = _grads(be, s, case)
-    live = spec.present(case.d_in, case.d_out, cfg_of(spec, case), trainable=True)
+    live = spec.present(case.d_in, case.d_out, cfg_of(spec, be, case), trainable=True)
     for ts in live:
         g = g0.get(ts.name)
         zero = g is None or not torch.any(g != 0)
@@ -227,7 +224,7 @@ def training_step(spec, be, case):
     y = s.model(s.x)
     (y.double() * loss_weights(y, case).to(y.device)).sum().backward()
     opt.step()
-    present = spec.present(case.d_in, case.d_out, cfg_of(spec, case))
+    present = spec.present(case.d_in, case.d_out, cfg_of(spec, be, case))
     for ts in present:
         if ts.trainable:
             require(not torch.equal(live[ts.name].detach(), before[ts.name]), f"'{ts.name}' did not move after one AdamW step")
@@ -251,7 +248,7 @@ def trainable_set(spec, be, case):
     leaks = [n for n, p in s.model.named_parameters() if p.grad is not None and not any(p is t for t in be.tensors(s.model).values())]
     require(not leaks, f"base parameters received gradients: {leaks}")
     live = be.tensors(s.model)
-    cfg = cfg_of(spec, case)
+    cfg = cfg_of(spec, be, case)
     present = spec.present(case.d_in, case.d_out, cfg)
     require(set(live) == {t.name for t in present},
             f"adapter tensors {sorted(live)} != spec's {sorted(t.name for t in present)}")
@@ -344,7 +341,7 @@ def spectrum(spec, be, case):
 # ----------------------------------------------------------------------------------------------- dropout
 
 
-@prop("dropout", _dt(torch.float32))
+@prop("dropout", _dt(torch.float32), needs=("dropout",))
 def dropout(spec, be, case):
     """Dropout is honoured (train output equals the hand computation with the same mask under a shared seed;
     eval is deterministic and drops nothing) or rejected at config time, as the spec declares."""
@@ -352,7 +349,7 @@ def dropout(spec, be, case):
     if spec.dropout == "rejected":
         try:
             be.attach(setup(spec, be, case, attach=False).model, spec, case, None, dropout=p)
-        except (ConfigError, AttachError) as e:
+        except be.errors.config + be.errors.attach as e:
             require("dropout" in str(e), f"dropout rejection does not name the field: {e}")
             return None
         raise Falsified(f"dropout={p} accepted, but the spec declares it rejected")
@@ -381,7 +378,7 @@ def dropout(spec, be, case):
 # ----------------------------------------------------------------------------------------------- lifecycle
 
 
-@prop("detach_restores", _dt(torch.float32, torch.bfloat16))
+@prop("detach_restores", _dt(torch.float32, torch.bfloat16), needs=("detach",))
 def detach_restores(spec, be, case):
     """attach, perturb, forward, detach: the base output, state dict and requires_grad flags are bit-exactly
     what they were, and no hook or adapter is left."""
@@ -399,7 +396,7 @@ def detach_restores(spec, be, case):
     return 0.0
 
 
-@prop("merge", _dt(torch.float32, torch.bfloat16))
+@prop("merge", _dt(torch.float32, torch.bfloat16), needs=("merge",))
 def merge(spec, be, case):
     """After perturbing, merge folds the adapter into dense weights: the output equals the hooked output,
     every base weight keeps its dtype, and no hook is left."""
@@ -438,15 +435,16 @@ def _fresh(s: Setup, case: Case, W=None):
     return single(s.W if W is None else W, s.b, case.dtype, "linear", case.device)
 
 
-@prop("checkpoint_roundtrip", _dt(torch.float32, torch.bfloat16))
+@prop("checkpoint_roundtrip", _dt(torch.float32, torch.bfloat16), needs=("checkpoint",))
 def checkpoint_roundtrip(spec, be, case):
     """save -> load -> save -> load into freshly built models, with no calibration data on load, reproduces the
     outputs bit-exactly and the second file equals the first; a model with other base weights is refused
     and left untouched."""
     s = setup(spec, be, case)
     perturb(spec, be, s.model, case)
-    for knob in spec.knobs:
-        be.set_knob(s.model, knob, 0.7)
+    if not be.unsupported(spec, "knobs"):
+        for knob in spec.knobs:
+            be.set_knob(s.model, knob, 0.7)
     with torch.no_grad():
         y1 = s.model(s.x)
     with tempfile.TemporaryDirectory() as d:
@@ -455,7 +453,7 @@ def checkpoint_roundtrip(spec, be, case):
         m2 = _fresh(s, case)
         try:
             be.load(m2, f1)
-        except AdapterError as e:  # any clear refusal (e.g. a load that asks for calibration data) fails here
+        except be.errors.any as e:  # any clear refusal (e.g. a load that asks for calibration data) fails here
             raise Falsified(f"the checkpoint save wrote does not load into a fresh model: {e}") from None
         with torch.no_grad():
             y2 = m2(s.x)
@@ -468,19 +466,20 @@ def checkpoint_roundtrip(spec, be, case):
         with torch.no_grad():
             y3 = m3(s.x)
         require(torch.equal(y3, y1), f"second load differs by {tol.maxabs(y3.double() - y1.double()):.3g}")
-        if getattr(be, "checks_base_hash", True):
+        if not be.unsupported(spec, "base_hash"):
             other = _fresh(s, case, W=s.W + 0.01)
             state, flags = snapshot(other), grad_flags(other)
             try:
                 be.load(other, f1)
-            except CheckpointError:
+            except be.errors.checkpoint:
                 untouched(be, other, state, flags, "after a refused load")
             else:
                 raise Falsified("load into a model with different base weights was accepted")
     return 0.0
 
 
-@prop("layout", lambda spec, device: cases(spec, dtypes=(torch.float32, torch.float64), bias=True, device=device))
+@prop("layout", lambda spec, device: cases(spec, dtypes=(torch.float32, torch.float64), bias=True, device=device),
+      needs=("conv1d", "merge"))
 def layout(spec, be, case):
     """The variant on a Linear and on a transposed-storage Conv1D holding the same weight gives the same
     outputs, gradients (adapter tensors and input, at the scale of the terms they sum) and merged weight."""
@@ -561,7 +560,7 @@ def _state_after(spec, be, case, cal):
     return out
 
 
-@prop("data_path", lambda spec, device: _data_cases(spec, device),
+@prop("data_path", lambda spec, device: _data_cases(spec, device), needs=("data",),
       applies=lambda spec, be: None if spec.data != "none" else "the variant uses no calibration data")
 def data_path(spec, be, case):
     """The data path is live (other anisotropic data give another init), padding masked out by the attention
@@ -590,7 +589,7 @@ def data_path(spec, be, case):
             continue
         try:
             be.attach(s.model, spec, case, cal)
-        except AdapterError as e:
+        except be.errors.any as e:
             untouched(be, s.model, state, flags, f"after a failed attach ({label})")
             require(len(str(e)) > 10, f"{label}: unhelpful error {e!r}")
             continue
@@ -601,13 +600,11 @@ def data_path(spec, be, case):
 # ----------------------------------------------------------------------------------------------- quantized
 
 
-@prop("quantized", _dt(torch.float32), max_examples=6)
+@prop("quantized", _dt(torch.float32), max_examples=6, needs=("quantized",))
 def quantized(spec, be, case):
     """On bitsandbytes 4-bit and 8-bit layers the variant works as declared (equal, before and after a first
     forward, to the same adapter around F.linear(x, W_deq, b) at fp32 tolerance) or raises its clear error
     at attach, leaving the model untouched."""
-    import impl  # noqa: F401  (bitsandbytes import side effects happen through impl.layers)
-
     W, b = base_weight(case)
     x = inputs(case).float()
     worst = 0.0
@@ -619,7 +616,7 @@ def quantized(spec, be, case):
             state, flags = snapshot(q), grad_flags(q)
             try:
                 be.attach(q, spec, case, cal)
-            except AdapterError as e:
+            except be.errors.any as e:
                 require("layer" in str(e), f"{lay}: the error does not name the layer: {e}")
                 untouched(be, q, state, flags, f"{lay} after the refused attach")
                 continue

@@ -76,6 +76,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from harness.backends.peft_maps import peft_map
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TEMPLATE = "review_prompt.md.j2"
 REVIEW_SCHEMA = "lora-verify/review/1"
@@ -279,7 +281,7 @@ def spec_declarations(spec: Any, root: Path) -> tuple[tuple[str, ...], dict[str,
         src = f" [{d.source}]" if d.source else ""
         add(f"deviation:{d.backend}:{d.property}", *_indent(f"  - property {d.property} (backend {d.backend}): ",
                                                             d.reason + src))
-    peft = spec.peft
+    peft = peft_map(spec)  # the PEFT backend's mapping of this variant
     if peft is None:
         add("peft", "PEFT mapping: none")
     else:
@@ -805,7 +807,7 @@ def mechanical_findings(variant: str, spec: Any, verify: Mapping[str, Any], bund
                 add(severity, "unchecked_claim", f"the spec declares {label}, but no property checked it: {why}",
                     _ev_line(bundle, dpath, d_at.get(attr)), f"declaration:{attr}", "spec")
         ref_props = sorted(p for p in known if p.startswith("reference_"))
-        if spec.peft is not None and ref_props and not any(rows.get(p, {}).get("status") in ("pass", "fail", "deviation")
+        if peft_map(spec) is not None and ref_props and not any(rows.get(p, {}).get("status") in ("pass", "fail", "deviation")
                                                            for p in ref_props):
             add("low", "unchecked_claim", f"the spec declares a PEFT mapping, but no differential oracle "
                 f"({', '.join(ref_props)}) ran on it", _ev_line(bundle, dpath, d_at.get("peft")),
