@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from spec.schema import Spec
 
 from . import tolerance as tol
-from .backends.protocol import lacks
+from .backends.protocol import Mapped, lacks
 from .models import single
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
@@ -132,6 +132,11 @@ def base_out(s: Setup, x64):
 
 def loss_weights(y: torch.Tensor, case: Case) -> torch.Tensor:
     return torch.randn(y.shape, generator=case.gen(4), dtype=torch.float64)
+
+
+def owner(t: torch.Tensor) -> torch.Tensor:
+    """The library's own tensor behind a backend's tensor (a Mapped view's source; else the tensor itself)."""
+    return t.source if isinstance(t, Mapped) else t
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from spec.schema import Spec
 from . import tolerance as tol
 from .models import single
 from .probes import (Falsified, Probe, Setup, _dt, base_out, cfg_of, gradient_scales, grad_flags, loss_weights,
-                     oracle_output, perturb, prop, require, same_state, setup, snapshot, untouched)
+                     oracle_output, owner, perturb, prop, require, same_state, setup, snapshot, untouched)
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
 
@@ -245,7 +245,7 @@ def trainable_set(spec, be, case):
     s = setup(spec, be, case)
     y = s.model(s.x)  # a forward and backward first: a base parameter a forward unfroze is caught too
     y.float().sum().backward()
-    leaks = [n for n, p in s.model.named_parameters() if p.grad is not None and not any(p is t for t in be.tensors(s.model).values())]
+    leaks = [n for n, p in s.model.named_parameters() if p.grad is not None and not any(p is owner(t) for t in be.tensors(s.model).values())]
     require(not leaks, f"base parameters received gradients: {leaks}")
     live = be.tensors(s.model)
     cfg = cfg_of(spec, be, case)
@@ -256,16 +256,16 @@ def trainable_set(spec, be, case):
     state = s.model.state_dict(keep_vars=True)
     state_ids = {id(v) for v in state.values()}
     for ts in present:
-        t = live[ts.name]
         shape = spec.shape_of(ts, case.d_in, case.d_out, cfg)
-        require(tuple(t.shape) == shape, f"'{ts.name}' has shape {tuple(t.shape)}, spec says {ts.shape} = {shape}")
+        require(tuple(live[ts.name].shape) == shape, f"'{ts.name}' has shape {tuple(live[ts.name].shape)}, spec says {ts.shape} = {shape}")
+        t = owner(live[ts.name])  # the library's own Parameter or buffer (a view in the spec's layout sees through)
         if ts.trainable:
             require(isinstance(t, torch.nn.Parameter) and t.requires_grad, f"'{ts.name}' should be a trainable Parameter")
         else:
             require(id(t) not in param_ids and not t.requires_grad, f"frozen '{ts.name}' is a Parameter, not a buffer")
             require(id(t) in state_ids, f"frozen '{ts.name}' is not in the state dict (not persistent)")
     trainable = [p for p in s.model.parameters() if p.requires_grad]
-    adapter_ids = {id(live[t.name]) for t in present if t.trainable}
+    adapter_ids = {id(owner(live[t.name])) for t in present if t.trainable}
     require(all(id(p) in adapter_ids for p in trainable), "a base parameter is left trainable")
     n = sum(p.numel() for p in trainable)
     expected = spec.count(case.d_in, case.d_out, cfg)
@@ -418,11 +418,16 @@ def merge(spec, be, case):
 
 
 def _file_diff(f1: Path, f2: Path) -> str:
-    """Which metadata entries or tensors differ between two safetensors files."""
-    from safetensors import safe_open
+    """Which metadata entries or tensors differ between two checkpoint files (named when they are safetensors
+    files; a backend's checkpoint may be any format, then only the sizes are compared)."""
+    from safetensors import SafetensorError, safe_open
 
     out = []
-    with safe_open(str(f1), "pt") as a, safe_open(str(f2), "pt") as b:
+    try:
+        a, b = safe_open(str(f1), "pt"), safe_open(str(f2), "pt")
+    except (SafetensorError, OSError):
+        return f"the files differ ({f1.stat().st_size} and {f2.stat().st_size} bytes; not safetensors files)"
+    with a, b:
         ma, mb = a.metadata() or {}, b.metadata() or {}
         out += [f"metadata '{k}'" for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
         ka, kb = set(a.keys()), set(b.keys())

@@ -41,7 +41,7 @@ from . import BACKENDS
 from spec.schema import Deviation, Spec
 from ..strategies import Case
 from .peft_maps import TRANSFORMS, peft_map
-from .protocol import Errors
+from .protocol import Errors, Mapped, to_peft, to_spec  # noqa: F401  (Mapped re-exported)
 
 ADAPTER = "default"
 PACK_FILE = "peft-backend/file/"  # packed checkpoint metadata: a file of the save_pretrained folder
@@ -58,54 +58,6 @@ except Exception as e:  # pragma: no cover - depends on the installed release
     _peft = None
     VERSION = "unimportable"
     IMPORT_ERROR = e
-
-
-# ----------------------------------------------------------------------------------------------- mapped views
-
-
-class Mapped(torch.Tensor):
-    """A PEFT tensor seen in the spec's layout: a view sharing PEFT's storage.
-
-    `grad` reads (and `grad = None` clears) the PEFT parameter's gradient, transformed to the spec's layout;
-    `requires_grad` is the PEFT parameter's. Operations on it return plain tensors.
-    """
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    @staticmethod
-    def of(src: torch.Tensor, transform: str) -> "Mapped":
-        view = to_spec(src.detach(), transform).as_subclass(Mapped)
-        view._src, view._transform = src, transform
-        return view
-
-    @property
-    def grad(self):
-        g = self._src.grad
-        return None if g is None else to_spec(g, self._transform)
-
-    @grad.setter
-    def grad(self, value):
-        self._src.grad = None if value is None else to_peft(value, self._transform, self._src.shape)
-
-    @property
-    def requires_grad(self) -> bool:
-        return self._src.requires_grad
-
-
-def to_spec(t: torch.Tensor, transform: str) -> torch.Tensor:
-    """PEFT layout -> spec layout, as a view."""
-    if transform == "id":
-        return t
-    if transform == "T":
-        return t.t()
-    if transform in ("row", "col", "scalar1"):
-        return t.reshape(-1) if transform != "scalar1" else t.reshape(())
-    raise ValueError(f"unknown PeftMap transform {transform!r}; known: {TRANSFORMS}")
-
-
-def to_peft(t: torch.Tensor, transform: str, shape) -> torch.Tensor:
-    """Spec layout -> PEFT layout (the inverse of to_spec)."""
-    return t.t() if transform == "T" else t.reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------- helpers

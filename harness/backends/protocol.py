@@ -44,6 +44,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+import torch
+
 CAPABILITIES: Mapping[str, str] = MappingProxyType({
     "detach": "detach(model) removes the adapter and restores the base model",
     "merge": "merge(model) folds the adapter into dense base weights",
@@ -100,6 +102,62 @@ class Fields:
 
     def __repr__(self) -> str:
         return f"Fields({dict(self.fields)!r})"
+
+
+TRANSFORMS = ("id", "T", "row", "col", "scalar1", "vector1")
+
+
+class Mapped(torch.Tensor):
+    """A library's tensor seen in the spec's layout: a view sharing the library's storage (writes go through).
+
+    `grad` reads (and `grad = None` clears) the library parameter's gradient, transformed to the spec's layout;
+    `requires_grad` is the parameter's; `source` is the parameter itself. Operations on it return plain tensors.
+    Transforms: "id", "T" (transpose), "row" / "col" (the library holds (1, n) / (n, 1)), "scalar1" (the library
+    holds (1,), the spec ()) and "vector1" (the library holds (), the spec (1,)).
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def of(src: torch.Tensor, transform: str) -> "Mapped":
+        view = to_spec(src.detach(), transform).as_subclass(Mapped)
+        view._src, view._transform = src, transform
+        return view
+
+    @property
+    def grad(self):
+        g = self._src.grad
+        return None if g is None else to_spec(g, self._transform)
+
+    @grad.setter
+    def grad(self, value):
+        self._src.grad = None if value is None else to_peft(value, self._transform, self._src.shape)
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._src.requires_grad
+
+    @property
+    def source(self) -> torch.Tensor:
+        return self._src
+
+
+def to_spec(t: torch.Tensor, transform: str) -> torch.Tensor:
+    """Library layout -> spec layout, as a view."""
+    if transform == "id":
+        return t
+    if transform == "T":
+        return t.t()
+    if transform in ("row", "col", "vector1"):
+        return t.reshape(-1)
+    if transform == "scalar1":
+        return t.reshape(())
+    raise ValueError(f"unknown transform {transform!r}; known: {TRANSFORMS}")
+
+
+def to_peft(t: torch.Tensor, transform: str, shape) -> torch.Tensor:
+    """Spec layout -> library layout (the inverse of to_spec)."""
+    return t.t() if transform == "T" else t.reshape(shape)
 
 
 def lacks(be, spec, *capabilities: str) -> str | None:
