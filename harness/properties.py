@@ -453,7 +453,11 @@ def checkpoint_roundtrip(spec, be, case):
     with torch.no_grad():
         y1 = s.model(s.x)
     with tempfile.TemporaryDirectory() as d:
-        f1, f2 = Path(d, "a.safetensors"), Path(d, "b.safetensors")
+        # one file name in two folders: a format may record its own name (torch.save's archive folder); the
+        # suffix is the one the backend's format expects
+        name = "adapter" + getattr(be, "checkpoint_suffix", ".safetensors")
+        f1, f2 = Path(d, "1", name), Path(d, "2", name)
+        f1.parent.mkdir(), f2.parent.mkdir()
         be.save(s.model, f1)
         m2 = _fresh(s, case)
         try:

@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         have = version("peft")
         if have != a.peft_version:
             ap.error(f"--peft-version {a.peft_version} requested but peft {have} is installed; run it through nox -s verify")
+    if a.repo and a.ref:
+        from tools.lora_lite import local_source
+
+        a.ref, a.repo = local_source(a.ref, a.repo)  # a URL's archive is fetched (sha256-checked) into .cache/
     args = [str(ROOT / "harness" / "verify_test.py"), "-p", "harness.plugin", "-q", "--no-header", "-p", "no:randomly",
             f"--rootdir={ROOT}", "--device", a.device]
     if a.workers not in ("0", "1"):

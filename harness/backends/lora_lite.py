@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from impl import layers
-from spec.schema import Spec
+from spec.schema import Deviation, Spec
 
 from . import BACKENDS
 from ..strategies import Case
@@ -170,6 +170,7 @@ class LoraLiteBackend:
         self.adapter = importlib.import_module(f"{PACKAGE}.adapter")
         self.config_module = importlib.import_module(f"{PACKAGE}.config")
         self.variant_kwargs = hasattr(self.config_module, "LoraLiteConfig")  # the first config era
+        self.checkpoint_suffix = ".pt" if "torch.save" in inspect.getsource(self.adapter.save) else ".safetensors"
 
     # ---- applicability
 
@@ -189,6 +190,17 @@ class LoraLiteBackend:
         if capability == "base_hash" and "fingerprint" not in inspect.getsource(self.adapter.load):
             return "lora-lite's load does not check the base weights at this commit"
         return LACKS.get(capability)
+
+    def deviation(self, spec: Spec, prop: str) -> Deviation | None:
+        """lora-lite's backend-wide design difference: attach freezes every parameter of the model and detach
+        does not give the flags back (the line is looked up in this commit's adapter.py)."""
+        if prop != "detach_restores":
+            return None
+        src = inspect.getsource(self.adapter)
+        line = next((i for i, text in enumerate(src.splitlines(), 1) if "requires_grad_(False)" in text), None)
+        return Deviation("detach_restores", "lora-lite's attach freezes every parameter of the model and its detach "
+                         "does not restore the requires_grad flags", backend=self.name,
+                         source=f"src/lora_lite/adapter.py:{line} at {self.version[:12]}", match="requires_grad flags changed")
 
     # ---- config and attach
 

@@ -438,7 +438,7 @@ class PeftBackend:
 
     def load(self, model, path):
         """PeftModel.from_pretrained on a fresh single-layer model from a packed save_pretrained folder."""
-        from . import SPECS
+        from spec import SPECS
 
         with tempfile.TemporaryDirectory() as d:
             name = _unpack(Path(path), Path(d))

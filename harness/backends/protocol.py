@@ -31,6 +31,8 @@ Optional:
 - `supports(spec, case) -> str | None`: why the library cannot take this drawn case (e.g. no rsLoRA, no float64
   trainables); the engine then draws another case instead of running it. When it rejects every case the
   property is `na` with the reason.
+- `checkpoint_suffix` (default ".safetensors"): the file-name suffix `save` expects (a library may pick its
+  reader by it: torch.load reads a ".safetensors" name as safetensors).
 - `property_na(spec, prop) -> str | None`, `deviation(spec, prop) -> Deviation | None`: a property that cannot
   apply to the library's design, or a backend-wide declared design difference (with its source line).
 """
