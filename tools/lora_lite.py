@@ -103,9 +103,10 @@ def history(repo: Path, branch: str) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def run_commit(commit: str, repo: str, args: list[str]) -> dict:
-    path = OUT / f"lora-lite-{commit[:12]}.json"
-    cmd = [sys.executable, "-m", "tools.verify", "--backend", "lora-lite", "--ref", commit, "--repo", repo,
+def run_commit(commit: str, source: Path, args: list[str], out: Path) -> dict:
+    """verify on one commit's extracted source, in its own process; its results JSON (or the error)."""
+    path = out / f"lora-lite-{commit[:12]}.json"
+    cmd = [sys.executable, "-m", "tools.verify", "--backend", "lora-lite", "--ref", commit, "--repo", str(source),
            "--json", str(path), *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if not path.exists():
@@ -138,11 +139,14 @@ def table(commits: list[dict]) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", keys
 
 
-def timeline(repo: str, refs: list[str] | None, branch: str, args: list[str]) -> dict:
+def timeline(repo: str, refs: list[str] | None, branch: str, args: list[str], out: Path = OUT,
+             cache: Path = CACHE) -> dict:
+    """Verify each commit of the branch (or only `refs`) and write the timeline table into `out`."""
+    from harness.backends.lora_lite import extract
+
     hist = history(Path(repo), branch)
     if refs:
-        want = [r for r in refs]
-        hist = [h for h in hist if any(h[0].startswith(r) for r in want)]
+        hist = [h for h in hist if any(h[0].startswith(r) for r in refs)]
     commits, last_tree, last = [], None, None
     for commit, subject, tree in hist:
         if tree is None:
@@ -152,17 +156,17 @@ def timeline(repo: str, refs: list[str] | None, branch: str, args: list[str]) ->
             data = {**last, "same_source_as": last["commit"]}
         else:
             print(f"verify lora-lite {commit[:12]} ({subject[:50]})", flush=True)
-            data = run_commit(commit, repo, args)
+            data = run_commit(commit, extract(Path(repo), commit, cache), args, out)
         data = {**data, "commit": commit, "subject": subject}
         commits.append(data)
         last_tree, last = tree, data
     md, keys = table(commits)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "lora-lite-timeline.md").write_text(md)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lora-lite-timeline.md").write_text(md)
     payload = {"schema": "lora-verify/timeline/1", "repo": repo, "rows": keys,
                "commits": [{k: c.get(k) for k in ("commit", "subject", "summary", "error", "same_source_as", "results")}
                            for c in commits]}
-    (OUT / "lora-lite-timeline.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / "lora-lite-timeline.json").write_text(json.dumps(payload, indent=1) + "\n")
     print(md)
     return payload
 
@@ -178,12 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--properties", default="")
     t.add_argument("--profile", default="ci")
     t.add_argument("-n", "--workers", default="0")
+    t.add_argument("--out", default=str(OUT), help="where the JSONs and the table go")
+    t.add_argument("--cache", default=str(CACHE), help="where each commit's source is extracted")
     a = ap.parse_args(argv)
     args = ["--profile", a.profile, "-n", a.workers]
     for flag, value in (("--variants", a.variants), ("--properties", a.properties)):
         if value:
             args += [flag, value]
-    timeline(a.repo, [r for r in a.refs.split(",") if r], a.branch, args)
+    timeline(a.repo, [r for r in a.refs.split(",") if r], a.branch, args, Path(a.out), Path(a.cache))
     return 0
 
 
