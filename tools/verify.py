@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend-module", action="append", default=[])
     ap.add_argument("--ref", default=None)
     ap.add_argument("--repo", default=None)
+    ap.add_argument("--fetch-only", action="store_true", help="only fetch --repo URL's archive of --ref, then exit")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--json", default=None)
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         from tools.lora_lite import local_source
 
         a.ref, a.repo = local_source(a.ref, a.repo)  # a URL's archive is fetched (sha256-checked) into .cache/
+    if a.fetch_only:
+        return 0
     args = [str(ROOT / "harness" / "verify_test.py"), "-p", "harness.plugin", "-q", "--no-header", "-p", "no:randomly",
             f"--rootdir={ROOT}", "--device", a.device]
     if a.workers not in ("0", "1"):
