@@ -13,7 +13,8 @@ Required:
   object with attribute access and a `fields` mapping holding every field the spec names (`Fields` builds one
   from the library's defaults, the case's drawn fields and the overrides).
 - `attach(model, spec, case, calibration=None, **over)`: adapt `model.layer` of a one-layer model (see
-  harness.models.single) in place, with the case's fields and the overrides (`dropout`, `param_dtype`, ...).
+  harness.models.single) in place, with the case's fields and the overrides: `dropout`, and `param_dtype`, the
+  dtype of the trainable tensors (float64 in float64 cases, else the library's default, float32 in impl).
 - `tensors(model) -> {spec name: tensor}`: the adapter's live tensors by the spec's names. Writes into them must
   reach the adapter (a view is fine), and their `grad` must be the adapter's gradient in the spec's layout.
 - `base_weight(model)`: the adapted layer's current dense base weight (d_out, d_in).
