@@ -1,4 +1,4 @@
-"""Sessions: verify (main job), tests, zoo, fetch, review, cost.
+"""Sessions: verify (main job), tests, zoo, fetch, review, cost, timeline (lora-lite's history).
 
 Every session uses the virtualenv backend with pip (uv would not see the local CPU torch wheel and would
 download CUDA builds) and installs with `-c constraints.txt`, which pins torch, peft and bitsandbytes exactly.
@@ -64,9 +64,15 @@ def verify(session: nox.Session) -> None:
     """Run every property on every variant; print the variant x property table; write build/verify/<backend>.json.
 
     `-- --variants lora,dora`, `-- --variant-module path/or.module`, `-- --backend peft`,
-    `-- --backend peft --peft-version 0.13.2` (a separate environment with that PEFT release), `-- --device cuda`.
+    `-- --backend peft --peft-version 0.13.2` (a separate environment with that PEFT release), `-- --device cuda`,
+    `-- --backend lora-lite --ref COMMIT [--repo PATH_OR_URL]` (lora-lite at that commit, in an environment with
+    its dependencies; writes build/verify/lora-lite-<commit>.json), `-- --backend-module path/or.module`.
     """
     args = list(session.posargs)
+    if _option(args, "--backend") == "lora-lite":  # --backend lora-lite --ref C [--repo R]: its own environment, that commit's deps
+        py = lora_lite_env(session, _option(args, "--ref"), _option(args, "--repo") or LORA_LITE_URL)
+        session.run(str(py), "-m", "tools.verify", *args, external=True, env={"OMP_NUM_THREADS": "1"})
+        return
     peft_version = _pop_option(args, "--peft-version")
     if not peft_version:
         install(session)
@@ -86,6 +92,60 @@ def verify(session: nox.Session) -> None:
                 f"peft=={peft_version}", external=True)
     session.run(str(py), "-m", "tools.verify", "--backend", "peft", "--peft-version", peft_version,
                 *args, external=True, env={"OMP_NUM_THREADS": "1"})
+
+
+LORA_LITE_URL = "https://github.com/wassname/lora-lite"
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The VALUE of `name VALUE` or `name=VALUE` in args (left in place)."""
+    rest = list(args)
+    return _pop_option(rest, name)
+
+
+def lora_lite_deps(pyproject: str) -> list[str]:
+    """The [project] dependencies of a lora-lite pyproject.toml, torch left out (constraints.txt pins it)."""
+    import tomllib
+
+    deps = tomllib.loads(pyproject).get("project", {}).get("dependencies", [])
+    return [d for d in deps if not d.replace(" ", "").startswith("torch")]
+
+
+def lora_lite_env(session: nox.Session, ref: str | None, repo: str) -> Path:
+    """A virtualenv with this project and lora-lite's dependencies at `ref` (from its pyproject.toml): one per
+    set of dependencies, under .nox/verify-lora-lite-<hash>/. The commit's source is fetched or extracted by
+    tools.verify itself."""
+    import hashlib
+
+    if not ref:
+        session.error("--backend lora-lite needs --ref COMMIT")
+    if Path(repo).exists():
+        where = ["-C", repo] if (Path(repo) / ".git").exists() else [f"--git-dir={repo}"]
+        pyproject = session.run("git", *where, "show", f"{ref}:pyproject.toml", external=True, silent=True)
+    else:
+        session.run(sys.executable, "-m", "tools.verify", "--fetch-only", "--ref", ref, "--repo", repo, external=True)
+        pyproject = (ROOT / ".cache" / "lora-lite" / ref / "pyproject.toml").read_text()
+    deps = lora_lite_deps(pyproject)
+    venv = ROOT / ".nox" / f"verify-lora-lite-{hashlib.sha256(' '.join(sorted(deps)).encode()).hexdigest()[:10]}"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        session.run(sys.executable, "-m", "venv", str(venv), external=True)
+        session.run(str(py), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), "torch==2.13.0", external=True)
+        session.run(str(py), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), "-e", ".[test]", *deps, external=True)
+    return py
+
+
+@nox.session(default=False)
+def timeline(session: nox.Session) -> None:
+    """verify lora-lite at every commit of its main branch (or `-- --refs C1,C2`) from a local clone
+    (`-- --repo PATH`, required): build/verify/lora-lite-<commit>.json each, and the table
+    build/verify/lora-lite-timeline.{md,json}. Runs in the environment of the newest commit's dependencies."""
+    args = list(session.posargs)
+    repo = _option(args, "--repo")
+    if not repo:
+        session.error("nox -s timeline -- --repo PATH_TO_A_LORA_LITE_CLONE")
+    py = lora_lite_env(session, _option(args, "--branch") or "main", repo)
+    session.run(str(py), "-m", "tools.lora_lite", "timeline", *args, external=True, env={"OMP_NUM_THREADS": "1"})
 
 
 @nox.session

@@ -3,8 +3,9 @@
 A spec's float64 oracle only catches what its author read correctly; when the spec and the implementation share
 a misreading (DeLoRA's norm axis, HRA's order, EVA's centring), only an independent implementation disagrees.
 
-- `reference_equivalence`: the same layer built in PEFT (spec.peft, through harness.backends.peft), the same non-init
-  tensors copied into both (names, layouts and transposes come from the spec's PeftMap), outputs and the gradients
+- `reference_equivalence`: the same layer built in PEFT (through harness.backends.peft), the same non-init
+  tensors copied into both (names, layouts and transposes come from the variant's PeftMap in
+  harness.backends.peft_maps), outputs and the gradients
   of every trainable tensor and of the input compared in fp32 and fp64.
 - `reference_init`: the init itself against PEFT's, where it is deterministic (the parts the spec's init formula
   names, and every tensor PEFT starts constant), and the equality pattern of the random parts (hra's pairing).
@@ -29,9 +30,8 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from impl import layers
-
 from . import tolerance as tol
+from .backends.peft_maps import peft_map
 from .models import single, tiny
 from .probes import _dt, cfg_of, gradient_scales, loss_weights, perturb, perturb_layers, prop, require, setup
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
@@ -48,8 +48,8 @@ MEAN_NORM = 3.0
 
 def _peft_reason(spec, be, init_only: bool = False) -> str | None:
     """Why the PEFT comparison does not apply (None when it does)."""
-    if spec.peft is None:
-        return "PEFT has no counterpart of this variant (the spec declares no PeftMap)"
+    if peft_map(spec) is None:
+        return "PEFT has no counterpart of this variant (harness/backends/peft_maps.py maps none)"
     if be.name == "peft":
         return "the backend under test is PEFT itself, the reference"
     try:
@@ -177,7 +177,7 @@ def _peft_quantized_reason(spec, be) -> str | None:
     return "PEFT adapts neither quantized layer (its failure is the PEFT backend's 'quantized' to report): " + "; ".join(errors)
 
 
-@prop("reference_quantized", _dt(torch.float32), max_examples=6, applies=_peft_quantized_reason)
+@prop("reference_quantized", _dt(torch.float32), max_examples=6, needs=("quantized",), applies=_peft_quantized_reason)
 def reference_quantized(spec, be, case):
     """On the same bitsandbytes 4-bit and 8-bit layer, before and after a first forward, the output with random
     non-init tensors equals PEFT's with the same tensors, wherever PEFT adapts and runs that layer without an
@@ -315,14 +315,15 @@ def reference_init(spec, be, case):
     W = W.to(case.dtype).double()
     cal = None
     if spec.data != "none":
-        cal = isotropic_calibration(case) if spec.peft.calibration == "isotropic" else gapped_calibration(case, W)
+        cal = isotropic_calibration(case) if peft_map(spec).calibration == "isotropic" else gapped_calibration(case, W)
     X = calibration_tokens(cal) if cal is not None else None
     ours = _init_state(spec, be, case, cal)
     theirs = _init_state(spec, ref, case, cal)
     factor = 4 * spec.identity_factor * max(W.shape)
-    if spec.peft.compare is not None:
-        return _compare_quantities(spec.peft.compare(ours, theirs, cfg_of(spec, case)), W, case.dtype, factor)
-    named = set(spec.init_oracle(W, cfg_of(spec, case), X)) if spec.init_oracle else set()
+    compare = peft_map(spec).compare
+    if compare is not None:
+        return _compare_quantities(compare(ours, theirs, cfg_of(spec, be, case)), W, case.dtype, factor)
+    named = set(spec.init_oracle(W, cfg_of(spec, be, case), X)) if spec.init_oracle else set()
     declared = {t.name: t for t in spec.tensors}
     worst = 0.0
     for name in sorted(set(ours) | set(theirs)):
@@ -388,7 +389,7 @@ def dense_equivalence(spec, be, case):
     W = be.base_weight(s.model).detach().double().cpu()
     layer_b = getattr(s.model.layer, "bias", None)
     b = None if layer_b is None else layer_b.detach().double().cpu()
-    cfg, knobs = cfg_of(spec, case), be.knobs(s.model)
+    cfg, knobs = cfg_of(spec, be, case), be.knobs(s.model)
     D, b_eff = (lambda o: o if isinstance(o, tuple) else (o, b))(spec.dense(W, b, T, cfg, knobs))
     require(tuple(D.shape) == (case.d_out, case.d_in), f"dense map has shape {tuple(D.shape)}, not (d_out, d_in)")
     x64 = s.x.detach().double().cpu().requires_grad_(True)
@@ -537,9 +538,8 @@ def _model_cases(draw, spec, device):
     return c, draw(st.sampled_from(["llama", "gpt2"]), label="arch")
 
 
-@prop("model_oracle", lambda spec, device: _model_cases(spec, device),
-      applies=lambda spec, be: ("the backend cannot adapt a whole model" if not hasattr(be, "attach_model") else
-                                "the spec runs on square layers only; a tiny model's layers are not square"
+@prop("model_oracle", lambda spec, device: _model_cases(spec, device), needs=("model",),
+      applies=lambda spec, be: ("the spec runs on square layers only; a tiny model's layers are not square"
                                 if spec.square_only else None),
       max_examples=4)
 def model_oracle(spec, be, drawn):
@@ -559,11 +559,11 @@ def model_oracle(spec, be, drawn):
     require(len(adapted) >= 2, f"only {sorted(adapted)} adapted for roles {roles} in {arch}")
     perturb_layers(spec, adapted, case)
     b = token_batch(case.seed)
-    cfg = cfg_of(spec, case)
+    cfg = cfg_of(spec, be, case)
     oracle_model = _copy.deepcopy(base)
     clones = {}
     for name, (tensors, layer, knobs) in adapted.items():
-        W = layers.dense_weight(layer).detach().double().clone()
+        W = be.dequantized(layer).detach().double().clone()
         bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().double().clone()
         T = {n: t.detach().double().clone().requires_grad_(bool(t.requires_grad)) for n, t in tensors.items()}
         clones[name] = T

@@ -8,11 +8,13 @@ import json
 import sysconfig
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 
+from .backends.protocol import rejects
 from .probes import PROPERTIES, Falsified, Property
 from spec.schema import Spec
 from .strategies import Case
@@ -119,6 +121,19 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     if declared_deviation(spec, prop.name, backend) is not None:  # a declared difference needs no minimal example:
         base = settings(base, phases=[p for p in base.phases if p != Phase.shrink])  # skip the (costly) shrinking
 
+    if hasattr(backend, "supports"):  # cases the backend cannot take are not drawn (the backend says why)
+
+        def admitted(drawn) -> bool:
+            why = rejects(backend, spec, drawn)
+            if why:
+                state["refused"] = why
+            return not why
+
+        draw = prop.strategy
+        prop = replace(prop, strategy=lambda spec, device: draw(spec, device).filter(admitted))
+
+    # (the derandomized profiles seed Hypothesis with a hash of run's source, decorators included: a change
+    # to these lines changes every drawn case)
     @settings(base, max_examples=n)
     @given(case=prop.strategy(spec, device))
     def run(case):
@@ -132,6 +147,9 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     status, detail, kind, where = "pass", "", None, None
     try:
         run()
+    except Unsatisfiable:
+        return Result(spec.name, prop.name, "na",
+                      detail=f"{backend.name} supports none of the drawn cases: {state.get('refused')}")
     except BaseException as e:  # noqa: BLE001 - every failure becomes a Result
         e = _first(e)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):

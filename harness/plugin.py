@@ -28,7 +28,11 @@ def pytest_addoption(parser):
     g.addoption("--variants", default="", help="comma-separated variants (default: every spec)")
     g.addoption("--properties", default="", help="comma-separated properties (default: all)")
     g.addoption("--variant-module", action="append", default=[], help="a user's variant module (impl + spec)")
-    g.addoption("--backend", default="impl", help="impl | peft")
+    g.addoption("--backend", default=None, help="impl (default) | peft | lora-lite | a name --backend-module registered")
+    g.addoption("--backend-module", action="append", default=[],
+                help="a user's backend module (path or dotted name) that registers a backend")
+    g.addoption("--ref", default=None, help="the commit a source-built backend verifies (lora-lite)")
+    g.addoption("--repo", default=None, help="where that backend's source comes from: a local git clone or a URL")
     g.addoption("--device", default="cpu", help="cpu | cuda")
     g.addoption("--verify-profile", default=None, help="Hypothesis profile: verify (default), ci, dev")
     g.addoption("--verify-json", default=None, help="where to write the results JSON (the previous one is kept "
@@ -39,15 +43,27 @@ def _opt(config, name):
     return config.getoption(name)
 
 
-def _backend(name: str):
-    from .backends import BACKENDS
+def _backend(config):
+    """The backend under test: --backend NAME, else the one backend --backend-module registered, else impl."""
+    from .backends import load_backend_module, make
 
-    if name == "peft" and "peft" not in BACKENDS:
-        from .backends import peft  # noqa: F401  registers itself
+    loaded = []
+    for mod in _opt(config, "backend_module"):
+        try:
+            loaded += load_backend_module(mod)
+        except (ImportError, OSError, ValueError) as e:
+            raise pytest.UsageError(f"--backend-module {mod}: {type(e).__name__}: {e}") from None
+    name = _opt(config, "backend")
+    if name is None and len(loaded) > 1:
+        raise pytest.UsageError(f"the backend modules registered {loaded}; pick one with --backend")
+    name = name or (loaded[0] if loaded else "impl")
+    options = {k: _opt(config, k) for k in ("ref", "repo") if _opt(config, k)}
     try:
-        return BACKENDS[name]()
-    except KeyError:
-        raise pytest.UsageError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}") from None
+        return make(name, **options)
+    except KeyError as e:
+        raise pytest.UsageError(str(e.args[0])) from None
+    except TypeError as e:
+        raise pytest.UsageError(f"backend {name!r} does not take {sorted(options)}: {e}") from None
 
 
 def pytest_configure(config):
@@ -59,7 +75,7 @@ def pytest_configure(config):
         except impl.ConfigError as e:
             raise pytest.UsageError(str(e)) from None
     profile = _opt(config, "verify_profile") or ("ci" if os.environ.get("CI") else "verify")
-    config._verify = {"profile": profile, "backend": _backend(_opt(config, "backend")), "device": _opt(config, "device"),
+    config._verify = {"profile": profile, "backend": _backend(config), "device": _opt(config, "device"),
                       "t0": time.perf_counter()}
     torch.set_num_threads(1)  # one torch thread per process (each xdist worker sets its own)
 
@@ -126,7 +142,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     payload["findings"] = {v: records.record_findings(specs[v], payload["specs"][v],
                                                       [r for r in results if r["variant"] == v], be.name, props)
                            for v in variants}
-    path = Path(_opt(config, "verify_json") or Path("build/verify") / f"{be.name}.json")
+    path = Path(_opt(config, "verify_json") or Path("build/verify") / f"{getattr(be, 'results_stem', be.name)}.json")
     previous = keep_previous(path)
     write_json(path, payload)
     tr = terminalreporter

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from spec.schema import Spec
 
 from . import tolerance as tol
+from .backends.protocol import Mapped, lacks
 from .models import single
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
@@ -39,15 +40,20 @@ class Property:
     strategy: Callable[[Spec, str], st.SearchStrategy]
     applies: Callable[[Spec, object], str | None] = lambda spec, be: None
     max_examples: int | None = None  # cap for properties with little to draw
+    needs: tuple[str, ...] = ()  # backend capabilities (harness.backends.protocol.CAPABILITIES); missing -> na
 
 
 PROPERTIES: dict[str, Property] = {}
 
 
-def prop(name: str, strategy, applies=None, max_examples=None):
+def prop(name: str, strategy, applies=None, max_examples=None, needs: tuple[str, ...] = ()):
+    """Register a property; `needs` names the backend capabilities it uses (a backend lacking one makes it na,
+    with the backend's reason)."""
+    own = applies or (lambda spec, be: None)
+
     def deco(fn):
         PROPERTIES[name] = Property(name, (fn.__doc__ or "").strip(), fn, strategy,
-                                    applies or (lambda spec, be: None), max_examples)
+                                    lambda spec, be: lacks(be, spec, *needs) or own(spec, be), max_examples, needs)
         return fn
 
     return deco
@@ -123,13 +129,12 @@ def perturb_layers(spec: Spec, adapted: dict, case: Case) -> None:
 
 def perturb(spec: Spec, be, model, case: Case, scale: float = 1.0) -> None:
     """Move every trainable tensor away from its init (docs/conventions.md §8)."""
-    perturb_tensors(spec, be.tensors(model), case.d_in, case.d_out, cfg_of(spec, case), case.gen(3), sigma=0.5 * scale)
+    perturb_tensors(spec, be.tensors(model), case.d_in, case.d_out, cfg_of(spec, be, case), case.gen(3), sigma=0.5 * scale)
 
 
-def cfg_of(spec: Spec, case: Case, **over):
-    import impl
-
-    return impl.config(spec.name, **{**case.fields, **over})
+def cfg_of(spec: Spec, be, case: Case, **over):
+    """The config the spec's formulas read, as the backend builds it for the case (and the overrides)."""
+    return be.spec_config(spec, case, **over)
 
 
 def oracle_output(spec: Spec, be, s: Setup, case: Case, x64: torch.Tensor, xd=None, grad: bool = False, **over):
@@ -140,7 +145,7 @@ def oracle_output(spec: Spec, be, s: Setup, case: Case, x64: torch.Tensor, xd=No
     W = be.base_weight(s.model).detach().double().cpu()
     layer_b = getattr(s.model.layer, "bias", None)
     b = None if layer_b is None else layer_b.detach().double().cpu()
-    y = spec.oracle(W, b, T, x64, cfg_of(spec, case, **over), be.knobs(s.model), xd=xd)
+    y = spec.oracle(W, b, T, x64, cfg_of(spec, be, case, **over), be.knobs(s.model), xd=xd)
     return y, T
 
 
@@ -151,6 +156,11 @@ def base_out(s: Setup, x64):
 
 def loss_weights(y: torch.Tensor, case: Case) -> torch.Tensor:
     return torch.randn(y.shape, generator=case.gen(4), dtype=torch.float64)
+
+
+def owner(t: torch.Tensor) -> torch.Tensor:
+    """The library's own tensor behind a backend's tensor (a Mapped view's source; else the tensor itself)."""
+    return t.source if isinstance(t, Mapped) else t
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -194,7 +204,7 @@ class Probe:
 
     def __init__(self, spec, be, s: Setup, case: Case):
         self.spec, self.be, self.s, self.case = spec, be, s, case
-        self.cfg = cfg_of(spec, case)
+        self.cfg = cfg_of(spec, be, case)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {n: t.detach().double().cpu() for n, t in self.be.tensors(self.s.model).items()}
@@ -257,6 +267,8 @@ def drawn_knob(default: float, identity: float, g: torch.Generator) -> float:
 
 def set_drawn_knobs(spec: Spec, be, model, case: Case) -> dict[str, float]:
     """Set every knob the spec declares to a drawn non-default value on the live model; return them."""
+    if be.unsupported(spec, "knobs"):
+        return {}
     g = case.gen(13)
     values = {}
     for knob, identity in spec.knobs.items():
@@ -269,4 +281,4 @@ def layouts(spec: Spec, be) -> tuple[str, ...]:
     """The layouts a restore or round-trip property runs on: Linear and transformers' transposed Conv1D, unless
     the spec declares (for this backend) that the variant does not run on Conv1D."""
     dev = spec.deviation("layout", be.name)
-    return ("linear",) if dev is not None else ("linear", "conv1d")
+    return ("linear",) if dev is not None or be.unsupported(spec, "conv1d") else ("linear", "conv1d")

@@ -15,15 +15,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-from impl.errors import AdapterError, AttachError, CheckpointError, ConfigError
-
 from spec.schema import Spec
 
 from . import tolerance as tol
 from .models import single
 from .probes import (Falsified, Probe, Setup, _dt, base_out, cfg_of, gradient_scales, grad_flags, layouts,
-                     loss_weights, oracle_output, perturb, prop, require, same_state, set_drawn_knobs, setup, snapshot,
-                     untouched)
+                     loss_weights, oracle_output, owner, perturb, prop, require, same_state, set_drawn_knobs, setup,
+                     snapshot, untouched)
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs, square_or_not
 
 
@@ -58,7 +56,7 @@ def identity_at_init(spec, be, case):
     return rel
 
 
-@prop("knob_identity", _dt(torch.float32, torch.float64),
+@prop("knob_identity", _dt(torch.float32, torch.float64), needs=("knobs",),
       applies=lambda spec, be: None if spec.knobs else "the spec declares no runtime knob")
 def knob_identity(spec, be, case):
     """With a knob set to its identity value on the live model after attach, the output equals the layer
@@ -134,7 +132,7 @@ def init_formula(spec, be, case):
     spec says so)."""
     s = setup(spec, be, case)
     X = calibration_tokens(s.cal) if s.cal is not None else None
-    expected = spec.init_oracle(s.W, cfg_of(spec, case), X)
+    expected = spec.init_oracle(s.W, cfg_of(spec, be, case), X)
     actual = {n: t.detach().double().cpu() for n, t in be.tensors(s.model).items()}
     actual["base_weight"] = be.base_weight(s.model).detach().double().cpu()
     # an SVD's rounding grows with the layer's width
@@ -168,20 +166,19 @@ def compare_init(spec, expected: dict, actual: dict, W: torch.Tensor, dtype, fac
 # ----------------------------------------------------------------------------------------------- config
 
 
-@prop("config_constraints", _dt(torch.float32), max_examples=1,
-      applies=lambda spec, be: None if be.name == "impl" else "config constraints are impl's config-time checks")
+@prop("config_constraints", _dt(torch.float32), max_examples=1, needs=("config_checks",))
 def config_constraints(spec, be, case):
     """Every config constraint the spec declares is enforced at config time with an error naming the field."""
     for c in spec.constraints:
         try:
-            cfg_of(spec, case, **c.bad)
-        except ConfigError as e:
+            cfg_of(spec, be, case, **c.bad)
+        except be.errors.config as e:
             require(any(k in str(e) for k in c.bad), f"'{c.text}': the error does not name {sorted(c.bad)}: {e}")
             continue
         raise Falsified(f"constraint '{c.text}' not enforced: config accepted {dict(c.bad)}")
     try:
-        cfg_of(spec, case, no_such_field=1)
-    except ConfigError as e:
+        cfg_of(spec, be, case, no_such_field=1)
+    except be.errors.config as e:
         require("no_such_field" in str(e), f"unknown field error does not name it: {e}")
     else:
         raise Falsified("an unknown config field was accepted")
@@ -205,7 +202,7 @@ def gradient_pattern(spec, be, case):
     trainable has a non-zero one, and all are non-zero once every tensor is perturbed."""
     s = setup(spec, be, case)
     g0 = _grads(be, s, case)
-    live = spec.present(case.d_in, case.d_out, cfg_of(spec, case), trainable=True)
+    live = spec.present(case.d_in, case.d_out, cfg_of(spec, be, case), trainable=True)
     for ts in live:
         g = g0.get(ts.name)
         zero = g is None or not torch.any(g != 0)
@@ -238,7 +235,7 @@ def training_step(spec, be, case):
     y = s.model(s.x)
     (y.double() * loss_weights(y, case).to(y.device)).sum().backward()
     opt.step()
-    present = spec.present(case.d_in, case.d_out, cfg_of(spec, case))
+    present = spec.present(case.d_in, case.d_out, cfg_of(spec, be, case))
     for ts in present:
         if ts.trainable:
             require(not torch.equal(live[ts.name].detach(), before[ts.name]), f"'{ts.name}' did not move after one AdamW step")
@@ -259,10 +256,10 @@ def trainable_set(spec, be, case):
     s = setup(spec, be, case)
     y = s.model(s.x)  # a forward and backward first: a base parameter a forward unfroze is caught too
     y.float().sum().backward()
-    leaks = [n for n, p in s.model.named_parameters() if p.grad is not None and not any(p is t for t in be.tensors(s.model).values())]
+    leaks = [n for n, p in s.model.named_parameters() if p.grad is not None and not any(p is owner(t) for t in be.tensors(s.model).values())]
     require(not leaks, f"base parameters received gradients: {leaks}")
     live = be.tensors(s.model)
-    cfg = cfg_of(spec, case)
+    cfg = cfg_of(spec, be, case)
     present = spec.present(case.d_in, case.d_out, cfg)
     require(set(live) == {t.name for t in present},
             f"adapter tensors {sorted(live)} != spec's {sorted(t.name for t in present)}")
@@ -270,16 +267,16 @@ def trainable_set(spec, be, case):
     state = s.model.state_dict(keep_vars=True)
     state_ids = {id(v) for v in state.values()}
     for ts in present:
-        t = live[ts.name]
         shape = spec.shape_of(ts, case.d_in, case.d_out, cfg)
-        require(tuple(t.shape) == shape, f"'{ts.name}' has shape {tuple(t.shape)}, spec says {ts.shape} = {shape}")
+        require(tuple(live[ts.name].shape) == shape, f"'{ts.name}' has shape {tuple(live[ts.name].shape)}, spec says {ts.shape} = {shape}")
+        t = owner(live[ts.name])  # the library's own Parameter or buffer (a view in the spec's layout sees through)
         if ts.trainable:
             require(isinstance(t, torch.nn.Parameter) and t.requires_grad, f"'{ts.name}' should be a trainable Parameter")
         else:
             require(id(t) not in param_ids and not t.requires_grad, f"frozen '{ts.name}' is a Parameter, not a buffer")
             require(id(t) in state_ids, f"frozen '{ts.name}' is not in the state dict (not persistent)")
     trainable = [p for p in s.model.parameters() if p.requires_grad]
-    adapter_ids = {id(live[t.name]) for t in present if t.trainable}
+    adapter_ids = {id(owner(live[t.name])) for t in present if t.trainable}
     require(all(id(p) in adapter_ids for p in trainable), "a base parameter is left trainable")
     n = sum(p.numel() for p in trainable)
     expected = spec.count(case.d_in, case.d_out, cfg)
@@ -357,7 +354,7 @@ def spectrum(spec, be, case):
 # ----------------------------------------------------------------------------------------------- dropout
 
 
-@prop("dropout", _dt(torch.float32))
+@prop("dropout", _dt(torch.float32), needs=("dropout",))
 def dropout(spec, be, case):
     """Dropout is honoured (train output equals the hand computation with the same mask under a shared seed;
     eval is deterministic and drops nothing) or rejected at config time, as the spec declares."""
@@ -365,7 +362,7 @@ def dropout(spec, be, case):
     if spec.dropout == "rejected":
         try:
             be.attach(setup(spec, be, case, attach=False).model, spec, case, None, dropout=p)
-        except (ConfigError, AttachError) as e:
+        except be.errors.config + be.errors.attach as e:
             require("dropout" in str(e), f"dropout rejection does not name the field: {e}")
             return None
         raise Falsified(f"dropout={p} accepted, but the spec declares it rejected")
@@ -420,7 +417,8 @@ def dropout_live(spec, be, case):
 # ----------------------------------------------------------------------------------------------- lifecycle
 
 
-@prop("detach_restores", lambda spec, device: square_or_not(spec, (torch.float32, torch.bfloat16), device))
+@prop("detach_restores", lambda spec, device: square_or_not(spec, (torch.float32, torch.bfloat16), device),
+      needs=("detach",))
 def detach_restores(spec, be, case):
     """On each layout (Linear, Conv1D): attach, perturb, set every knob to a drawn non-default value, forward,
     detach: the base output, state dict and requires_grad flags are bit-exactly what they were, and no hook or
@@ -442,7 +440,7 @@ def detach_restores(spec, be, case):
     return 0.0
 
 
-@prop("merge", _dt(torch.float32, torch.bfloat16))
+@prop("merge", _dt(torch.float32, torch.bfloat16), needs=("merge",))
 def merge(spec, be, case):
     """After perturbing and setting every knob to a drawn non-default value, merge folds the adapter into dense
     weights: the output equals the hooked output, every base weight keeps its dtype, and no hook is left."""
@@ -488,11 +486,16 @@ def merge_oracle(spec, be, case):
 
 
 def _file_diff(f1: Path, f2: Path) -> str:
-    """Which metadata entries or tensors differ between two safetensors files."""
-    from safetensors import safe_open
+    """Which metadata entries or tensors differ between two checkpoint files (named when they are safetensors
+    files; a backend's checkpoint may be any format, then only the sizes are compared)."""
+    from safetensors import SafetensorError, safe_open
 
     out = []
-    with safe_open(str(f1), "pt") as a, safe_open(str(f2), "pt") as b:
+    try:
+        a, b = safe_open(str(f1), "pt"), safe_open(str(f2), "pt")
+    except (SafetensorError, OSError):
+        return f"the files differ ({f1.stat().st_size} and {f2.stat().st_size} bytes; not safetensors files)"
+    with a, b:
         ma, mb = a.metadata() or {}, b.metadata() or {}
         out += [f"metadata '{k}'" for k in sorted(set(ma) | set(mb)) if ma.get(k) != mb.get(k)]
         ka, kb = set(a.keys()), set(b.keys())
@@ -505,7 +508,8 @@ def _fresh(s: Setup, case: Case, W=None, layout: str = "linear"):
     return single(s.W if W is None else W, s.b, case.dtype, layout, case.device)
 
 
-@prop("checkpoint_roundtrip", lambda spec, device: square_or_not(spec, (torch.float32, torch.bfloat16), device))
+@prop("checkpoint_roundtrip", lambda spec, device: square_or_not(spec, (torch.float32, torch.bfloat16), device),
+      needs=("checkpoint",))
 def checkpoint_roundtrip(spec, be, case):
     """On each layout (Linear, Conv1D), with every knob at a drawn non-default value: save -> load -> save -> load
     into freshly built models, with no calibration data on load, reproduces the outputs and knobs bit-exactly and
@@ -522,12 +526,16 @@ def _roundtrip(spec, be, case: Case, lay: str) -> None:
     with torch.no_grad():
         y1 = s.model(s.x)
     with tempfile.TemporaryDirectory() as d:
-        f1, f2 = Path(d, "a.safetensors"), Path(d, "b.safetensors")
+        # one file name in two folders: a format may record its own name (torch.save's archive folder); the
+        # suffix is the one the backend's format expects
+        name = "adapter" + getattr(be, "checkpoint_suffix", ".safetensors")
+        f1, f2 = Path(d, "1", name), Path(d, "2", name)
+        f1.parent.mkdir(), f2.parent.mkdir()
         be.save(s.model, f1)
         m2 = _fresh(s, case, layout=lay)
         try:
             be.load(m2, f1)
-        except AdapterError as e:  # any clear refusal (e.g. a load that asks for calibration data) fails here
+        except be.errors.any as e:  # any clear refusal (e.g. a load that asks for calibration data) fails here
             raise Falsified(f"{lay}: the checkpoint save wrote does not load into a fresh model: {e}") from None
         with torch.no_grad():
             y2 = m2(s.x)
@@ -542,18 +550,19 @@ def _roundtrip(spec, be, case: Case, lay: str) -> None:
         with torch.no_grad():
             y3 = m3(s.x)
         require(torch.equal(y3, y1), f"{lay}: second load differs by {tol.maxabs(y3.double() - y1.double()):.3g}")
-        if getattr(be, "checks_base_hash", True):
+        if not be.unsupported(spec, "base_hash"):
             other = _fresh(s, case, W=s.W + 0.01, layout=lay)
             state, flags = snapshot(other), grad_flags(other)
             try:
                 be.load(other, f1)
-            except CheckpointError:
+            except be.errors.checkpoint:
                 untouched(be, other, state, flags, f"{lay}: after a refused load")
             else:
                 raise Falsified(f"{lay}: load into a model with different base weights was accepted")
 
 
-@prop("layout", lambda spec, device: cases(spec, dtypes=(torch.float32, torch.float64), bias=True, device=device))
+@prop("layout", lambda spec, device: cases(spec, dtypes=(torch.float32, torch.float64), bias=True, device=device),
+      needs=("conv1d", "merge"))
 def layout(spec, be, case):
     """The variant on a Linear and on a transposed-storage Conv1D holding the same weight, with every knob at the
     same drawn non-default value, gives the same outputs, gradients (adapter tensors and input, at the scale of the terms they sum) and merged weight."""
@@ -622,7 +631,7 @@ def saturated_trainables(spec, be, case):
     floor, is caught here and not only on degenerate base weights."""
     s = setup(spec, be, case)
     live = be.tensors(s.model)
-    present = spec.present(case.d_in, case.d_out, cfg_of(spec, case), trainable=True)
+    present = spec.present(case.d_in, case.d_out, cfg_of(spec, be, case), trainable=True)
     g = case.gen(14)
     for scale in SATURATION:
         with torch.no_grad():
@@ -647,9 +656,9 @@ def saturated_trainables(spec, be, case):
 INIT_WIDTH, SAMPLES, MAX_ATTACHES, Z = (48, 64), 4096, 128, 6.0
 
 
-def _random_inits(spec, case) -> dict[str, tuple[str, float]]:
+def _random_inits(spec, be, case) -> dict[str, tuple[str, float]]:
     d_out, d_in = INIT_WIDTH
-    cfg = cfg_of(spec, case)
+    cfg = cfg_of(spec, be, case)
     env = spec.env(d_in, d_out, cfg)
     out = {}
     for ts in spec.present(d_in, d_out, cfg):
@@ -687,7 +696,7 @@ def init_distribution(spec, be, case):
     of 1.3 or more fails)."""
     d_out, d_in = INIT_WIDTH
     wide = case.with_(d_in=d_in, d_out=d_out)
-    dists = _random_inits(spec, wide)
+    dists = _random_inits(spec, be, wide)
     samples: dict[str, list] = {n: [] for n in dists}
     for i in range(MAX_ATTACHES):
         s = setup(spec, be, wide.with_(seed=case.seed + i), with_data=spec.data == "required")
@@ -703,7 +712,7 @@ def init_distribution(spec, be, case):
     return None
 
 
-@prop("config_roundtrip", _dt(torch.float32), max_examples=6,
+@prop("config_roundtrip", _dt(torch.float32), max_examples=6, needs=("checkpoint",),
       applies=lambda spec, be: None if hasattr(be, "config_fields") else "the backend exposes no config record")
 def config_roundtrip(spec, be, case):
     """With non-default dtype, param_dtype and dropout drawn (and the spec's drawn fields, perturbed trainables and
@@ -720,12 +729,12 @@ def config_roundtrip(spec, be, case):
     s.model.eval()
     saved = be.config_fields(s.model)
     with tempfile.TemporaryDirectory() as d:
-        f = Path(d, "a.safetensors")
+        f = Path(d, "adapter" + getattr(be, "checkpoint_suffix", ".safetensors"))
         be.save(s.model, f)
         m2 = _fresh(s, case)
         try:
             be.load(m2, f)
-        except AdapterError as e:
+        except be.errors.any as e:
             raise Falsified(f"the checkpoint does not load into a fresh model: {e}") from None
         m2.eval()  # after load: the adapter modules load adds start in train mode
         loaded = be.config_fields(m2)
@@ -762,7 +771,7 @@ def _state_after(spec, be, case, cal):
     return out
 
 
-@prop("data_path", lambda spec, device: _data_cases(spec, device),
+@prop("data_path", lambda spec, device: _data_cases(spec, device), needs=("data",),
       applies=lambda spec, be: None if spec.data != "none" else "the variant uses no calibration data")
 def data_path(spec, be, case):
     """The data path is live (other anisotropic data give another init), padding masked out by the attention
@@ -791,7 +800,7 @@ def data_path(spec, be, case):
             continue
         try:
             be.attach(s.model, spec, case, cal)
-        except AdapterError as e:
+        except be.errors.any as e:
             untouched(be, s.model, state, flags, f"after a failed attach ({label})")
             require(len(str(e)) > 10, f"{label}: unhelpful error {e!r}")
             continue
@@ -802,13 +811,11 @@ def data_path(spec, be, case):
 # ----------------------------------------------------------------------------------------------- quantized
 
 
-@prop("quantized", _dt(torch.float32), max_examples=6)
+@prop("quantized", _dt(torch.float32), max_examples=6, needs=("quantized",))
 def quantized(spec, be, case):
     """On bitsandbytes 4-bit and 8-bit layers the variant works as declared (equal, before and after a first
     forward, to the same adapter around F.linear(x, W_deq, b) at fp32 tolerance) or raises its clear error
     at attach, leaving the model untouched."""
-    import impl  # noqa: F401  (bitsandbytes import side effects happen through impl.layers)
-
     W, b = base_weight(case)
     x = inputs(case).float()
     worst = 0.0
@@ -820,7 +827,7 @@ def quantized(spec, be, case):
             state, flags = snapshot(q), grad_flags(q)
             try:
                 be.attach(q, spec, case, cal)
-            except AdapterError as e:
+            except be.errors.any as e:
                 require("layer" in str(e), f"{lay}: the error does not name the layer: {e}")
                 untouched(be, q, state, flags, f"{lay} after the refused attach")
                 continue

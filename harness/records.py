@@ -17,6 +17,8 @@ from typing import Any
 
 from spec.schema import Spec
 
+from .backends.peft_maps import peft_map
+
 # Spec declaration -> the property that checks it, and how much it matters that nothing did.
 DECLARATION_CHECKS = (
     ("equation", "the equation (float64 oracle)", "oracle", "medium"),
@@ -97,7 +99,7 @@ def declarations(spec: Spec, root: Path) -> tuple[list[str], dict[str, int]]:
         src = f" [{d.source}]" if d.source else ""
         add(f"deviation:{d.backend}:{d.property}", *_indent(f"  - property {d.property} (backend {d.backend}): ",
                                                             d.reason + src))
-    peft = spec.peft
+    peft = peft_map(spec)  # the PEFT backend's mapping of this variant
     if peft is None:
         add("peft", "PEFT mapping: none")
     else:
@@ -263,7 +265,7 @@ def record_findings(spec: Spec, record: Mapping[str, Any], rows: Sequence[Mappin
             add(severity, "unchecked_claim", f"the spec declares {label}, but no property checked it: {why}",
                 f"declaration:{attr}", ("spec", attr))
     ref_props = sorted(p for p in known if p.startswith("reference_"))
-    if spec.peft is not None and ref_props and not any(by.get(p, {}).get("status") in ("pass", "fail", "deviation")
+    if peft_map(spec) is not None and ref_props and not any(by.get(p, {}).get("status") in ("pass", "fail", "deviation")
                                                        for p in ref_props):
         add("low", "unchecked_claim", f"the spec declares a PEFT mapping, but no differential oracle "
             f"({', '.join(ref_props)}) ran on it", "declaration:peft", ("spec", "peft"))

@@ -1,6 +1,6 @@
 """Properties of the adapter's structure across a model: the rank a layer accepts and the frozen tensors that
-layers share. Both read the implementation through impl's public API (they are impl's contracts: PEFT has its
-own), on small models built here.
+layers share. Both are contracts of impl's runtime (PEFT has its own), read through the backend protocol, on small models
+built here.
 """
 from __future__ import annotations
 
@@ -8,16 +8,12 @@ import json
 import struct
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-import impl
-from impl.errors import AttachError, ConfigError
-
 from .models import make_layer
-from .probes import Falsified, _dt, cfg_of, grad_flags, perturb, prop, require, setup, snapshot, untouched
+from .probes import Falsified, _dt, cfg_of, grad_flags, perturb_tensors, prop, require, setup, snapshot, untouched
 from .strategies import base_weight, calibration, inputs
 
 LAYERS = ("a", "b", "c")  # a and b: the case's shape; c: one more output (another shape)
@@ -27,15 +23,15 @@ def _impl_only(spec, be) -> str | None:
     return None if be.name == "impl" else f"a contract of impl's runtime, not of the {be.name} backend"
 
 
-def _first_config(spec, case, ranks) -> int | None:
+def _first_config(spec, be, case, ranks) -> int | None:
     """The first rank in `ranks` whose config the variant accepts (a variant may also need an even r, or a
     multiple of a block size)."""
     for r in ranks:
         if r < 1:
             continue
         try:
-            cfg_of(spec, case, r=r)
-        except ConfigError:
+            cfg_of(spec, be, case, r=r)
+        except be.errors.config:
             continue
         return r
     return None
@@ -48,20 +44,20 @@ def rank_limit(spec, be, case):
     """attach accepts r up to the spec's declared rank limit (`max_rank`, by default min(d_in, d_out)) and
     refuses a larger r with an error naming r and the layer, leaving the model untouched."""
     limit = spec.rank_limit(case.d_in, case.d_out)
-    r_ok = _first_config(spec, case, range(limit, limit - 8, -1))
+    r_ok = _first_config(spec, be, case, range(limit, limit - 8, -1))
     if r_ok is not None:
         try:
             setup(spec, be, case, r=r_ok)
-        except AttachError as e:
+        except be.errors.attach as e:
             raise Falsified(f"r={r_ok} is within the declared limit {spec.max_rank} = {limit}, but attach refused: {e}")
-    r_bad = _first_config(spec, case, range(limit + 1, limit + 9))
+    r_bad = _first_config(spec, be, case, range(limit + 1, limit + 9))
     if r_bad is None:
         return None
     s = setup(spec, be, case, attach=False)
     state, flags = snapshot(s.model), grad_flags(s.model)
     try:
         be.attach(s.model, spec, case, s.cal, r=r_bad)
-    except AttachError as e:
+    except be.errors.attach as e:
         require(str(r_bad) in str(e) and "layer" in str(e), f"the refusal of r={r_bad} names neither r nor the layer: {e}")
         untouched(be, s.model, state, flags, f"after refusing r={r_bad}")
         return None
@@ -113,22 +109,22 @@ def tensor_sharing(spec, be, case):
     the distinct adapter tensors' plus the rewritten base weights'), and loading it into a fresh model restores
     the sharing and the outputs bit-exactly."""
     model = _attach(spec, be, case, _layers(case))
-    ads = impl.adapters(model)
-    for name, ad in ads.items():  # move every trainable away from its init, layer by layer
-        perturb(spec, SimpleNamespace(tensors=lambda m, ad=ad: ad.tensors()), None, case.with_(seed=case.seed + len(name)))
-    cfg = cfg_of(spec, case)
+    ads = {n: tensors for n, (tensors, _, _) in be.adapted_layers(model).items()}
+    cfg = cfg_of(spec, be, case)
+    for name, tensors in ads.items():  # move every trainable away from its init, layer by layer
+        perturb_tensors(spec, tensors, case.d_in, case.d_out, cfg, case.gen(3 + len(name)))
     for ts in spec.present(case.d_in, case.d_out, cfg):
-        a, b, c = (_storage(ads[n].tensors()[ts.name]) for n in LAYERS)
+        a, b, c = (_storage(ads[n][ts.name]) for n in LAYERS)
         if ts.shared:
             require(a == b, f"'{ts.name}' is declared shared, but two layers of the same shape hold their own copies")
-            same_shape = ads["c"].tensors()[ts.name].shape == ads["a"].tensors()[ts.name].shape
+            same_shape = ads["c"][ts.name].shape == ads["a"][ts.name].shape
             require(same_shape == (a == c), f"shared '{ts.name}': a layer of another shape holding an equally shaped "
                                             f"'{ts.name}' {'does not share it' if same_shape else 'shares it'}")
         else:
             require(a != b, f"'{ts.name}' is one tensor across layers, but the spec declares it per layer")
-    distinct = {_storage(t): t.numel() * t.element_size() for ad in ads.values() for t in ad.tensors().values()}
-    expected = sum(distinct.values()) + sum(ad.weight().numel() * ad.weight().element_size()
-                                            for ad in ads.values() if ad.rewritten)
+    distinct = {_storage(t): t.numel() * t.element_size() for tensors in ads.values() for t in tensors.values()}
+    expected = sum(distinct.values()) + (sum(getattr(model, n).weight.numel() * getattr(model, n).weight.element_size()
+                                             for n in LAYERS) if spec.rewrites_base else 0)
     x = inputs(case).to(case.dtype)
     with torch.no_grad():
         y = model(x)
@@ -143,9 +139,9 @@ def tensor_sharing(spec, be, case):
     with torch.no_grad():
         y2 = fresh(x)
     require(torch.equal(y, y2), "the loaded model's output differs from the saved one's")
-    back = impl.adapters(fresh)
+    back = {n: tensors for n, (tensors, _, _) in be.adapted_layers(fresh).items()}
     for ts in spec.present(case.d_in, case.d_out, cfg):
         if ts.shared:
-            require(back["a"].tensors()[ts.name] is back["b"].tensors()[ts.name],
+            require(_storage(back["a"][ts.name]) == _storage(back["b"][ts.name]),
                     f"after load, shared '{ts.name}' is no longer one tensor")
     return None

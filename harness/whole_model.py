@@ -14,11 +14,10 @@ import re
 import torch
 from hypothesis import strategies as st
 
-from impl.errors import AttachError
-
 from . import tolerance as tol
 from .models import calibration as token_calibration
 from .models import single, tiny
+from .backends.protocol import lacks
 from .probes import drawn_knob, grad_flags, perturb_layers, prop, require, same_state, snapshot
 from .properties import compare_init
 from .strategies import cases
@@ -95,6 +94,9 @@ def _needs(*methods):
         missing = [m for m in methods if not hasattr(be, m)]
         if missing:
             return f"the backend has no {', '.join(missing)} (whole-model attach)"
+        lacking = lacks(be, spec, "model")
+        if lacking:
+            return lacking
         return "the spec runs on square layers only; a tiny model's layers are not square" if spec.square_only else None
 
     return applies
@@ -124,7 +126,7 @@ def model_targeting(spec, be, drawn):
         try:
             torch.manual_seed(case.seed)
             be.attach_targets(model, spec, case, sel, cal)
-        except AttachError as e:
+        except be.errors.attach as e:
             require(not expected, f"{arch} {sel}: attach refused ({e}) but {sorted(expected)} should be adapted")
             require(grad_flags(model) == flags and same_state(snapshot(model), state),
                     f"{arch} {sel}: a refused attach changed the model")
@@ -240,8 +242,6 @@ def model_data_init(spec, be, drawn):
     """On a tiny model, each adapted layer's data-driven init equals the init of that layer alone calibrated on
     the inputs it receives in the UNADAPTED model (deterministic tensors and the rewritten base weight): no layer
     is calibrated on activations that an already-adapted earlier layer produced."""
-    from impl import layers
-
     case, arch = drawn
     model = tiny(arch, seed=case.seed % 5, hidden=HIDDEN)
     unadapted = copy.deepcopy(model)
@@ -252,16 +252,16 @@ def model_data_init(spec, be, drawn):
     worst = 0.0
     for name, (tensors, layer, _) in adapted.items():
         base = unadapted.get_submodule(name)
-        W = layers.dense_weight(base).detach().double()
+        W = be.dequantized(base).detach().double()
         b = None if getattr(base, "bias", None) is None else base.bias.detach().double()
-        one = single(W, b, torch.float32, layers.kind(base))
+        one = single(W, b, torch.float32, "conv1d" if type(base).__name__ == "Conv1D" else "linear")
         cal = [{"x": x, "attention_mask": bt["attention_mask"]} for x, bt in zip(acts[name], batches)]
         torch.manual_seed(case.seed)
         be.attach(one, spec, case.with_(d_in=W.shape[1], d_out=W.shape[0]), cal)
         alone = {n: t.detach().double() for n, t in be.tensors(one).items()}
         alone["base_weight"] = be.base_weight(one).detach().double()
         ours = {n: t.detach().double() for n, t in tensors.items()}
-        ours["base_weight"] = layers.dense_weight(layer).detach().double()
+        ours["base_weight"] = be.dequantized(layer).detach().double()
         expected = {n: t for n, t in alone.items() if n not in random}
         # the same init on the same inputs: only the dtype's rounding allowance, no SVD width factor
         worst = max(worst, compare_init(spec, expected, ours, W, torch.float32, spec.identity_factor, f"{arch} '{name}': "))

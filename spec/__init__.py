@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .schema import SPECS, Claim, Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
+from .schema import SPECS, Claim, Constraint, Deviation, Reference, Spec, TensorSpec, register
 
 
 def load_builtin_specs() -> None:
@@ -17,4 +17,4 @@ def load_builtin_specs() -> None:
 
 load_builtin_specs()
 
-__all__ = ["SPECS", "Spec", "TensorSpec", "Constraint", "Claim", "Reference", "Deviation", "PeftMap", "register"]
+__all__ = ["SPECS", "Spec", "TensorSpec", "Constraint", "Claim", "Reference", "Deviation", "register"]

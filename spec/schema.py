@@ -3,7 +3,8 @@
 A spec is data a reader can check against the paper line by line: equation, tensors with shape formulas and
 init, parameter-count formula, identity class, knobs, bias treatment, dropout and data requirements,
 quantized support, config constraints, claims, pinned references, declared deviations, and an independent
-float64 oracle written straight from the paper's equation (sharing no code with impl/).
+float64 oracle written straight from the paper's equation (sharing no code with impl/). How a library names the
+same tensors and fields is its backend's business (harness/backends/), not the spec's.
 """
 from __future__ import annotations
 
@@ -113,32 +114,6 @@ class Deviation:
 
 
 @dataclass(frozen=True)
-class PeftMap:
-    """How the same layer is built in PEFT and how our tensors map onto PEFT's (for the differential
-    oracle and the PEFT backend). Declared in the spec, never written per test.
-
-    config: PEFT config class name ("LoraConfig", "HRAConfig", "DeloraConfig", "IA3Config").
-    kwargs: our Config -> PEFT config kwargs (r, lora_alpha, use_rslora, use_dora, init_lora_weights, ...).
-    tensors: our tensor name -> (PEFT state-dict key suffix without adapter name, transform), transform one of
-      "id", "T" (transpose), "row" (reshape to (1, n)), "col" (reshape to (n, 1)), "scalar1" (shape (1,)).
-    feedforward: the PEFT target is a feed-forward (input-side IA3) module.
-    compare: for a counterpart that shares only the init (other tensors than ours): `tensors` then names PEFT's
-      tensors, and compare(ours, peft, cfg) -> {quantity: (ours, PEFT's, sign-free dim or None)} says what to compare
-      after init (harness.differential.reference_init); every other property is not applicable to it.
-    calibration: the data reference_init gives data-driven inits: "gapped" (a declared spectral gap) or
-      "isotropic" (second moment proportional to I, where CorDA's orientation reduces to the plain SVD).
-    """
-
-    config: str
-    kwargs: Callable[[Any], dict]
-    tensors: Mapping[str, tuple[str, str]]
-    feedforward: bool = False
-    notes: str = ""
-    compare: Callable[..., dict] | None = None
-    calibration: str = "gapped"
-
-
-@dataclass(frozen=True)
 class Spec:
     """The math of one variant. Required: name (the registered variant name), title, equation (LaTeX),
     tensors, param_count (a formula over d_in, d_out and config fields: the number of trainable entries), and
@@ -182,7 +157,6 @@ class Spec:
     claims: tuple[Claim, ...] = ()
     references: tuple[Reference, ...] = ()
     deviations: tuple[Deviation, ...] = ()
-    peft: PeftMap | None = None  # how PEFT builds the same layer (differential oracle, PEFT backend)
     roles: tuple[str, ...] = ("q", "v", "down")  # roles a whole-model (end-to-end) run targets; GPT-2 maps q/k/v to qkv
     dense: Callable[..., Any] | None = None  # (W, b, T, cfg, knobs) -> dense (d_out, d_in) map [or (map, bias)], float64
     notes: str = ""

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import impl
 import spec as spec_pkg
+from harness.backends.peft_maps import peft_map
 from tools import cost
 
 TINY = ["--d-in", "32", "--d-out", "48", "--batch", "2", "--seq", "8", "--r", "8", "--reps", "3", "--warmup", "1",
@@ -207,7 +208,7 @@ def test_peft_timed_only_for_the_same_variant(report):
     counterpart (PeftMap.compare), and the row says why."""
     _, res = report
     for r in res["rows"]:
-        pm = spec_pkg.SPECS.get(r["variant"]).peft
+        pm = peft_map(spec_pkg.SPECS.get(r["variant"]))
         same = pm is not None and getattr(pm, "compare", None) is None
         assert (r["peft"] is not None) == same
         if same:

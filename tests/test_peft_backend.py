@@ -17,7 +17,8 @@ from harness.engine import case_of, run_property  # noqa: E402
 from harness.backends.peft import Mapped, PeftBackend, PeftHang  # noqa: E402
 from harness import PROPERTIES
 from harness.probes import setup  # noqa: E402
-from spec.schema import Deviation, PeftMap  # noqa: E402
+from harness.backends.peft_maps import MAPS, PeftMap  # noqa: E402
+from spec.schema import Deviation  # noqa: E402
 from harness.strategies import Case, base_weight, calibration  # noqa: E402
 
 _REAL_DORA_FORWARD = DoraLinearLayer.forward
@@ -69,18 +70,18 @@ def test_mapped_views_share_storage_and_gradients():
     assert raw.grad is None
 
 
-def test_what_a_release_lacks_is_not_applicable_with_the_reason():
+def test_what_a_release_lacks_is_not_applicable_with_the_reason(monkeypatch):
     """Feature detection: a config class or a config field the installed release lacks makes the variant n/a."""
-    lora = SPECS.get("lora")
-    no_class = dataclasses.replace(lora, peft=dataclasses.replace(lora.peft, config="NoSuchConfig"))
-    res = _run("oracle", no_class, PeftBackend())
+    lora, pm = SPECS.get("lora"), MAPS["lora"]
+    monkeypatch.setitem(MAPS, "lora", dataclasses.replace(pm, config="NoSuchConfig"))
+    res = _run("oracle", lora, PeftBackend())
     assert res.status == "na" and "NoSuchConfig" in res.detail
-    no_field = dataclasses.replace(lora, peft=PeftMap(config="LoraConfig", kwargs=lambda cfg: {"r": cfg.r, "no_such": 1},
-                                                      tensors=lora.peft.tensors))
-    res = _run("oracle", no_field, PeftBackend())
+    res = _run("reference_equivalence", lora, ImplBackend())
+    assert res.status == "na" and "NoSuchConfig" in res.detail
+    monkeypatch.setitem(MAPS, "lora", PeftMap(config="LoraConfig", kwargs=lambda cfg: {"r": cfg.r, "no_such": 1},
+                                              tensors=pm.tensors))
+    res = _run("oracle", lora, PeftBackend())
     assert res.status == "na" and "no_such" in res.detail
-    res = _run("reference_equivalence", no_class, ImplBackend())
-    assert res.status == "na" and "NoSuchConfig" in res.detail
 
 
 def test_peft_eva_without_enough_tokens_is_stopped_not_hung():

@@ -56,6 +56,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.backends.peft_maps import TRANSFORMS, peft_map
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "lora-verify/cost/1"
 SETTINGS = ("first", "inner")  # input without grad (first adapted layer) / input requiring grad (inner layer)
@@ -260,7 +262,6 @@ def build_ours(name: str, spec, W, b, opts: Options) -> Ours:
     return Ours(host, host.lin, cfg, dt)
 
 
-TRANSFORMS = ("id", "T", "row", "col", "scalar1")  # PeftMap transforms (spec/schema.py)
 
 
 def to_peft_layout(t: torch.Tensor, transform: str, shape: torch.Size) -> torch.Tensor:
@@ -299,7 +300,7 @@ def build_peft(spec, ours: Ours, opts: Options) -> nn.Module:
 
     import impl
 
-    pm = spec.peft
+    pm = peft_map(spec)
     cls = getattr(peft, pm.config, None)
     if cls is None:
         raise CostError(f"spec '{spec.name}': PeftMap names {pm.config!r}, which peft {peft.__version__} lacks")
@@ -709,7 +710,7 @@ def init_times(variants: tuple[str, ...], opts: Options, progress: Callable[[str
 def timed_peft(sp) -> bool:
     """Whether PEFT implements the same variant: a PeftMap whose `compare` is set names a counterpart that shares
     only the init (other tensors, another forward), which is not the same variant's implementation."""
-    return sp.peft is not None and getattr(sp.peft, "compare", None) is None
+    return peft_map(sp) is not None and getattr(peft_map(sp), "compare", None) is None
 
 
 def build_subjects(name: str, opts: Options) -> tuple[list[Subject], dict]:
@@ -867,12 +868,12 @@ def run(opts: Options, progress: Callable[[str], None] | None = None) -> dict:
             "macs": mac_counts(v, sp, ours, facts["peft_layer"], base_subject.layer, opts),
             "attach_ms": ours.attach_s * 1e3,
             "peft": None if not timed_peft(sp) else {
-                "config": sp.peft.config,
+                "config": peft_map(sp).config,
                 "trainable": sum(p.numel() for p in facts["peft_layer"].parameters() if p.requires_grad),
                 "same_function_error": facts["peft_same_function"]},
             "peft_not_timed": None if timed_peft(sp) else (
-                "PEFT has no counterpart (the spec declares no PeftMap)" if sp.peft is None else
-                f"PEFT's {sp.peft.config} counterpart shares only the init (another adapter in the forward)"),
+                "PEFT has no counterpart (harness/backends/peft_maps.py maps none)" if peft_map(sp) is None else
+                f"PEFT's {peft_map(sp).config} counterpart shares only the init (another adapter in the forward)"),
         }
         if opts.device == "cuda":
             x, go = make_inputs(opts)

@@ -1,9 +1,10 @@
 """`python -m tools.verify`: run every property on every variant and write the results table and JSON.
 
-Options: --variants lora,dora  --properties oracle,merge  --variant-module path/or.module  --backend impl|peft
---device cpu|cuda  --profile verify|ci|dev  --json PATH  -n WORKERS  --log-level LEVEL. Exits non-zero on any
-failure. The previous run's JSON is kept as <name>.prev.json and the summary says what changed since it.
-Logging from the libraries under test is shown from --log-level (default ERROR) up.
+Options: --variants lora,dora  --properties oracle,merge  --variant-module path/or.module
+--backend impl|peft|lora-lite  --backend-module path/or.module (a user's backend)  --ref COMMIT  --repo PATH_OR_URL
+(lora-lite's source)  --device cpu|cuda  --profile verify|ci|dev  --json PATH  -n WORKERS  --log-level LEVEL. Exits
+non-zero on any failure. The previous run's JSON is kept as <name>.prev.json and the summary says what changed since
+it. Logging from the libraries under test is shown from --log-level (default ERROR) up.
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="")
     ap.add_argument("--properties", default="")
     ap.add_argument("--variant-module", action="append", default=[])
-    ap.add_argument("--backend", default="impl")
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--backend-module", action="append", default=[])
+    ap.add_argument("--ref", default=None)
+    ap.add_argument("--repo", default=None)
+    ap.add_argument("--fetch-only", action="store_true", help="only fetch --repo URL's archive of --ref, then exit")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", default=None)
     ap.add_argument("--json", default=None)
@@ -47,18 +52,25 @@ def main(argv: list[str] | None = None) -> int:
         have = version("peft")
         if have != a.peft_version:
             ap.error(f"--peft-version {a.peft_version} requested but peft {have} is installed; run it through nox -s verify")
+    if a.repo and a.ref:
+        from tools.lora_lite import local_source
+
+        a.ref, a.repo = local_source(a.ref, a.repo)  # a URL's archive is fetched (sha256-checked) into .cache/
+    if a.fetch_only:
+        return 0
     show_logging_from(a.log_level)
     args = [str(ROOT / "harness" / "verify_test.py"), "-p", "harness.plugin", "-q", "--no-header", "-p", "no:randomly",
-            "-p", "no:warnings", f"--log-level={a.log_level}", f"--rootdir={ROOT}", "--backend", a.backend,
-            "--device", a.device]
+            "-p", "no:warnings", f"--log-level={a.log_level}", f"--rootdir={ROOT}", "--device", a.device]
     if a.workers not in ("0", "1"):
         args += ["-n", a.workers]
     for flag, value in (("--variants", a.variants), ("--properties", a.properties), ("--verify-profile", a.profile),
-                        ("--verify-json", a.json)):
+                        ("--verify-json", a.json), ("--backend", a.backend), ("--ref", a.ref), ("--repo", a.repo)):
         if value:
             args += [flag, value]
     for m in a.variant_module:
         args += ["--variant-module", m]
+    for m in a.backend_module:
+        args += ["--backend-module", m]
     return int(pytest.main(args))
 
 

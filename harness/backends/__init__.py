@@ -1,9 +1,13 @@
-"""Backends: the implementation under verification, behind one small interface.
+"""Backends: the implementation under verification, behind the protocol of harness.backends.protocol.
 
 The generic properties talk to a backend, never to impl/ directly, so the same specs and properties verify
-our `impl` and, through harness.backends.peft, PEFT's own implementations.
+our `impl`, PEFT's own implementations (harness.backends.peft), lora-lite at any commit
+(harness.backends.lora_lite) and a user's library (`--backend-module`, see examples/).
+`BACKENDS` maps a name to its class; `register` adds one; `make(name, **options)` builds one.
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import nn
@@ -14,12 +18,16 @@ from impl import layers
 from spec.schema import Spec
 from ..models import Single, make_layer, single  # noqa: F401  (re-exported for backends)
 from ..strategies import Case
+from .protocol import Errors, import_module
 
 
 class ImplBackend:
     """Our implementation: the public API of impl."""
 
     name = "impl"
+    version = None  # the results JSON then records this package's version
+    errors = Errors(config=(impl.ConfigError,), attach=(impl.AttachError,), checkpoint=(impl.CheckpointError,),
+                    other=(impl.AdapterError,))
 
     def applies(self, spec: Spec) -> str | None:
         return None if spec.name in impl.VARIANTS else f"variant '{spec.name}' is not registered in impl"
@@ -28,11 +36,15 @@ class ImplBackend:
         """The class implementing the variant (its file is what an audit reviews), None when none is registered."""
         return impl.REGISTRY.get(spec.name) if spec.name in impl.VARIANTS else None
 
-    def config(self, spec: Spec, case: Case, **over):
+    def unsupported(self, spec: Spec, capability: str) -> str | None:
+        return None  # impl has every capability; what a variant refuses (quantized, dropout) its spec declares
+
+    def spec_config(self, spec: Spec, case: Case, **over):
+        """impl's validated config: impl's defaults, the case's fields, the overrides (impl's config checks)."""
         return impl.config(spec.name, **{"target_names": (r"^layer$",), **case.fields, **over})
 
     def attach(self, model: nn.Module, spec: Spec, case: Case, calibration=None, **over) -> nn.Module:
-        return impl.attach(model, self.config(spec, case, **over), calibration=calibration)
+        return impl.attach(model, self.spec_config(spec, case, **over), calibration=calibration)
 
     def detach(self, model):
         impl.detach(model)
@@ -63,14 +75,14 @@ class ImplBackend:
     def attach_model(self, model: nn.Module, spec: Spec, case: Case, roles: tuple[str, ...], names: tuple[str, ...],
                      calibration=None, **over) -> nn.Module:
         """Attach to a whole model, targeting the given architectural roles (`names`: the module names they are)."""
-        return impl.attach(model, self.config(spec, case, target_names=(), target_roles=roles, **over),
+        return impl.attach(model, self.spec_config(spec, case, target_names=(), target_roles=roles, **over),
                            calibration=calibration)
 
     def attach_targets(self, model: nn.Module, spec: Spec, case: Case, selection: dict, calibration=None,
                        **over) -> nn.Module:
         """Attach to a whole model with an explicit target selection: any of target_roles, target_names,
         layers and exclude_names (config field names)."""
-        return impl.attach(model, self.config(spec, case, **{"target_names": (), **selection, **over}),
+        return impl.attach(model, self.spec_config(spec, case, **{"target_names": (), **selection, **over}),
                            calibration=calibration)
 
     def config_fields(self, model) -> dict:
@@ -92,4 +104,35 @@ class ImplBackend:
         return left
 
 
-BACKENDS = {"impl": ImplBackend}
+BACKENDS: dict[str, type] = {"impl": ImplBackend}
+LAZY = {"peft": ".peft", "lora-lite": ".lora_lite"}  # built-in backends imported on first use
+
+
+def register(cls: type) -> type:
+    """Add a backend class under its `name` (a class decorator for users' backend modules)."""
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise ValueError(f"backend class {cls!r} has no `name`")
+    if BACKENDS.get(cls.name, cls) is not cls:
+        raise ValueError(f"backend '{cls.name}' is already registered")
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+def load_backend_module(path_or_module: str) -> list[str]:
+    """Import a user's backend module; return the names of the backends it registered."""
+    before = set(BACKENDS)
+    import_module(path_or_module)
+    new = sorted(set(BACKENDS) - before)
+    if not new:
+        raise ValueError(f"backend module {path_or_module} registered no backend (decorate its class with "
+                         "harness.backends.register)")
+    return new
+
+
+def make(name: str, **options):
+    """Build the backend registered as `name`; `options` go to its constructor (e.g. lora-lite's ref)."""
+    if name not in BACKENDS and name in LAZY:
+        importlib.import_module(LAZY[name], __name__)  # registers itself
+    if name not in BACKENDS:
+        raise KeyError(f"unknown backend {name!r}; known: {sorted(set(BACKENDS) | set(LAZY))}")
+    return BACKENDS[name](**options)

@@ -2,9 +2,9 @@
 
 Everything goes through PEFT's public API: `get_peft_model` (attach), `unload` (detach), `merge_and_unload`
 (merge), `save_pretrained` / `PeftModel.from_pretrained` (save / load), `merge_adapter` / `unmerge_adapter` and
-`disable_adapter` (the extra API checks of harness.differential). The spec's `peft=PeftMap(...)` says how to build the
-same layer (config class, kwargs from our config) and where each spec tensor lives in PEFT (state-dict key suffix
-and a transform between PEFT's layout and the spec's).
+`disable_adapter` (the extra API checks of harness.differential). The variant's PeftMap (harness.backends.peft_maps)
+says how to build the same layer (config class, kwargs from the spec's config) and where each spec tensor lives in
+PEFT (state-dict key suffix and a transform between PEFT's layout and the spec's).
 
 Tensors PEFT stores in another layout (hra's (d_in, r) columns, ia3's (d_out, 1) gate, delora's (1,) lambda) are
 exposed as `Mapped` views: they share PEFT's storage (writes go through) and read/clear the gradient of the PEFT
@@ -40,9 +40,10 @@ from impl.errors import AttachError, CheckpointError, ConfigError
 from . import BACKENDS
 from spec.schema import Deviation, Spec
 from ..strategies import Case
+from .peft_maps import TRANSFORMS, peft_map
+from .protocol import Errors, Mapped, to_peft, to_spec  # noqa: F401  (Mapped re-exported)
 
 ADAPTER = "default"
-TRANSFORMS = ("id", "T", "row", "col", "scalar1")
 PACK_FILE = "peft-backend/file/"  # packed checkpoint metadata: a file of the save_pretrained folder
 PACK_META = "peft-backend/meta/"  # packed checkpoint metadata: the saved safetensors file's own metadata
 PACK_SPEC = "peft-backend/spec"  # packed checkpoint metadata: the spec the adapter follows
@@ -57,54 +58,6 @@ except Exception as e:  # pragma: no cover - depends on the installed release
     _peft = None
     VERSION = "unimportable"
     IMPORT_ERROR = e
-
-
-# ----------------------------------------------------------------------------------------------- mapped views
-
-
-class Mapped(torch.Tensor):
-    """A PEFT tensor seen in the spec's layout: a view sharing PEFT's storage.
-
-    `grad` reads (and `grad = None` clears) the PEFT parameter's gradient, transformed to the spec's layout;
-    `requires_grad` is the PEFT parameter's. Operations on it return plain tensors.
-    """
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    @staticmethod
-    def of(src: torch.Tensor, transform: str) -> "Mapped":
-        view = to_spec(src.detach(), transform).as_subclass(Mapped)
-        view._src, view._transform = src, transform
-        return view
-
-    @property
-    def grad(self):
-        g = self._src.grad
-        return None if g is None else to_spec(g, self._transform)
-
-    @grad.setter
-    def grad(self, value):
-        self._src.grad = None if value is None else to_peft(value, self._transform, self._src.shape)
-
-    @property
-    def requires_grad(self) -> bool:
-        return self._src.requires_grad
-
-
-def to_spec(t: torch.Tensor, transform: str) -> torch.Tensor:
-    """PEFT layout -> spec layout, as a view."""
-    if transform == "id":
-        return t
-    if transform == "T":
-        return t.t()
-    if transform in ("row", "col", "scalar1"):
-        return t.reshape(-1) if transform != "scalar1" else t.reshape(())
-    raise ValueError(f"unknown PeftMap transform {transform!r}; known: {TRANSFORMS}")
-
-
-def to_peft(t: torch.Tensor, transform: str, shape) -> torch.Tensor:
-    """Spec layout -> PEFT layout (the inverse of to_spec)."""
-    return t.t() if transform == "T" else t.reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -237,7 +190,7 @@ def _mapped(layer: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
         if short.endswith(".weight"):
             live.setdefault(short[: -len(".weight")], t)
     out = {}
-    for name, (key, transform) in spec.peft.tensors.items():
+    for name, (key, transform) in peft_map(spec).tensors.items():
         t = live.get(key)
         if t is None:
             raise KeyError(f"PeftMap of '{spec.name}': no PEFT tensor '{key}' for '{name}'; PEFT has {sorted(live)}")
@@ -252,8 +205,9 @@ class PeftBackend:
     """PEFT's own implementation of a spec'd variant, driven through PEFT's public API."""
 
     name = "peft"
-    checks_base_hash = False  # PEFT's checkpoints carry no base-weight hash: loading onto other weights is allowed
     version = VERSION
+    errors = Errors(config=(ConfigError,), attach=(AttachError,), checkpoint=(CheckpointError,),
+                    other=(impl.AdapterError,))
 
     # Backend-wide design differences (they hold for every variant), with PEFT's source line.
     DEVIATIONS = (
@@ -264,6 +218,14 @@ class PeftBackend:
             backend="peft",
             source="peft/tuners/tuners_utils.py:_mark_only_adapters_as_trainable; unload() at tuners_utils.py:780",
             match="requires_grad flags changed",
+        ),
+        Deviation(
+            "model_freezing",
+            "PEFT freezes every base parameter of the whole model in get_peft_model and `unload()` gives the model "
+            "back without restoring their requires_grad flags (the detach_restores difference, on a whole model)",
+            backend="peft",
+            source="peft/tuners/tuners_utils.py:_mark_only_adapters_as_trainable; unload() at tuners_utils.py:780",
+            match="detach did not restore requires_grad exactly",
         ),
     )
 
@@ -280,16 +242,16 @@ class PeftBackend:
 
     def applies(self, spec: Spec, init_only: bool = False) -> str | None:
         """None when PEFT can build the spec's layer (init_only: also a counterpart sharing only the init)."""
-        pm = spec.peft
+        pm = peft_map(spec)
         if pm is None:
-            return f"PEFT has no counterpart of '{spec.name}' (the spec declares no PeftMap)"
+            return f"PEFT has no counterpart of '{spec.name}' (harness/backends/peft_maps.py maps none)"
         if pm.compare is not None and not init_only:
             return f"PEFT's {pm.config} shares only the init with '{spec.name}' (other tensors): see reference_init"
         cls = getattr(_peft, pm.config, None)
         if cls is None:
             return f"peft {VERSION} has no {pm.config}"
         try:
-            kwargs = pm.kwargs(impl.config(spec.name))
+            kwargs = pm.kwargs(impl.config(spec.name))  # the spec's config at impl's defaults
         except Exception as e:  # noqa: BLE001 - a spec whose variant impl lacks still gets a clear reason
             return f"cannot derive PEFT kwargs for '{spec.name}': {type(e).__name__}: {e}"
         missing = sorted(set(kwargs) - _config_fields(cls))
@@ -300,9 +262,18 @@ class PeftBackend:
                 return f"PeftMap of '{spec.name}': tensor '{key}' has unknown transform {transform!r}"
         return None
 
+    def unsupported(self, spec: Spec, capability: str) -> str | None:
+        if capability == "base_hash":
+            return "PEFT's checkpoints carry no base-weight hash: loading onto other weights is allowed"
+        if capability == "config_checks":
+            return "config constraints are impl's config-time checks"
+        if capability == "knobs":
+            return "PEFT's layers have no runtime knobs"
+        return None
+
     def property_na(self, spec: Spec, prop: str) -> str | None:
         """Properties that cannot apply to PEFT's design for this spec."""
-        pm = spec.peft
+        pm = peft_map(spec)
         if prop == "trainable_set" and pm is not None:
             mapped = [n for n, (_, tf) in pm.tensors.items() if tf != "id"]
             if mapped:
@@ -317,14 +288,15 @@ class PeftBackend:
 
     # ---- config and attach
 
-    def our_config(self, spec: Spec, case: Case, **over):
+    def spec_config(self, spec: Spec, case: Case, **over):
+        """The spec's config: impl's validated config of the case (PEFT's kwargs are derived from it)."""
         return impl.config(spec.name, target_names=(r"^layer$",), **{**case.fields, **over})
 
-    def config(self, spec: Spec, case: Case, targets=("layer",), layer: nn.Module | None = None, **over):
-        """The PEFT config object for the case: PeftMap kwargs from our config, targets, fan_in_fan_out."""
-        pm = spec.peft
+    def peft_config(self, spec: Spec, case: Case, targets=("layer",), layer: nn.Module | None = None, **over):
+        """The PEFT config object for the case: PeftMap kwargs from the spec's config, targets, fan_in_fan_out."""
+        pm = peft_map(spec)
         cls = getattr(_peft, pm.config)
-        kwargs = dict(pm.kwargs(self.our_config(spec, case, **over)))
+        kwargs = dict(pm.kwargs(self.spec_config(spec, case, **over)))
         kwargs["target_modules"] = list(targets)
         fields = _config_fields(cls)
         if "feedforward_modules" in fields:  # IA3 asks for it explicitly, also when empty (output side)
@@ -349,7 +321,7 @@ class PeftBackend:
         if not targets:
             raise AttachError(f"no module of the model matches {list(target_names)}")
         first = next(iter(targets.values()))
-        cfg = self.config(spec, case, targets=target_names, layer=first, **over)
+        cfg = self.peft_config(spec, case, targets=target_names, layer=first, **over)
         k = layers.kind(first)
         flags = {}
         if k == "bnb4":
@@ -474,7 +446,7 @@ class PeftBackend:
 
     def load(self, model, path):
         """PeftModel.from_pretrained on a fresh single-layer model from a packed save_pretrained folder."""
-        from . import SPECS
+        from spec import SPECS
 
         with tempfile.TemporaryDirectory() as d:
             name = _unpack(Path(path), Path(d))

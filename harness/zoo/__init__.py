@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from impl.registry import REGISTRY, Variant
 from spec import SPECS
+from harness.backends.peft_maps import MAPS as PEFT_MAPS
 from harness.engine import Result, run_property
 from harness import PROPERTIES
 
@@ -66,11 +67,14 @@ def installed(m: Mutant):
     cls = type(zname, (m.variant,), {"name": zname})
     REGISTRY.register(cls)
     spec = dataclasses.replace(SPECS.get(m.base), name=zname, square_only=m.square, **m.spec_changes)
+    if m.base in PEFT_MAPS:  # the mutant keeps its variant's PEFT counterpart (the reference_* properties)
+        PEFT_MAPS[zname] = PEFT_MAPS[m.base]
     try:
         with m.patch() if m.patch else contextlib.nullcontext():
             yield spec
     finally:
         REGISTRY.unregister(zname)
+        PEFT_MAPS.pop(zname, None)
 
 
 def run_mutant(m: Mutant, profile: str = "zoo") -> Result:

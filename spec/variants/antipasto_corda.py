@@ -2,7 +2,7 @@
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Claim, Constraint, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Claim, Constraint, Reference, Spec, TensorSpec, register
 from . import _antipasto_common as common
 
 
@@ -47,23 +47,6 @@ def optimality_gap(probe):
     ours = weighted_error(W, B, half)
     scale = float((W @ half).norm()) + 1e-300
     return torch.tensor([(ours - weighted_error(W, A, half)) / scale for A in alternatives], dtype=torch.float64)
-
-
-def peft_corda_compare(ours, peft, cfg):
-    """Against PEFT's CorDA (IPM) on data whose second moment is proportional to I, where both orientations reduce
-    to W's plain top-r SVD: the same U (B's unit columns), the same rows of P up to a common scale (A's unit rows),
-    the same rank-r part U S P = s B A, and the same residual."""
-    s = cfg.alpha / cfg.r
-
-    def unit(M, dim):
-        return M / M.norm(dim=dim, keepdim=True)
-
-    return {
-        "U": (ours["U"], unit(peft["B"], 0), 1),
-        "P, unit rows": (unit(ours["P"], 1), unit(peft["A"], 1), 0),
-        "U S P": ((ours["U"] * ours["S"]) @ ours["P"], s * peft["B"] @ peft["A"], None),
-        "base_weight": (ours["base_weight"], peft["base_weight"], None),
-    }
 
 
 def fields(draw, d_in, d_out):
@@ -114,16 +97,6 @@ SPEC = register(
             Claim("eckart_young_in_data_metric", "bounded", optimality_gap,
                   "the rank-r part W − W_res minimises E‖(W − B) x‖² over rank-r B: no worse than the plain top-r "
                   "SVD or PEFT's SVD(W C) form", bound=0.0),
-        ),
-        peft=PeftMap(
-            config="LoraConfig",
-            kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "init_lora_weights": "corda",
-                                "corda_config": {"corda_method": "ipm"}},
-            tensors={"A": ("lora_A.weight", "id"), "B": ("lora_B.weight", "id")},
-            compare=peft_corda_compare,
-            calibration="isotropic",
-            notes="PEFT's CorDA puts the factors in trainable LoRA A/B (ours: frozen U, S, P and a trainable gain), so "
-                  "only the init is compared, on data with C ∝ I (reference_init).",
         ),
         references=(
             Reference("CorDA paper", "https://arxiv.org/abs/2406.05223"),

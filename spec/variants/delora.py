@@ -2,7 +2,7 @@
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Claim, Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Claim, Constraint, Deviation, Reference, Spec, TensorSpec, register
 
 CLAMP = 1e-4  # PEFT clamps each rank-one term's factor norms at 1e-4
 
@@ -85,13 +85,6 @@ SPEC = register(
             Reference("paper (section 3: ΔW = λ‖W‖/r · B Ξ A)", "https://arxiv.org/abs/2503.18225"),
             Reference("PEFT 0.21.2 DeLoRA layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/delora/layer.py"),
             Reference("authors' code", "https://github.com/ExplainableML/DeLoRA"),
-        ),
-        peft=PeftMap(
-            config="DeloraConfig",
-            kwargs=lambda cfg: {"r": cfg.r, "delora_lambda": cfg.lambda0, "module_dropout": cfg.dropout},
-            tensors={"A": ("delora_A", "id"), "B": ("delora_B", "id"), "lam": ("delora_lambda", "id"),
-                     "wnorm": ("delora_w_norm", "id")},
-            notes="PEFT's module_dropout is element-wise dropout on the adapter input; delora_w_norm is a persistent buffer.",
         ),
         deviations=(
             Deviation("layout", "PEFT 0.21.2's DeLoRA adapts torch.nn.Linear only (TypeError on transformers' "

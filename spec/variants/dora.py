@@ -4,7 +4,7 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Claim, Constraint, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Claim, Constraint, Reference, Spec, TensorSpec, register
 
 FLOOR = 1e-12  # the norm floor the spec declares (a zero row of W + sBA must give a finite output)
 
@@ -91,13 +91,6 @@ SPEC = register(
             Reference("PEFT 0.21.2 DoRA layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/lora/dora.py"),
             Reference("PEFT 0.21.2 DoraLinearVariant (dropout path)",
                       "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/lora/variants.py"),
-        ),
-        peft=PeftMap(
-            config="LoraConfig",
-            kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
-                                "lora_dropout": cfg.dropout, "use_dora": True},
-            tensors={"A": ("lora_A.weight", "id"), "B": ("lora_B.weight", "id"), "m": ("lora_magnitude_vector", "id")},
-            notes="PEFT's state-dict key for m has no '.weight' suffix; perturb m, or the DoRA path equals plain LoRA.",
         ),
         # PEFT's real DoRA bugs the peft backend finds (bf16 start off the base, bf16 input gradient, NaN on a
         # zero row, CPU bitsandbytes) are failures of PEFT, not declared deviations (issue 16 closing note).

@@ -3,7 +3,7 @@
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Constraint, Deviation, Reference, Spec, TensorSpec, register
 from .lora import oracle  # EVA changes only the init: its forward is LoRA's, y = W x + b + s B A x_d
 
 
@@ -58,15 +58,6 @@ SPEC = register(
                       "(initialize_lora_eva_weights) that nothing enforces", backend="peft",
                       source="peft/tuners/lora/layer.py:303-304; documented at tuners/lora/config.py:496-498",
                       match="attach with missing data did not raise"),
-        ),
-        peft=PeftMap(
-            config="LoraConfig",
-            kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
-                                "lora_dropout": cfg.dropout, "init_lora_weights": "eva",
-                                "eva_config": {"rho": 1.0}},
-            tensors={"A": ("lora_A.weight", "id"), "B": ("lora_B.weight", "id")},
-            notes="PEFT's A comes from initialize_lora_eva_weights(model, dataloader); rho = 1.0 keeps the rank "
-                  "uniform, as ours.",
         ),
         notes="Uniform rank r on every layer: PEFT's default rho = 2 redistributes ranks between layers by "
               "explained variance (and un-wraps layers that get rank 0); that is not implemented (rho = 1). "

@@ -2,7 +2,7 @@
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Claim, Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Claim, Constraint, Deviation, Reference, Spec, TensorSpec, register
 
 
 def householder(U):
@@ -95,12 +95,6 @@ SPEC = register(
                       "is refused at get_peft_model", backend="peft",
                       source="peft/tuners/hra/model.py:_create_new_module (v0.21.2, line 118)",
                       match="is not supported"),
-        ),
-        peft=PeftMap(
-            config="HRAConfig",
-            kwargs=lambda cfg: {"r": cfg.r, "apply_GS": False, "init_weights": True},
-            tensors={"U": ("hra_u", "T")},
-            notes="PEFT's hra_u is (d_in, r) with the vectors as columns; ours are the rows of U (r, d_in).",
         ),
         notes="Identity at init holds to rounding only (each pair of equal reflections cancels up to rounding), hence "
               "the 'tolerance' class. We floor ‖u_i‖² at 1e-12 (PEFT divides by ‖u_i‖ unguarded). r ≤ d_in is "

@@ -1,7 +1,7 @@
 """Spec of (IA)³ on the input side (Liu et al. 2022): a learned gate on a feed-forward down projection's input."""
 import torch
 
-from ..schema import Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Constraint, Deviation, Reference, Spec, TensorSpec, register
 
 
 def oracle(W, b, T, x, cfg, knobs, xd=None):
@@ -43,14 +43,6 @@ SPEC = register(
                       "division by zero) and warns 'Unmerge result can be inaccurate for (IA)^3': gates near 0 do not "
                       "restore the base weight", backend="peft",
                       source="peft/tuners/ia3/layer.py:157-163", match="unmerge_adapter does not restore"),
-        ),
-        peft=PeftMap(
-            config="IA3Config",
-            kwargs=lambda cfg: {"init_ia3_weights": True},
-            tensors={"g": ("ia3_l", "row")},
-            feedforward=True,
-            notes="PEFT stores the gate as ia3_l of shape (1, d_in); the target must be listed in both "
-                  "target_modules and feedforward_modules.",
         ),
         notes="r and alpha are accepted (common config fields) but unused: the gate has one entry per input "
               "feature. Merge: W' = W diag(g), b' = b.",

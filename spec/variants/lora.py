@@ -4,7 +4,7 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Constraint, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Constraint, Reference, Spec, TensorSpec, register
 
 
 def oracle(W, b, T, x, cfg, knobs, xd=None):
@@ -45,11 +45,6 @@ SPEC = register(
             Reference("paper (eq. 3)", "https://arxiv.org/abs/2106.09685"),
             Reference("rsLoRA paper", "https://arxiv.org/abs/2312.03732"),
             Reference("PEFT 0.21.2 lora layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/lora/layer.py"),
-        ),
-        peft=PeftMap(
-            config="LoraConfig",
-            kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora, "lora_dropout": cfg.dropout},
-            tensors={"A": ("lora_A.weight", "id"), "B": ("lora_B.weight", "id")},
         ),
         notes="rslora is drawn by the property engine, so both scales are checked.",
         fields=lambda draw, d_in, d_out: {"rslora": draw(st.booleans(), label="rslora")},

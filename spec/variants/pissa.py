@@ -4,7 +4,7 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Constraint, Deviation, PeftMap, Reference, Spec, TensorSpec, register
+from ..schema import Constraint, Deviation, Reference, Spec, TensorSpec, register
 
 
 def scale(cfg) -> float:
@@ -68,13 +68,6 @@ SPEC = register(
             Reference("paper (section 3: A, B and W_res from the SVD of W)", "https://arxiv.org/abs/2404.02948"),
             Reference("PEFT 0.21.2 pissa_init", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/lora/layer.py"),
             Reference("authors' code", "https://github.com/GraphPKU/PiSSA"),
-        ),
-        peft=PeftMap(
-            config="LoraConfig",
-            kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
-                                "lora_dropout": cfg.dropout, "init_lora_weights": "pissa"},
-            tensors={"A": ("lora_A.weight", "id"), "B": ("lora_B.weight", "id")},
-            notes="PEFT also overwrites the base weight with W_res; compare against get_base_layer().weight.",
         ),
         deviations=(
             Deviation("identity_at_init", "PEFT refuses to initialise PiSSA on a float64 base ('Please initialize "

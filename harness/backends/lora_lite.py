@@ -1,0 +1,269 @@
+"""lora-lite (github.com/wassname/lora-lite) at any commit, as a backend.
+
+    python -m tools.verify --backend lora-lite --ref COMMIT [--repo PATH_OR_URL]
+
+The source of that commit comes from `--repo`: a local git clone (a work tree or a bare git dir: `git archive
+COMMIT` is extracted into .cache/lora-lite/<commit>/), or a folder already holding the extracted source (tools.verify
+fetches a URL's GitHub archive there through tools.fetch). The package is imported from that folder, in the
+environment verify runs in (`nox -s verify -- --backend lora-lite --ref C` builds one with that commit's
+dependencies). Results go to build/verify/lora-lite-<commit>.json, `backend_version` = the full commit.
+
+Both config eras are handled: a single `LoraLiteConfig` with a `variant_kwargs` dict (up to fdb4c77), then one
+dataclass per variant registered in `config._CONFIG_REGISTRY`. The tensors are lora-lite's `lora_*` attributes of
+the adapted layer, mapped to the specs' names here (`TENSORS`).
+
+Where lora-lite's design differs from a spec on purpose, the capability is missing (n/a, with the reason): no
+merge, no Conv1D (targets are found by in_features/out_features), no runtime knobs, no adapter dropout (the first
+config's `dropout` field was documented as ignored, then removed), no config-time checks, no whole-model
+targeting by architectural role in this backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import inspect
+import io
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from impl import layers
+from spec.schema import Deviation, Spec
+
+from . import BACKENDS
+from ..strategies import Case
+from .protocol import Errors, Fields, Mapped
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = ROOT / ".cache" / "lora-lite"
+PACKAGE = "lora_lite"
+
+# spec tensor -> (lora-lite attribute, transform from lora-lite's layout to the spec's)
+TENSORS = {
+    "lora": {"A": ("lora_A", "id"), "B": ("lora_B", "id")},
+    "pissa": {"A": ("lora_A", "id"), "B": ("lora_B", "id")},
+    "dora": {"A": ("lora_A", "id"), "B": ("lora_B", "id"), "m": ("lora_m", "id")},
+    "delora": {"A": ("lora_A", "id"), "B": ("lora_B", "id"), "lam": ("lora_lambda", "vector1"),
+               "wnorm": ("lora_wnorm", "id")},
+    "ia3": {"g": ("lora_g", "id")},
+    "ia3_ff": {"g": ("lora_g", "id")},
+    "hra": {"U": ("lora_U", "id")},
+}
+DEFAULTS = {"r": 8, "alpha": 16.0, "rslora": False, "dropout": 0.0, "lambda0": 15.0}  # in the specs' field names
+OWN_FIELDS = {"delora": ("lambda0",)}  # variant fields lora-lite takes (per-variant dataclass or variant_kwargs)
+LACKS = {
+    "merge": "lora-lite has no merge (adapters stay as hooks)",
+    "conv1d": "lora-lite targets layers with in_features/out_features (nn.Linear, bnb); Conv1D has neither",
+    "knobs": "lora-lite's adapters have no runtime knob",
+    "dropout": "lora-lite has no adapter dropout (the first config's `dropout` was documented as ignored, then removed)",
+    "config_checks": "lora-lite's configs are plain dataclasses: nothing is checked when one is built",
+    "model": "this backend adapts the one-layer models only",
+    "data": "this backend does not drive lora-lite's data-driven group_init",
+}
+
+
+def _git(repo: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    where = ["-C", str(repo)] if (repo / ".git").exists() else [f"--git-dir={repo}"]  # a work tree or a bare dir
+    return subprocess.run(["git", *where, *args], check=True, capture_output=True, **kw)
+
+
+def resolve(repo: Path, ref: str) -> str:
+    """The full commit id of `ref` in a local git clone (a work tree or a bare git dir)."""
+    try:
+        return _git(repo, "rev-parse", "--verify", f"{ref}^{{commit}}", text=True).stdout.strip()
+    except subprocess.CalledProcessError as e:
+        raise ValueError(f"lora-lite: no commit {ref!r} in {repo}: {e.stderr.strip()}") from None
+
+
+def extract(repo: Path, commit: str, cache: Path = CACHE) -> Path:
+    """`git archive COMMIT` of a local clone extracted into cache/<commit> (once; atomic rename)."""
+    dest = cache / commit
+    if (dest / "src" / PACKAGE).is_dir():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    data = _git(repo, "archive", "--format=tar", commit).stdout
+    tmp = Path(tempfile.mkdtemp(dir=cache))
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(tmp, filter="data")
+        tmp.rename(dest)
+    except OSError:
+        if not (dest / "src" / PACKAGE).is_dir():  # not just another worker extracting it first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def source(ref: str, repo: str) -> tuple[Path, str]:
+    """(folder holding src/lora_lite, commit id) for `ref` from a git clone or an extracted source folder."""
+    p = Path(repo)
+    if (p / "src" / PACKAGE).is_dir():
+        return p, ref
+    if re.match(r"^[a-z]+://", repo):
+        raise ValueError(f"lora-lite: {repo} is a URL; `python -m tools.verify --repo URL` fetches its archive "
+                         "(the backend itself reads local folders only)")
+    if not p.exists():
+        raise ValueError(f"lora-lite: --repo {repo} does not exist")
+    commit = resolve(p, ref)
+    return extract(p, commit), commit
+
+
+def import_package(src: Path):
+    """Import lora_lite from src/lora_lite under its own name (one lora-lite per process)."""
+    init = src / "src" / PACKAGE / "__init__.py"
+    loaded = sys.modules.get(PACKAGE)
+    if loaded is not None:
+        if Path(loaded.__file__).resolve() != init.resolve():
+            raise RuntimeError(f"another lora_lite ({loaded.__file__}) is already imported in this process")
+        return loaded
+    mod_spec = importlib.util.spec_from_file_location(PACKAGE, init, submodule_search_locations=[str(init.parent)])
+    mod = importlib.util.module_from_spec(mod_spec)
+    sys.modules[PACKAGE] = mod
+    try:
+        mod_spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(PACKAGE, None)
+        raise
+    return mod
+
+
+@contextlib.contextmanager
+def _no_model_width(model: nn.Module):
+    """lora-lite classifies each target as reader / writer by the model's hidden size, which a one-layer model
+    does not have (it infers the widest in_features, and then refuses a square layer not named like a projection
+    as ambiguous): give it a hidden size no layer has while it attaches."""
+    had = "config" in model.__dict__
+    old = model.__dict__.get("config")
+    model.__dict__["config"] = SimpleNamespace(hidden_size=-1)
+    try:
+        yield
+    finally:
+        if had:
+            model.__dict__["config"] = old
+        else:
+            model.__dict__.pop("config")
+
+
+class LoraLiteBackend:
+    """lora-lite at one commit, driven through its public API: attach, detach, save, load."""
+
+    name = "lora-lite"
+    errors = Errors(config=(TypeError, ValueError, KeyError), attach=(RuntimeError, TypeError, ValueError),
+                    checkpoint=(RuntimeError, KeyError, ValueError))
+
+    def __init__(self, ref: str | None = None, repo: str | None = None):
+        if not ref or not repo:
+            raise ValueError("the lora-lite backend needs --ref COMMIT and --repo PATH_OR_URL")
+        self.src, self.version = source(ref, repo)
+        self.results_stem = f"lora-lite-{self.version[:12]}"
+        self.ll = import_package(self.src)
+        self.adapter = importlib.import_module(f"{PACKAGE}.adapter")
+        self.config_module = importlib.import_module(f"{PACKAGE}.config")
+        self.variant_kwargs = hasattr(self.config_module, "LoraLiteConfig")  # the first config era
+        self.checkpoint_suffix = ".pt" if "torch.save" in inspect.getsource(self.adapter.save) else ".safetensors"
+
+    # ---- applicability
+
+    def applies(self, spec: Spec) -> str | None:
+        if spec.name not in TENSORS:
+            return f"this backend maps no lora-lite tensors to '{spec.name}'"
+        if spec.name not in self.ll.REGISTRY:
+            return f"lora-lite {self.version[:12]} has no '{spec.name}' (it has {sorted(self.ll.REGISTRY)})"
+        return None
+
+    def supports(self, spec: Spec, case: Case) -> str | None:
+        if case.fields.get("rslora"):
+            return "lora-lite has no rsLoRA (its scale is alpha / r)"
+        return None
+
+    def unsupported(self, spec: Spec, capability: str) -> str | None:
+        if capability == "base_hash" and "fingerprint" not in inspect.getsource(self.adapter.load):
+            return "lora-lite's load does not check the base weights at this commit"
+        return LACKS.get(capability)
+
+    def deviation(self, spec: Spec, prop: str) -> Deviation | None:
+        """lora-lite's backend-wide design difference: attach freezes every parameter of the model and detach
+        does not give the flags back (the line is looked up in this commit's adapter.py)."""
+        if prop != "detach_restores":
+            return None
+        src = inspect.getsource(self.adapter)
+        line = next((i for i, text in enumerate(src.splitlines(), 1) if "requires_grad_(False)" in text), None)
+        return Deviation("detach_restores", "lora-lite's attach freezes every parameter of the model and its detach "
+                         "does not restore the requires_grad flags", backend=self.name,
+                         source=f"src/lora_lite/adapter.py:{line} at {self.version[:12]}", match="requires_grad flags changed")
+
+    # ---- config and attach
+
+    def spec_config(self, spec: Spec, case: Case, **over):
+        return Fields.of(DEFAULTS, case, {k: v for k, v in over.items() if k != "param_dtype"})
+
+    def library_config(self, spec: Spec, case: Case, **over):
+        """lora-lite's own config for the case, in the era's form; the adapter's dtype is `param_dtype`."""
+        cfg = self.spec_config(spec, case, **over)
+        common = dict(variant=spec.name, r=cfg.r, alpha=cfg.alpha, dtype=over.get("param_dtype", torch.float32),
+                      target_roles=(), target_names=(r"^layer$",), exclude_names=())
+        own = {k: cfg.fields[k] for k in OWN_FIELDS.get(spec.name, ())}
+        if self.variant_kwargs:
+            return self.config_module.LoraLiteConfig(**common, variant_kwargs=own)
+        cls = self.config_module._CONFIG_REGISTRY[spec.name]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in {**common, **own}.items() if k in names})
+
+    def attach(self, model: nn.Module, spec: Spec, case: Case, calibration=None, **over) -> nn.Module:
+        cfg = self.library_config(spec, case, **over)
+        with _no_model_width(model):
+            self.ll.attach(model, cfg, calibration)
+        return model
+
+    def detach(self, model) -> None:
+        self.ll.detach(model)
+
+    def save(self, model, path) -> None:
+        self.ll.save(model, str(path))
+
+    def load(self, model, path) -> None:
+        with _no_model_width(model):
+            self.ll.load(model, str(path))
+
+    # ---- tensors
+
+    def tensors(self, model) -> dict[str, torch.Tensor]:
+        layer = model.layer
+        variant = getattr(getattr(layer, "_lora_variant", None), "name", None)
+        if variant not in TENSORS:
+            raise RuntimeError(f"no lora-lite adapter this backend maps on the layer (variant {variant!r})")
+        out = {}
+        for ours, (attr, transform) in TENSORS[variant].items():
+            t = getattr(layer, attr, None)
+            if t is None:
+                have = sorted(n for n, _ in layer.named_parameters() if n.startswith("lora_"))
+                raise RuntimeError(f"lora-lite {self.version[:12]}'s {variant} has no '{attr}' (it has {have})")
+            out[ours] = t if transform == "id" else Mapped.of(t, transform)
+        return out
+
+    def knobs(self, model) -> dict[str, float]:
+        return {}
+
+    def base_weight(self, model) -> torch.Tensor:
+        return layers.dense_weight(model.layer)
+
+    def dequantized(self, layer) -> torch.Tensor:
+        return layers.dense_weight(layer)
+
+    def hooks_left(self, model) -> list[str]:
+        return [n or "<root>" for n, m in model.named_modules()
+                if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_lora_variant")
+                or hasattr(m, "_lora_lite_attached")]
+
+
+BACKENDS["lora-lite"] = LoraLiteBackend

@@ -1,0 +1,136 @@
+"""How PEFT builds the same layer as each spec, and where each spec tensor lives in PEFT.
+
+These mappings belong to the PEFT backend, not to the specs (a spec is the paper's math alone). They are read by
+harness.backends.peft (attach, tensors), harness.differential (PEFT as the reference) and tools (cost, review).
+This module imports neither peft nor impl, so its readers work without PEFT installed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+TRANSFORMS = ("id", "T", "row", "col", "scalar1")
+
+
+@dataclass(frozen=True)
+class PeftMap:
+    """How a spec's layer is built in PEFT and how the spec's tensors map onto PEFT's.
+
+    config: the name of a PEFT config class exported by `peft` (any class works: the backend looks it up with
+      getattr(peft, config) and passes it the kwargs below, the target module names, `feedforward_modules` when
+      the class has that field and `fan_in_fan_out` for Conv1D layers when it has that one; a field the installed
+      release lacks makes the variant n/a with the reason). The tensors are read from the PEFT tuner layer's own
+      state dict, so the layer must be a BaseTunerLayer whose tensors are keyed `<name>.default[.weight]`.
+    kwargs: the spec's config (`Backend.spec_config`) -> PEFT config kwargs (r, lora_alpha, use_rslora, ...).
+    tensors: spec tensor name -> (PEFT state-dict key suffix without the adapter name, transform), transform one
+      of "id", "T" (transpose), "row" (PEFT holds it as (1, n)), "col" ((n, 1)), "scalar1" ((1,)).
+    feedforward: the PEFT target is a feed-forward (input-side IA3) module.
+    compare: for a counterpart that shares only the init (other tensors than the spec's): `tensors` then names
+      PEFT's tensors, and compare(ours, peft, cfg) -> {quantity: (ours, PEFT's, sign-free dim or None)} says what
+      to compare after init (harness.differential.reference_init); every other property is not applicable to it.
+    calibration: the data reference_init gives data-driven inits: "gapped" (a declared spectral gap) or
+      "isotropic" (second moment proportional to I, where CorDA's orientation reduces to the plain SVD).
+    """
+
+    config: str
+    kwargs: Callable[[Any], dict]
+    tensors: Mapping[str, tuple[str, str]]
+    feedforward: bool = False
+    notes: str = ""
+    compare: Callable[..., dict] | None = None
+    calibration: str = "gapped"
+
+
+def corda_compare(ours, peft, cfg):
+    """Against PEFT's CorDA (IPM) on data whose second moment is proportional to I, where both orientations reduce
+    to W's plain top-r SVD: the same U (B's unit columns), the same rows of P up to a common scale (A's unit rows),
+    the same rank-r part U S P = s B A, and the same residual."""
+    s = cfg.alpha / cfg.r
+
+    def unit(M, dim):
+        return M / M.norm(dim=dim, keepdim=True)
+
+    return {
+        "U": (ours["U"], unit(peft["B"], 0), 1),
+        "P, unit rows": (unit(ours["P"], 1), unit(peft["A"], 1), 0),
+        "U S P": ((ours["U"] * ours["S"]) @ ours["P"], s * peft["B"] @ peft["A"], None),
+        "base_weight": (ours["base_weight"], peft["base_weight"], None),
+    }
+
+
+_LORA_AB = {"A": ("lora_A.weight", "id"), "B": ("lora_B.weight", "id")}
+
+# variant name -> its PEFT mapping. The zoo registers its mutants here under their own names while they run.
+MAPS: dict[str, PeftMap] = {
+    "lora": PeftMap(
+        config="LoraConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora, "lora_dropout": cfg.dropout},
+        tensors=_LORA_AB,
+    ),
+    "pissa": PeftMap(
+        config="LoraConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
+                            "lora_dropout": cfg.dropout, "init_lora_weights": "pissa"},
+        tensors=_LORA_AB,
+        notes="PEFT also overwrites the base weight with W_res; compare against get_base_layer().weight.",
+    ),
+    "dora": PeftMap(
+        config="LoraConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
+                            "lora_dropout": cfg.dropout, "use_dora": True},
+        tensors={**_LORA_AB, "m": ("lora_magnitude_vector", "id")},
+        notes="PEFT's state-dict key for m has no '.weight' suffix; perturb m, or the DoRA path equals plain LoRA.",
+    ),
+    "eva": PeftMap(
+        config="LoraConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
+                            "lora_dropout": cfg.dropout, "init_lora_weights": "eva", "eva_config": {"rho": 1.0}},
+        tensors=_LORA_AB,
+        notes="PEFT's A comes from initialize_lora_eva_weights(model, dataloader); rho = 1.0 keeps the rank "
+              "uniform, as ours.",
+    ),
+    "delora": PeftMap(
+        config="DeloraConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "delora_lambda": cfg.lambda0, "module_dropout": cfg.dropout},
+        tensors={"A": ("delora_A", "id"), "B": ("delora_B", "id"), "lam": ("delora_lambda", "id"),
+                 "wnorm": ("delora_w_norm", "id")},
+        notes="PEFT's module_dropout is element-wise dropout on the adapter input; delora_w_norm is a persistent buffer.",
+    ),
+    "hra": PeftMap(
+        config="HRAConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "apply_GS": False, "init_weights": True},
+        tensors={"U": ("hra_u", "T")},
+        notes="PEFT's hra_u is (d_in, r) with the vectors as columns; ours are the rows of U (r, d_in).",
+    ),
+    "ia3": PeftMap(
+        config="IA3Config",
+        kwargs=lambda cfg: {"init_ia3_weights": True, "feedforward_modules": []},
+        tensors={"g": ("ia3_l", "col")},
+        feedforward=False,
+        notes="PEFT stores the gate as ia3_l of shape (d_out, 1); the target must not be listed in "
+              "feedforward_modules.",
+    ),
+    "ia3_ff": PeftMap(
+        config="IA3Config",
+        kwargs=lambda cfg: {"init_ia3_weights": True},
+        tensors={"g": ("ia3_l", "row")},
+        feedforward=True,
+        notes="PEFT stores the gate as ia3_l of shape (1, d_in); the target must be listed in both "
+              "target_modules and feedforward_modules.",
+    ),
+    "antipasto_corda": PeftMap(
+        config="LoraConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "init_lora_weights": "corda",
+                            "corda_config": {"corda_method": "ipm"}},
+        tensors=_LORA_AB,
+        compare=corda_compare,
+        calibration="isotropic",
+        notes="PEFT's CorDA puts the factors in trainable LoRA A/B (ours: frozen U, S, P and a trainable gain), so "
+              "only the init is compared, on data with C ∝ I (reference_init).",
+    ),
+}
+
+
+def peft_map(spec) -> PeftMap | None:
+    """The PEFT mapping of a spec (by its variant name), None when PEFT has no counterpart."""
+    return MAPS.get(spec.name)
