@@ -89,19 +89,25 @@ def _noise(grads: dict, grads_again: dict) -> dict[str, float]:
             if g is not None and grads_again.get(n) is not None}
 
 
-def _mirror(be, model, ref, ref_model, rewrites_base: bool) -> None:
-    """Copy every adapter tensor (and a rewritten base weight) of the backend's model into the reference's."""
-    src, dst = be.tensors(model), ref.tensors(ref_model)
+def mirror(tensors: dict, ref, ref_model, base_weight: torch.Tensor | None = None) -> None:
+    """Copy adapter tensors (by spec name, spec layout) and, for a variant that rewrites it, the base weight
+    into the reference backend's model (PEFT's layer: the PeftMap places each tensor)."""
+    dst = ref.tensors(ref_model)
     with torch.no_grad():
-        for name, t in src.items():
+        for name, t in tensors.items():
             if name not in dst:
                 raise KeyError(f"PeftMap lacks '{name}' (PEFT tensors by spec name: {sorted(dst)})")
             d = dst[name]
             if tuple(d.shape) != tuple(t.shape):
                 raise ValueError(f"PeftMap: '{name}' is {tuple(d.shape)} in PEFT (spec layout) but {tuple(t.shape)} here")
             d.copy_(t.detach().to(d.dtype))
-        if rewrites_base:
-            ref.write_base_weight(ref_model, be.base_weight(model).detach())
+        if base_weight is not None:
+            ref.write_base_weight(ref_model, base_weight.detach())
+
+
+def _mirror(be, model, ref, ref_model, rewrites_base: bool) -> None:
+    """Copy every adapter tensor (and a rewritten base weight) of the backend's model into the reference's."""
+    mirror(be.tensors(model), ref, ref_model, be.base_weight(model) if rewrites_base else None)
 
 
 def _compare(y, grads, y_ref, grads_ref, y_base, dtype, factor: float, what: str, scales: dict | None = None,

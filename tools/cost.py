@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.backends.peft_maps import TRANSFORMS, peft_map
+from harness.backends.peft_maps import peft_map
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "lora-verify/cost/1"
@@ -264,69 +264,32 @@ def build_ours(name: str, spec, W, b, opts: Options) -> Ours:
 
 
 
-def to_peft_layout(t: torch.Tensor, transform: str, shape: torch.Size) -> torch.Tensor:
-    """Our tensor in PEFT's layout: the transpose for "T", else a reshape to PEFT's shape."""
-    if transform not in TRANSFORMS:
-        raise CostError(f"PeftMap transform {transform!r} is not one of {TRANSFORMS}")
-    out = t.t() if transform == "T" else t.reshape(shape)
-    if tuple(out.shape) != tuple(shape):
-        raise CostError(f"PeftMap transform {transform!r} gives shape {tuple(out.shape)}, PEFT holds {tuple(shape)}")
-    return out
-
-
-def peft_kwargs(pm, cfg, config_cls=None) -> dict:
-    """PEFT config kwargs from the spec's PeftMap, the host's layer targeted.
-
-    A data-driven init (init_lora_weights given as a string: "pissa", "eva", "corda", ...) is replaced by
-    PEFT's plain init: it changes no forward work, and every tensor and the base weight are overwritten with
-    ours afterwards (the same-function check below confirms the two layers compute the same map)."""
-    kw = dict(pm.kwargs(cfg))
-    if isinstance(kw.get("init_lora_weights"), str):
-        kw["init_lora_weights"] = True
-        for k in ("eva_config", "corda_config"):
-            kw.pop(k, None)
-    kw["target_modules"] = ["lin"]
-    if pm.feedforward:
-        kw.setdefault("feedforward_modules", ["lin"])
-    elif config_cls is not None and "feedforward_modules" in getattr(config_cls, "__dataclass_fields__", {}):
-        kw.setdefault("feedforward_modules", [])  # IA3Config needs it stated: the layer is not feed-forward
-    return kw
-
-
 def build_peft(spec, ours: Ours, opts: Options) -> nn.Module:
-    """PEFT's layer for the same variant: get_peft_model on a host holding our current base weight (the
-    residual for base-rewriting variants), then our tensor values loaded through the PeftMap."""
-    import peft
-
+    """PEFT's layer for the same variant, through the PEFT backend (harness.backends.peft): attached to a layer
+    holding our current base weight (the residual for base-rewriting variants) with r from the options and no
+    calibration data (PEFT's data pass changes no forward work), then our tensor values and base weight mirrored
+    in through the PeftMap; the same-function check below confirms the two layers compute the same map."""
     import impl
+    from harness.backends.peft import PeftBackend
+    from harness.differential import mirror
+    from harness.models import single
+    from harness.strategies import Case
 
-    pm = peft_map(spec)
-    cls = getattr(peft, pm.config, None)
-    if cls is None:
-        raise CostError(f"spec '{spec.name}': PeftMap names {pm.config!r}, which peft {peft.__version__} lacks")
     ad = impl.adapters(ours.host)["lin"]
-    W = ad.weight().detach().float().cpu()
-    bias = ad.bias()
-    b = None if bias is None else bias.detach().float().cpu()
-    host = Host(frozen_linear(W, b, opts.torch_dtype, opts.device))
+    W, bias = ad.weight().detach().double().cpu(), ad.bias()
+    b = None if bias is None else bias.detach().double().cpu()
+    be = PeftBackend()
+    case = Case(opts.d_in, opts.d_out, b is not None, opts.torch_dtype, opts.seed, fields={"r": opts.r},
+                device=opts.device)
+    model = single(W, b, opts.torch_dtype, "linear", opts.device)
     torch.manual_seed(opts.seed)
-    model = peft.get_peft_model(host, cls(**peft_kwargs(pm, ours.cfg, cls)))
-    tensors = ad.tensors()
-    have = peft.get_peft_model_state_dict(model)
-    sd = {}
-    for ours_name, (suffix, transform) in pm.tensors.items():
-        key = f"base_model.model.lin.{suffix}"
-        if ours_name not in tensors:
-            raise CostError(f"spec '{spec.name}': PeftMap maps '{ours_name}', which the adapter does not have")
-        if key not in have:
-            raise CostError(f"spec '{spec.name}': PEFT has no tensor '{suffix}' for '{ours_name}'; it has {sorted(have)}")
-        sd[key] = to_peft_layout(tensors[ours_name].detach(), transform, have[key].shape).clone()
-    res = peft.set_peft_model_state_dict(model, sd)
-    unexpected = list(getattr(res, "unexpected_keys", []) or [])
-    if unexpected:
-        raise CostError(f"spec '{spec.name}': PEFT rejected the mapped keys {unexpected}")
+    try:
+        be.attach(model, spec, case)
+        mirror(ad.tensors(), be, model, W if spec.rewrites_base else None)
+    except (*be.errors.any, KeyError, ValueError) as e:
+        raise CostError(f"spec '{spec.name}': PEFT's layer could not be built: {e}") from e
     model.train()
-    return model.base_model.model.lin
+    return model.layer
 
 
 def same_function(ours_layer: nn.Module, peft_layer: nn.Module, base_layer: nn.Module, x: torch.Tensor) -> float:

@@ -10,10 +10,16 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Constraint
+from ..schema import Constraint, Reference
 
 POOLS = ("rms", "mean_abs")
 DROPOUT_REJECTED = Constraint("no separate adapter input: dropout must be 0", {"dropout": 0.1})
+# What every AntiPaSTO spec declares alike: no adapter dropout, no quantized base (the init rewrites W), the
+# identity within the same four roundings (see antipasto's spec), and these first constraints and reference.
+SHARED = dict(dropout="rejected", quantized="raises", rewrites_base=True, identity_factor=1.0)
+BASE_CONSTRAINTS = (Constraint("r is a positive integer", {"r": 0}), DROPOUT_REJECTED)
+POOL_CONSTRAINT = Constraint("act_pool is rms or mean_abs", {"act_pool": "max"})
+PAPER = Reference("AntiPaSTO paper", "https://arxiv.org/abs/2601.07473")
 
 
 # ------------------------------------------------------------------------------------------ reference formulas

@@ -49,28 +49,24 @@ SPEC = register(
         param_count="r",
         macs="r * (d_in + d_out) + ew(r)",
         macs_per_forward="ew(r)",
+        **common.SHARED,
         oracle=oracle,
         dense=dense,
         init_oracle=init_oracle,
         sign_free={"U": 1, "Vh": 0},
         identity="tolerance",
-        # Derived bound: W_res + U S Vh equals W up to one rounding of W_res into the base dtype (the factors are
-        # rounded before the residual is formed, in float64); the output adds the base matmul's rounding, the
-        # cast of the fp32 delta and the final add: four roundings of at most eps/2 each at the scale of the
+        # identity_factor = 1 (common.SHARED), derived: W_res + U S Vh equals W up to one rounding of W_res into
+        # the base dtype (the factors are rounded before the residual is formed, in float64); the output adds the
+        # base matmul's rounding, the cast of the fp32 delta and the final add: four roundings of at most eps/2 each at the scale of the
         # output (the residual and the top-r path each stay within ~2 max|y|), i.e. <= 4 eps max|y|, inside the
         # property's 2 · ACCUMULATION · eps max|y| (8 eps in bf16) at factor 1. Measured over 400 drawn cases:
         # 0.96 eps max|y| (bf16), 1.9 (fp32), 2.6 (fp64).
-        identity_factor=1.0,
         knobs={"coeff": 0.0},
-        dropout="rejected",
         data="optional",
-        quantized="raises",
-        rewrites_base=True,
         fields=fields,
         constraints=(
-            Constraint("r is a positive integer", {"r": 0}),
-            common.DROPOUT_REJECTED,
-            Constraint("act_pool is rms or mean_abs", {"act_pool": "max"}),
+            *common.BASE_CONSTRAINTS,
+            common.POOL_CONSTRAINT,
             Constraint("coeff is a finite number", {"coeff": float("nan")}),
         ),
         claims=(
@@ -83,7 +79,7 @@ SPEC = register(
                   "with suppress_only and coeff >= 0 every gain is <= 1 (S_eff <= S)", bound=1.0),
         ),
         references=(
-            Reference("AntiPaSTO paper", "https://arxiv.org/abs/2601.07473"),
+            common.PAPER,
             Reference("lora-lite antipasto (1 + ELU, branch antipasto-variants)",
                       "https://github.com/wassname/lora-lite/blob/5f9d90d8b83c09eeb86ba11b7aa9f03c9bbf6d71/src/lora_lite/variants/antipasto.py"),
             Reference("Wanda (|W|·‖x‖ score)", "https://arxiv.org/abs/2306.11695"),

@@ -84,6 +84,7 @@ SPEC = register(
         param_count="r * k + k",
         macs="r * (d_in + d_out) + 2 * r * k + ew(r + k)",
         macs_per_forward="solve(r * k * k) + ew(k)",
+        **common.SHARED,
         oracle=oracle,
         dense=dense,
         init_oracle=init_oracle,
@@ -93,23 +94,18 @@ SPEC = register(
         # (coeff = 1 by default, U orthonormal, ‖h‖ = ‖U_rᵀ W x‖ <= ‖W x‖), which is the property's measure; tight
         # when Ĉ spans h (r = 1). Measured over 500 drawn cases: 0.0500001 (fp32), <= 0.0563 in bf16 (rounding).
         init_shrink=INIT_A,
-        identity_factor=1.0,  # coeff = 0: the same four roundings as antipasto (see its spec)
         knobs={"coeff": 0.0},
-        dropout="rejected",
         data="optional",
-        quantized="raises",
-        rewrites_base=True,
         fields=fields,
         min_width=2,
         constraints=(
-            Constraint("r is a positive integer", {"r": 0}),
-            common.DROPOUT_REJECTED,
+            *common.BASE_CONSTRAINTS,
             Constraint("k >= 1", {"k": 0}),
             Constraint("k < r (k = r directions span the whole top-r space: c would be dead)", {"r": 2, "k": 2}),
             Constraint("init_a in (0, 1): 0 sits on the clamp's boundary (dead gradient)", {"init_a": 0.0}),
             Constraint("init_a in (0, 1)", {"init_a": 1.5}),
             Constraint("cov_eps > 0", {"cov_eps": 0.0}),
-            Constraint("act_pool is rms or mean_abs", {"act_pool": "max"}),
+            common.POOL_CONSTRAINT,
         ),
         claims=(
             Claim("core_contraction", "unit_interval", core_eigenvalues,
@@ -117,7 +113,7 @@ SPEC = register(
                   "rank-r path), with a driven past its clamp and c saturated", saturate=4.0),
         ),
         references=(
-            Reference("AntiPaSTO paper", "https://arxiv.org/abs/2601.07473"),
+            common.PAPER,
             Reference("lora-lite antipasto_ablate (branch antipasto-variants)",
                       "https://github.com/wassname/lora-lite/blob/09dcfe0d41c9209fcfb072a71d23356f11f80c46/src/lora_lite/variants/antipasto_ablate.py"),
             Reference("directional ablation (Arditi et al. 2024)", "https://arxiv.org/abs/2406.11717"),

@@ -69,21 +69,17 @@ SPEC = register(
         param_count="r",
         macs="r * (d_in + d_out) + ew(r)",
         macs_per_forward="ew(r)",
+        **common.SHARED,
         oracle=oracle,
         dense=dense,
         init_oracle=init_oracle,
         sign_free={"U": 1, "P": 0},
         identity="tolerance",
-        identity_factor=1.0,  # the same four roundings as antipasto (see its spec); the residual is by subtraction
         knobs={"coeff": 0.0},
-        dropout="rejected",
         data="required",
-        quantized="raises",
-        rewrites_base=True,
         fields=fields,
         constraints=(
-            Constraint("r is a positive integer", {"r": 0}),
-            common.DROPOUT_REJECTED,
+            *common.BASE_CONSTRAINTS,
             Constraint("cov_eps > 0 (C_ε must be positive definite for C_ε^{-1/2})", {"cov_eps": 0.0}),
             Constraint("cov_eps > 0", {"cov_eps": -1.0}),
         ),
@@ -104,7 +100,7 @@ SPEC = register(
                       "https://github.com/wassname/lora-lite/blob/5f9d90d8b83c09eeb86ba11b7aa9f03c9bbf6d71/src/lora_lite/variants/antipasto_corda.py"),
             Reference("PEFT 0.21.2 CorDA (SVD(W C) form)",
                       "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/lora/corda.py"),
-            Reference("AntiPaSTO paper", "https://arxiv.org/abs/2601.07473"),
+            common.PAPER,
         ),
         notes=(
             "Differs from PEFT's CorDA (and the CorDA paper's prose): PEFT takes SVD(W C_f) with "

@@ -121,27 +121,23 @@ SPEC = register(
         param_count=f"r + {N_ROT} * r * (block_size - 1) // 2",
         macs=f"r * (d_in + d_out) + {N_ROT} * r * r + ew(r)",  # the rotation: one r x r block-diagonal matmul
         macs_per_forward=f"solve({N_ROT} * r * block_size ** 2) + ew({N_ROT} * r * r)",  # Cayley solves; dense R built
+        **common.SHARED,
         oracle=oracle,
         dense=dense,
         init_oracle=init_oracle,
         sign_free={"U": 1, "Vh": 0},
         identity="tolerance",
-        identity_factor=1.0,  # δ = 0 and R = I exactly: the same four roundings as antipasto (see its spec)
-        dropout="rejected",
         data="optional",
-        quantized="raises",
-        rewrites_base=True,
         fields=fields,
         min_width=2,
         constraints=(
-            Constraint("r is a positive integer", {"r": 0}),
-            common.DROPOUT_REJECTED,
+            *common.BASE_CONSTRAINTS,
             Constraint("block_size divides r", {"r": 6, "block_size": 4}),
             Constraint("block_size >= 2 (a 1x1 block has no rotation parameter)", {"r": 4, "block_size": 1}),
             Constraint("rotate_basis is V, U, both or none", {"rotate_basis": "W"}),
             Constraint("max_rotation_angle in (0, pi)", {"max_rotation_angle": 0.0}),
             Constraint("max_rotation_angle in (0, pi)", {"max_rotation_angle": 4.0}),
-            Constraint("act_pool is rms or mean_abs", {"act_pool": "max"}),
+            common.POOL_CONSTRAINT,
         ),
         claims=(
             Claim("rotation_orthogonal", "orthogonal_det1", rotation_blocks,
@@ -152,7 +148,7 @@ SPEC = register(
                   bound=1.0, saturate=20.0),
         ),
         references=(
-            Reference("AntiPaSTO paper", "https://arxiv.org/abs/2601.07473"),
+            common.PAPER,
             Reference("lora-lite antipasto_rot (branch antipasto-variants)",
                       "https://github.com/wassname/lora-lite/blob/5f9d90d8b83c09eeb86ba11b7aa9f03c9bbf6d71/src/lora_lite/variants/antipasto_rot.py"),
         ),

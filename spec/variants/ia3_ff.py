@@ -1,7 +1,12 @@
-"""Spec of (IA)³ on the input side (Liu et al. 2022): a learned gate on a feed-forward down projection's input."""
+"""Spec of (IA)³ on the input side (Liu et al. 2022): a learned gate on a feed-forward down projection's input.
+
+The same gate as `ia3` (same constraints, references and PEFT deviation), on the other side of W."""
+from dataclasses import replace
+
 import torch
 
-from ..schema import Constraint, Deviation, Reference, Spec, TensorSpec, register
+from ..schema import TensorSpec, register
+from .ia3 import SPEC as OUTPUT_SIDE
 
 
 def oracle(W, b, T, x, cfg, knobs, xd=None):
@@ -16,34 +21,19 @@ def init_oracle(W, cfg, X):
 
 
 SPEC = register(
-    Spec(
+    replace(
+        OUTPUT_SIDE,
         name="ia3_ff",
         title="(IA)³ input-side gate (feed-forward down projection)",
         equation=r"y = W (g \odot x) + b,\quad g \in \mathbb{R}^{d_{in}},\ g_0 = \mathbf{1}",
         tensors=(TensorSpec("g", "(d_in,)", "ones"),),
         param_count="d_in",
-        max_rank=None,  # a gate has no rank: r is not used
         macs="ew(d_in)",  # the gate: one multiply per input, no matmul
-        macs_per_forward="0",
         oracle=oracle,
         init_oracle=init_oracle,
-        identity="bitwise",
-        dropout="rejected",
+        bias="passthrough",
+        bias_note="",
         roles=("down",),
-        constraints=(
-            Constraint("dropout is rejected: there is no separate adapter input", {"dropout": 0.1}),
-            Constraint("dropout in [0, 1)", {"dropout": 1.0}),
-        ),
-        references=(
-            Reference("paper (§3.3)", "https://arxiv.org/abs/2205.05638"),
-            Reference("PEFT 0.21.2 ia3 layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/ia3/layer.py"),
-        ),
-        deviations=(
-            Deviation("unmerge_restores", "PEFT's IA3 unmerge divides the merged weight by l + 1e-8 (a guard against "
-                      "division by zero) and warns 'Unmerge result can be inaccurate for (IA)^3': gates near 0 do not "
-                      "restore the base weight", backend="peft",
-                      source="peft/tuners/ia3/layer.py:157-163", match="unmerge_adapter does not restore"),
-        ),
         notes="r and alpha are accepted (common config fields) but unused: the gate has one entry per input "
               "feature. Merge: W' = W diag(g), b' = b.",
     )
