@@ -7,21 +7,17 @@ returns the worst scaled error it measured (docs/conventions.md §3) or None.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-from spec.schema import Spec
-
 from . import tolerance as tol
 from .models import single
 from .probes import (Falsified, Probe, Setup, _dt, base_out, cfg_of, gradient_scales, grad_flags, layouts,
-                     loss_weights, oracle_output, owner, perturb, prop, require, same_state, set_drawn_knobs, setup,
-                     snapshot, untouched)
+                     loss_weights, oracle_output, owner, perturb, prop, require, set_drawn_knobs, setup, snapshot,
+                     untouched)
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs, square_or_not
 
 

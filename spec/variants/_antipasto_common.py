@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Constraint, Reference
+from ..schema import Claim, Constraint, Reference, TensorSpec
 
 POOLS = ("rms", "mean_abs")
 DROPOUT_REJECTED = Constraint("no separate adapter input: dropout must be 0", {"dropout": 0.1})
@@ -161,3 +161,35 @@ def attenuation(right: str):
         probe.set_knob("coeff", abs(probe.knobs()["coeff"]))
         return gains(probe, right)
     return of
+
+
+def gain_family(right: str, u_doc: str, right_doc: str) -> dict:
+    """The Spec fields the 1 + ELU gain variants (antipasto, antipasto_corda) share, `right` naming the right
+    factor (Vh, or CorDA's oblique P): the frozen U, S, right factor and the trainable gate g (g = 0 is the
+    identity), one parameter per direction, and the coeff knob."""
+    return dict(
+        tensors=(
+            TensorSpec("U", "(d_out, r)", u_doc, trainable=False),
+            TensorSpec("S", "(r,)", "their singular values", trainable=False),
+            TensorSpec(right, "(r, d_in)", right_doc, trainable=False),
+            TensorSpec("g", "(r,)", "zeros", perturb=negative_g),
+        ),
+        param_count="r",
+        macs="r * (d_in + d_out) + ew(r)",
+        macs_per_forward="ew(r)",
+        sign_free={"U": 1, right: 0},
+        identity="tolerance",
+        knobs={"coeff": 0.0},
+    )
+
+
+def gain_claims(right: str) -> tuple:
+    """The three claims on the 1 + ELU gain, measured on the layer (right factor `right`)."""
+    return (
+        Claim("gain_nonnegative", "nonnegative", gain_nonnegative(right),
+              "the gain f(coeff·g) is never negative (no sign flip of a singular value), from saturated g"),
+        Claim("gain_slope_bounded", "bounded", gain_slope(right),
+              "|f(z ± 1) − f(z)| <= 1: the gain's derivative is bounded by 1 (|∂S_eff/∂g| <= S |coeff|)", bound=1.0),
+        Claim("suppress_only_attenuates", "bounded", attenuation(right),
+              "with suppress_only and coeff >= 0 every gain is <= 1 (S_eff <= S)", bound=1.0),
+    )

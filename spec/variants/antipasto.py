@@ -2,7 +2,7 @@
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Claim, Constraint, Reference, Spec, TensorSpec, register
+from ..schema import Constraint, Reference, Spec, register
 from . import _antipasto_common as common
 
 
@@ -40,28 +40,18 @@ SPEC = register(
         title="AntiPaSTO: 1 + ELU gain on W's top-r singular values",
         equation=(r"W = W_{res} + U\,\mathrm{diag}(S)\,V_h,\quad S_{eff} = S \odot f(c\,\tilde g),\ "
                   r"f(z) = 1 + \mathrm{ELU}(z),\quad y = W_{res} x + b + U\,(S_{eff} \odot V_h x)"),
-        tensors=(
-            TensorSpec("U", "(d_out, r)", "top-r (or data-selected) left singular vectors of W", trainable=False),
-            TensorSpec("S", "(r,)", "their singular values", trainable=False),
-            TensorSpec("Vh", "(r, d_in)", "their right singular vectors (rows)", trainable=False),
-            TensorSpec("g", "(r,)", "zeros", perturb=common.negative_g),
-        ),
-        param_count="r",
-        macs="r * (d_in + d_out) + ew(r)",
-        macs_per_forward="ew(r)",
+        **common.gain_family("Vh", "top-r (or data-selected) left singular vectors of W",
+                             "their right singular vectors (rows)"),
         **common.SHARED,
         oracle=oracle,
         dense=dense,
         init_oracle=init_oracle,
-        sign_free={"U": 1, "Vh": 0},
-        identity="tolerance",
         # identity_factor = 1 (common.SHARED), derived: W_res + U S Vh equals W up to one rounding of W_res into
         # the base dtype (the factors are rounded before the residual is formed, in float64); the output adds the
-        # base matmul's rounding, the cast of the fp32 delta and the final add: four roundings of at most eps/2 each at the scale of the
-        # output (the residual and the top-r path each stay within ~2 max|y|), i.e. <= 4 eps max|y|, inside the
-        # property's 2 · ACCUMULATION · eps max|y| (8 eps in bf16) at factor 1. Measured over 400 drawn cases:
+        # base matmul's rounding, the cast of the fp32 delta and the final add: four roundings of at most eps/2
+        # each at the scale of the output (the residual and the top-r path each stay within ~2 max|y|), i.e.
+        # <= 4 eps max|y|, inside the property's 2 · ACCUMULATION · eps max|y| (8 eps in bf16) at factor 1. Measured over 400 drawn cases:
         # 0.96 eps max|y| (bf16), 1.9 (fp32), 2.6 (fp64).
-        knobs={"coeff": 0.0},
         data="optional",
         fields=fields,
         constraints=(
@@ -69,15 +59,7 @@ SPEC = register(
             common.POOL_CONSTRAINT,
             Constraint("coeff is a finite number", {"coeff": float("nan")}),
         ),
-        claims=(
-            Claim("gain_nonnegative", "nonnegative", common.gain_nonnegative("Vh"),
-                  "the gain f(coeff·g) is never negative (no sign flip of a singular value), from saturated g"),
-            Claim("gain_slope_bounded", "bounded", common.gain_slope("Vh"),
-                  "|f(z ± 1) − f(z)| <= 1: the gain's derivative is bounded by 1 (|∂S_eff/∂g| <= S |coeff|)",
-                  bound=1.0),
-            Claim("suppress_only_attenuates", "bounded", common.attenuation("Vh"),
-                  "with suppress_only and coeff >= 0 every gain is <= 1 (S_eff <= S)", bound=1.0),
-        ),
+        claims=common.gain_claims("Vh"),
         references=(
             common.PAPER,
             Reference("lora-lite antipasto (1 + ELU, branch antipasto-variants)",

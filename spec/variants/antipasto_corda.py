@@ -2,7 +2,7 @@
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Claim, Constraint, Reference, Spec, TensorSpec, register
+from ..schema import Claim, Constraint, Reference, Spec, register
 from . import _antipasto_common as common
 
 
@@ -60,22 +60,12 @@ SPEC = register(
         title="AntiPaSTO-CorDA: 1 + ELU gain on the covariance-oriented rank-r part of W",
         equation=(r"\mathrm{SVD}(W C_\varepsilon^{1/2}) = \hat U \hat S \hat V^\top,\ P = \hat V_r^\top C_\varepsilon^{-1/2},\ "
                   r"W_{res} = W - U S P;\quad y = W_{res} x + b + U\,(S \odot f(c\,\tilde g) \odot P x)"),
-        tensors=(
-            TensorSpec("U", "(d_out, r)", "left singular vectors of W C_ε^{1/2} (top r)", trainable=False),
-            TensorSpec("S", "(r,)", "their singular values", trainable=False),
-            TensorSpec("P", "(r, d_in)", "V̂_rᵀ C_ε^{−1/2}: oblique, P C_ε Pᵀ = I_r", trainable=False),
-            TensorSpec("g", "(r,)", "zeros", perturb=common.negative_g),
-        ),
-        param_count="r",
-        macs="r * (d_in + d_out) + ew(r)",
-        macs_per_forward="ew(r)",
+        **common.gain_family("P", "left singular vectors of W C_ε^{1/2} (top r)",
+                             "V̂_rᵀ C_ε^{−1/2}: oblique, P C_ε Pᵀ = I_r"),
         **common.SHARED,
         oracle=oracle,
         dense=dense,
         init_oracle=init_oracle,
-        sign_free={"U": 1, "P": 0},
-        identity="tolerance",
-        knobs={"coeff": 0.0},
         data="required",
         fields=fields,
         constraints=(
@@ -84,12 +74,7 @@ SPEC = register(
             Constraint("cov_eps > 0", {"cov_eps": -1.0}),
         ),
         claims=(
-            Claim("gain_nonnegative", "nonnegative", common.gain_nonnegative("P"),
-                  "the gain f(coeff·g) is never negative (no sign flip of a singular value), from saturated g"),
-            Claim("gain_slope_bounded", "bounded", common.gain_slope("P"),
-                  "|f(z ± 1) − f(z)| <= 1: the gain's derivative is bounded by 1", bound=1.0),
-            Claim("suppress_only_attenuates", "bounded", common.attenuation("P"),
-                  "with suppress_only and coeff >= 0 every gain is <= 1", bound=1.0),
+            *common.gain_claims("P"),
             Claim("eckart_young_in_data_metric", "bounded", optimality_gap,
                   "the rank-r part W − W_res minimises E‖(W − B) x‖² over rank-r B: no worse than the plain top-r "
                   "SVD or PEFT's SVD(W C) form", bound=0.0),
