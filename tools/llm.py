@@ -95,7 +95,8 @@ _PRINTABLE_TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
 # A key goes into a header; quotes and backslashes are excluded too, because an escaped repr of the key (as h11
 # prints an illegal header) would then differ from the key and slip past scrubbing.
 _KEY_RE = re.compile(r"^[\x21\x23-\x26\x28-\x5b\x5d-\x7e]+$")
-# 429 answers that mean "out of money", not "slow down": retrying cannot help (see review_harness.md §2.1, §2.2).
+# 429 answers that mean "out of money", not "slow down": retrying cannot help. The error body names them in its
+# `code`, `type` or `details.error_code` (OpenAI-style: "insufficient_quota"); these are the names known.
 _QUOTA_CODES = frozenset(
     {
         "insufficient_quota",
