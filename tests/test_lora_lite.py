@@ -171,6 +171,9 @@ def test_timeline_over_both_config_eras_flags_the_commit_that_broke(tmp_path):
     assert per_commit["backend"] == "lora-lite" and per_commit["backend_version"] == bad
     table = (out / "lora-lite-timeline.md").read_text()
     assert "| lora/oracle | . | F |" in table
+    # the failure list names the commit that broke it, says it still fails, and carries the minimal example
+    line = next(l for l in table.splitlines() if l.startswith("- **lora/oracle**"))
+    assert f"fails at {bad[:7]}..{bad[:7]}, still failing" in line and "minimal example `Case(" in line
 
 
 def _archive(top: str, files: dict[str, str]) -> bytes:

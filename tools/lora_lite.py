@@ -26,6 +26,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from impl.atomic import atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "lora-lite"
 OUT = ROOT / "build" / "verify"
@@ -134,9 +136,37 @@ def table(commits: list[dict]) -> tuple[str, list[str]]:
     lines.append("legend: . pass  F fail  D declared deviation  - n/a  (blank) variant absent  x verify did not run")
     lines += ["", "| commit | subject | summary |", "|---|---|---|"]
     for c in commits:
-        summary = c.get("error", "")[:80].replace("|", "/") or c.get("summary")
+        summary = (c.get("error") or "")[:80].replace("|", "/") or c.get("summary")
         lines.append(f"| {c['commit'][:7]} | {c['subject'][:60].replace('|', '/')} | {summary} |")
+    lines += ["", "## Each failure", ""]
+    for f in failures(commits, keys):
+        lines.append(f"- **{f['key']}**: fails at {f['first']}..{f['last']}"
+                     + (f", passes again at {f['fixed']}" if f["fixed"] else ", still failing at the last commit")
+                     + f". At {f['first']}: {f['detail']}" + (f" (at {f['where']})" if f["where"] else "")
+                     + f"; minimal example `{f['example']}`"
+                     + (f". At {f['last']}: {f['last_detail']}" if f["last_detail"] != f["detail"] else ""))
     return "\n".join(lines) + "\n", keys
+
+
+def _one_line(result: dict) -> str:
+    return " ".join((result.get("detail") or "").split())[:300].replace("|", "/")
+
+
+def failures(commits: list[dict], keys: list[str]) -> list[dict]:
+    """Per (variant, property) that fails at some commit: the first and last failing commit, the first later
+    commit where it passes, and the first failure's detail, crash site and minimal example."""
+    out = []
+    for k in keys:
+        seen = [(c["commit"][:7], {f"{r['variant']}/{r['property']}": r for r in c["results"]}.get(k)) for c in commits]
+        failing = [i for i, (_, r) in enumerate(seen) if r is not None and r["status"] == "fail"]
+        if not failing:
+            continue
+        first, last = seen[failing[0]][1], seen[failing[-1]][1]
+        fixed = next((c for c, r in seen[failing[-1] + 1:] if r is not None and r["status"] == "pass"), None)
+        out.append({"key": k, "first": seen[failing[0]][0], "last": seen[failing[-1]][0], "fixed": fixed,
+                    "detail": _one_line(first), "last_detail": _one_line(last), "where": first.get("where"),
+                    "example": first.get("example")})
+    return out
 
 
 def timeline(repo: str, refs: list[str] | None, branch: str, args: list[str], out: Path = OUT,
@@ -162,11 +192,11 @@ def timeline(repo: str, refs: list[str] | None, branch: str, args: list[str], ou
         last_tree, last = tree, data
     md, keys = table(commits)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lora-lite-timeline.md").write_text(md)
+    atomic_write_bytes(out / "lora-lite-timeline.md", md.encode())
     payload = {"schema": "lora-verify/timeline/1", "repo": repo, "rows": keys,
                "commits": [{k: c.get(k) for k in ("commit", "subject", "summary", "error", "same_source_as", "results")}
                            for c in commits]}
-    (out / "lora-lite-timeline.json").write_text(json.dumps(payload, indent=1) + "\n")
+    atomic_write_bytes(out / "lora-lite-timeline.json", (json.dumps(payload, indent=1) + "\n").encode())
     print(md)
     return payload
 
