@@ -64,6 +64,8 @@ def _backend(config):
         raise pytest.UsageError(str(e.args[0])) from None
     except TypeError as e:
         raise pytest.UsageError(f"backend {name!r} does not take {sorted(options)}: {e}") from None
+    except (ImportError, RuntimeError, ValueError, OSError) as e:  # a backend that cannot start says why, in one line
+        raise pytest.UsageError(f"backend {name!r} cannot start: {e}") from None
 
 
 def pytest_configure(config):

@@ -166,7 +166,12 @@ class LoraLiteBackend:
             raise ValueError("the lora-lite backend needs --ref COMMIT and --repo PATH_OR_URL")
         self.src, self.version = source(ref, repo)
         self.results_stem = f"lora-lite-{self.version[:12]}"
-        self.ll = import_package(self.src)
+        try:
+            self.ll = import_package(self.src)
+        except ImportError as e:
+            raise RuntimeError(f"lora-lite {self.version[:12]} does not import in this environment: {e} (`nox -s "
+                               "verify -- --backend lora-lite ...` builds one with the packages its pyproject.toml "
+                               "lists)") from None
         self.adapter = importlib.import_module(f"{PACKAGE}.adapter")
         self.config_module = importlib.import_module(f"{PACKAGE}.config")
         self.variant_kwargs = hasattr(self.config_module, "LoraLiteConfig")  # the first config era
