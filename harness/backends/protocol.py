@@ -61,7 +61,26 @@ CAPABILITIES: Mapping[str, str] = MappingProxyType({
     "base_hash": "load refuses a model whose base weights differ from the saved ones",
     "config_checks": "config constraints enforced when the config is built (spec_config raises errors.config)",
     "model": "adapting a whole transformers model: attach_model, adapted_layers",
+    # The API beyond one adapter on one Linear (harness.api):
+    "scale": "a runtime multiplier of the adapter's scale s (alpha/r, alpha/sqrt(r) with rsLoRA): "
+             "set_scale(model, factor) (s = factor x the config's s), scale_by(model, factor) (s *= factor), "
+             "unscale_by(model, factor) (s /= factor), reset_scale(model) (s = the config's s)",
+    "patterns": "several layers of one model, each with its own r and alpha: "
+                "attach_patterns(model, spec, case, ranks={name: r}, alphas={name: alpha}), adapted_layers",
+    "multi_adapter": "several named adapters on one module (the first is ADAPTER_NAME): add_adapter(model, spec, "
+                     "case, name, **over), adapter_tensors(model, name), set_active(model, [names]), "
+                     "merge_adapters(model, [names]), unmerge_all(model), weighted_adapter(model, [names], "
+                     "[weights], new_name), delete_adapter(model, name), disabled(model) (a context manager); "
+                     "an unknown name raises one of `errors`",
+    "embedding": "adapting nn.Embedding (and transformers' scaled embeddings): attach_kind(model, spec, case, "
+                 "**over) on a one-layer model, kind_tensors(model, spec, case) in the spec's Linear layout "
+                 "(W = the embedding matrix transposed, inputs one-hot)",
+    "conv2d": "adapting nn.Conv2d: attach_kind / kind_tensors as for embedding (W = the kernel flattened to "
+              "(c_out, c_in*kh*kw), inputs the unfolded patches), merge_adapter / unmerge_adapter",
+    "lora_bias": "a trainable bias on the adapter's output (PEFT's lora_bias=True): attach_kind(model, spec, case, "
+                 "lora_bias=True), kind_bias(model), merge_adapter / unmerge_adapter",
 })
+ADAPTER_NAME = "default"  # the name of the adapter `attach` creates (multi_adapter)
 
 
 @dataclass(frozen=True)
