@@ -553,8 +553,14 @@ def _api_unsupported(self, spec: Spec, capability: str) -> str | None:
         return f"PEFT has no counterpart of '{spec.name}' with the spec's tensors"
     if capability in ("scale", "patterns", "multi_adapter", "lora_bias") and not _lora_like(pm):
         return f"PEFT's {pm.config} layers have no {capability} API (LoraConfig's LoraLayer has)"
-    if capability == "lora_bias" and "lora_bias" not in _config_fields(getattr(_peft, pm.config)):
-        return f"peft {VERSION}'s {pm.config} has no lora_bias"
+    if capability == "lora_bias":
+        cls = getattr(_peft, pm.config)
+        if "lora_bias" not in _config_fields(cls):
+            return f"peft {VERSION}'s {pm.config} has no lora_bias"
+        try:  # the config's own checks: PEFT refuses lora_bias with some variants (DoRA, PiSSA's init)
+            cls(**pm.kwargs(impl.config(spec.name)), target_modules=["layer"], lora_bias=True)
+        except ValueError as e:
+            return f"PEFT's {pm.config} refuses lora_bias=True here: {e}"
     if capability in ("patterns", "multi_adapter", "embedding", "conv2d", "lora_bias") and spec.data != "none":
         return "the backend runs PEFT's data-driven init for one adapter on one Linear only"
     if capability == "embedding":
@@ -687,7 +693,10 @@ def attach_kind(self, model: nn.Module, spec: Spec, case: Case, lora_bias: bool 
     """get_peft_model on a one-layer model whose layer is an Embedding, a Conv2d or a Linear (lora_bias)."""
     cfg = self.peft_config(spec, case, **over)
     if lora_bias:
-        cfg.lora_bias = True
+        try:
+            cfg = dataclasses.replace(cfg, lora_bias=True)  # through the config's own checks
+        except ValueError as e:
+            raise AttachError(f"PEFT refuses lora_bias=True: {e}") from e
     return self._attach_config(model, spec, cfg)
 
 
