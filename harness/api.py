@@ -80,12 +80,31 @@ def _scale_or_knob(spec, be):
     return no_scale + ("" if spec.knobs else "; and the spec declares no runtime knob")
 
 
-@prop("runtime_scale", _f32, applies=_scale_or_knob, max_examples=6)
+def _scaling_rules(spec, case):
+    """The drawn case and, for every boolean field of the spec's config (a scaling rule such as rsLoRA), the case
+    with it flipped; r >= 2 where the spec allows it (at r = 1, alpha/r = alpha/sqrt(r))."""
+    limit = spec.rank_limit(case.d_in, case.d_out)
+    fields = dict(case.fields)
+    if fields.get("r") == 1 and (limit is None or limit >= 2):
+        fields["r"] = 2
+    out = [case.with_(fields=fields)]
+    for k, v in fields.items():
+        if isinstance(v, bool):
+            out.append(case.with_(fields={**fields, k: not v}))
+    return out
+
+
+@prop("runtime_scale", _f32, applies=_scale_or_knob, max_examples=4)
 def runtime_scale(spec, be, case):
     """With every trainable perturbed, each live change of the adapter's scale (set_scale(f), scale_by(f),
     unscale_by(f), reset_scale: s = f·alpha/r, alpha/sqrt(r) with rsLoRA) gives the spec's oracle with alpha
-    multiplied alike; a backend without a scale multiplier changes each runtime knob live instead (two drawn values,
-    then the default), each equal to the oracle at that knob value."""
+    multiplied alike, under every scaling rule (each boolean config field flipped as well); a backend without a
+    scale multiplier changes each runtime knob live instead (two drawn values, then the default), each equal to
+    the oracle at that knob value."""
+    return max(_runtime_scale(spec, be, c) for c in _scaling_rules(spec, case))
+
+
+def _runtime_scale(spec, be, case):
     s = setup(spec, be, case)
     perturb(spec, be, s.model, case)
     x64 = s.x.detach().double().cpu()
