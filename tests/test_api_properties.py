@@ -123,7 +123,7 @@ def test_model_merge_unload_flags_a_layer_left_unmerged():
 
     def skip_first(self, *a, **k):
         calls.append(1)
-        if len(calls) % 7 == 1:  # one layer in every model the property builds
+        if len(calls) % 7 == 1:  # every seventh merge call: at least one layer of each model the property builds
             return None
         return real(self, *a, **k)
 

@@ -26,7 +26,9 @@ Required:
 
 Needed by the capabilities the backend has (see CAPABILITIES): `detach(model)`, `merge(model)`,
 `save(model, path)` / `load(model, path)`, `set_knob(model, name, value)`,
-`attach_model(model, spec, case, roles, names, calibration=None, **over)` / `adapted_layers(model)`.
+`attach_model(model, spec, case, roles, names, calibration=None, **over)` / `adapted_layers(model)`, and the
+methods of the API beyond one adapter (harness.api), listed by capability in CAPABILITIES and METHODS: a
+backend without a capability's methods lacks it, whatever its `unsupported` says.
 
 Optional:
 - `supports(spec, case) -> str | None`: why the library cannot take this drawn case (e.g. no rsLoRA, no float64
@@ -81,6 +83,17 @@ CAPABILITIES: Mapping[str, str] = MappingProxyType({
                  "lora_bias=True), kind_bias(model), merge_adapter / unmerge_adapter",
 })
 ADAPTER_NAME = "default"  # the name of the adapter `attach` creates (multi_adapter)
+# The methods a capability needs: a backend written before the capability existed (its `unsupported` does not
+# know the name) lacks it by the missing methods, never crashes on it.
+METHODS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "scale": ("set_scale", "scale_by", "unscale_by", "reset_scale"),
+    "patterns": ("attach_patterns", "adapted_layers"),
+    "multi_adapter": ("add_adapter", "adapter_tensors", "set_active", "merge_adapters", "unmerge_all",
+                      "weighted_adapter", "delete_adapter", "disabled"),
+    "embedding": ("attach_kind", "kind_tensors", "merge_adapter", "unmerge_adapter"),
+    "conv2d": ("attach_kind", "kind_tensors", "merge_adapter", "unmerge_adapter"),
+    "lora_bias": ("attach_kind", "kind_tensors", "kind_bias", "merge_adapter", "unmerge_adapter"),
+})
 
 
 @dataclass(frozen=True)
@@ -187,7 +200,8 @@ def lacks(be, spec, *capabilities: str) -> str | None:
     for cap in capabilities:
         if cap not in CAPABILITIES:
             raise ValueError(f"unknown capability {cap!r}; known: {sorted(CAPABILITIES)}")
-        reason = be.unsupported(spec, cap)
+        missing = [m for m in METHODS.get(cap, ()) if not callable(getattr(be, m, None))]
+        reason = f"the backend has no {', '.join(missing)}" if missing else be.unsupported(spec, cap)
         if reason:
             return f"{be.name} lacks {cap} ({CAPABILITIES[cap]}): {reason}"
     return None
