@@ -29,7 +29,7 @@ from . import tolerance as tol
 from .backends.protocol import ADAPTER_NAME, lacks
 from .models import Single, make_layer, tiny
 from .models import calibration as token_calibration
-from .probes import (base_out, cfg_of, drawn_knob, perturb, perturb_layers, perturb_tensors, prop, require,
+from .probes import (Falsified, base_out, cfg_of, drawn_knob, perturb, perturb_layers, perturb_tensors, prop, require,
                      same_state, setup, snapshot)
 from .strategies import base_weight, cases, inputs
 
@@ -94,6 +94,17 @@ def _scaling_rules(spec, case):
     return out
 
 
+def _every_rule(check, spec, be, case) -> float:
+    """The check on each case of _scaling_rules; a failure names the fields of the case it failed on."""
+    worst = 0.0
+    for c in _scaling_rules(spec, case):
+        try:
+            worst = max(worst, check(spec, be, c))
+        except Falsified as e:
+            raise Falsified(f"[fields {c.fields}] {e}", e.size) from None
+    return worst
+
+
 @prop("runtime_scale", _f32, applies=_scale_or_knob, max_examples=4)
 def runtime_scale(spec, be, case):
     """With every trainable perturbed, each live change of the adapter's scale (set_scale(f), scale_by(f),
@@ -101,7 +112,7 @@ def runtime_scale(spec, be, case):
     multiplied alike, under every scaling rule (each boolean config field flipped as well); a backend without a
     scale multiplier changes each runtime knob live instead (two drawn values, then the default), each equal to
     the oracle at that knob value."""
-    return max(_runtime_scale(spec, be, c) for c in _scaling_rules(spec, case))
+    return _every_rule(_runtime_scale, spec, be, case)
 
 
 def _runtime_scale(spec, be, case):
@@ -159,11 +170,16 @@ class Layers(nn.Module):
 PATTERN_NAMES = ("p0", "p1", "p2")
 
 
-@prop("rank_patterns", _f32_bias, needs=("patterns",), max_examples=4)
+@prop("rank_patterns", _f32_bias, needs=("patterns",), max_examples=3)
 def rank_patterns(spec, be, case):
     """Three layers of different shapes in one model, p1 and p2 with their own r and alpha (rank_pattern /
     alpha_pattern), p0 with the config's: each layer's tensors have the shapes of its own r, and with every
-    trainable perturbed each layer's output equals the spec's oracle with its own r and alpha."""
+    trainable perturbed each layer's output equals the spec's oracle with its own r and alpha, under every
+    scaling rule (each boolean config field flipped as well)."""
+    return _every_rule(_rank_patterns, spec, be, case)
+
+
+def _rank_patterns(spec, be, case):
     g = case.gen(22)
     dims, ranks, alphas, layers = {}, {}, {}, {}
     for i, name in enumerate(PATTERN_NAMES):
@@ -213,12 +229,17 @@ def _second(spec, case):
     return {"r": r2, "alpha": case.fields["alpha"] * 1.5 + 0.5}
 
 
-@prop("adapters_on_one_module", _f32_bias, needs=("multi_adapter",), max_examples=4)
+@prop("adapters_on_one_module", _f32_bias, needs=("multi_adapter",), max_examples=3)
 def adapters_on_one_module(spec, be, case):
     """Two named adapters on one layer (another r and alpha for the second), every trainable perturbed: each
     active alone equals its oracle; both active equal the base plus both oracle deltas (the hooked sum); switching
     back reproduces the first output bit-exactly; merging both gives the hooked sum and unmerging restores the base
-    weight; a weighted combination of the first adapter alone with weight 1 reproduces it."""
+    weight; a weighted combination of the first adapter alone with weight 1 reproduces it. Under every scaling
+    rule (each boolean config field flipped as well)."""
+    return _every_rule(_adapters_on_one_module, spec, be, case)
+
+
+def _adapters_on_one_module(spec, be, case):
     s = setup(spec, be, case)
     over = _second(spec, case)
     be.add_adapter(s.model, spec, case, OTHER, **over)

@@ -1,6 +1,7 @@
 """Each property of harness.api flags a defect planted in PEFT (monkeypatched, as the bugs PEFT had) through the
 engine, and passes on the unpatched release; the live-knob path of runtime_scale flags a planted impl defect."""
 import contextlib
+import dataclasses
 import math
 from unittest import mock
 
@@ -20,8 +21,16 @@ from harness.engine import run_property  # noqa: E402
 from spec import SPECS  # noqa: E402
 
 
+def _spec(variant):
+    """The spec; "lora-plain": LoRA with no rsLoRA field (alpha/r only), whose multi-adapter API PEFT gets right
+    (with rsLoRA its add_weighted_adapter does not: test_peft_findings_are_reported_as_failures)."""
+    if variant == "lora-plain":
+        return dataclasses.replace(SPECS.get("lora"), fields=None)
+    return SPECS.get(variant)
+
+
 def _run(prop, variant, be=None):
-    return run_property(PROPERTIES[prop], SPECS.get(variant), be or PeftBackend(), "zoo")
+    return run_property(PROPERTIES[prop], _spec(variant), be or PeftBackend(), "zoo")
 
 
 def _flagged(prop, variant, patch, text, be=None):
@@ -68,7 +77,7 @@ def test_adapters_on_one_module_flags_a_merge_of_only_the_first_adapter():
     def merge_first(self, safe_merge=False, adapter_names=None):
         return real(self, safe_merge=safe_merge, adapter_names=None if adapter_names is None else adapter_names[:1])
 
-    _flagged("adapters_on_one_module", "lora", mock.patch.object(lora_layer.Linear, "merge", merge_first),
+    _flagged("adapters_on_one_module", "lora-plain", mock.patch.object(lora_layer.Linear, "merge", merge_first),
              "both merged")
 
 
@@ -132,8 +141,11 @@ def test_model_merge_unload_flags_a_layer_left_unmerged():
 
 
 def test_peft_findings_are_reported_as_failures():
-    """The two PEFT 0.21.2 defects the properties found (see the properties' docs and the report): two DoRA
-    adapters active at once in eval mode, and add_weighted_adapter on PiSSA rewriting the base weight."""
+    """The three PEFT 0.21.2 defects the properties found: two DoRA adapters active at once in eval mode (the
+    second adapter's DoRA rescale reuses an output that already holds the first adapter's), add_weighted_adapter
+    on PiSSA rewriting the base weight, and add_weighted_adapter with rsLoRA scaling the result by sqrt(r)."""
+    res = _run("adapters_on_one_module", "lora")
+    assert res.status == "fail" and "'rslora': True" in res.detail and "add_weighted_adapter" in res.detail, res
     res = _run("adapters_on_one_module", "dora")
     assert res.status in ("fail", "deviation") and "both active" in res.detail, res
     res = _run("adapters_on_one_module", "pissa")
