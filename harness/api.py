@@ -508,13 +508,12 @@ def model_merge_unload(spec, be, drawn):
         with torch.no_grad():
             y0 = m(**batch).logits
         torch.manual_seed(case.seed)
-        be.attach_model(m, spec, case, roles, names, cal)
+        be.attach_model(m, spec, case, roles, names, cal, **({"param_dtype": dt} if dt == torch.float64 else {}))
         twins.append((m, y0))
     (model, y0), (m64, _) = twins
     adapted = be.adapted_layers(model)
     require(len(adapted) >= 2, f"{arch}: only {sorted(adapted)} adapted")
     perturb_layers(spec, adapted, case)
-    m64.double()
     m64.load_state_dict(model.state_dict())  # the same base, adapter tensors and buffers, held in float64
     with torch.no_grad():
         y_h = model(**batch).logits
