@@ -8,6 +8,7 @@ from . import properties  # noqa: I001,F401  (registers the generic properties f
 from . import whole_model  # noqa: F401  (then the model-level ones)
 from . import differential  # noqa: F401  (then the differential ones)
 from . import structure  # noqa: F401  (then the ones over a model's structure: rank limit, shared tensors)
+from . import api  # noqa: F401  (then the API beyond one adapter: scale, patterns, several adapters, layer kinds)
 from .probes import PROPERTIES, Falsified, Property
 
 __all__ = ["PROPERTIES", "Property", "Falsified"]

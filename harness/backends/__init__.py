@@ -36,8 +36,21 @@ class ImplBackend:
         """The class implementing the variant (its file is what an audit reviews), None when none is registered."""
         return impl.REGISTRY.get(spec.name) if spec.name in impl.VARIANTS else None
 
+    # What impl lacks of the API beyond one adapter (harness.api); everything else it has, and what a variant
+    # refuses (quantized, dropout) its spec declares.
+    LACKS = {
+        "scale": "impl has no runtime scale multiplier: alpha is a config field (a variant's runtime knobs are its "
+                 "knobs, set_knobs)",
+        "patterns": "impl has no per-layer rank or alpha: one config (one r, one alpha) per attach (impl/config.py)",
+        "multi_adapter": "impl has one adapter per model: attach refuses a second, and there is no adapter name, "
+                         "switching or disable context",
+        "embedding": "impl has no Embedding adapter (impl/layers.py adapts Linear, Conv1D and bitsandbytes layers)",
+        "conv2d": "impl has no Conv2d adapter (impl/layers.py adapts Linear, Conv1D and bitsandbytes layers)",
+        "lora_bias": "impl has no adapter-output bias (no variant declares one)",
+    }
+
     def unsupported(self, spec: Spec, capability: str) -> str | None:
-        return None  # impl has every capability; what a variant refuses (quantized, dropout) its spec declares
+        return self.LACKS.get(capability)
 
     def spec_config(self, spec: Spec, case: Case, **over):
         """impl's validated config: impl's defaults, the case's fields, the overrides (impl's config checks)."""

@@ -26,7 +26,9 @@ Required:
 
 Needed by the capabilities the backend has (see CAPABILITIES): `detach(model)`, `merge(model)`,
 `save(model, path)` / `load(model, path)`, `set_knob(model, name, value)`,
-`attach_model(model, spec, case, roles, names, calibration=None, **over)` / `adapted_layers(model)`.
+`attach_model(model, spec, case, roles, names, calibration=None, **over)` / `adapted_layers(model)`, and the
+methods of the API beyond one adapter (harness.api), listed by capability in CAPABILITIES and METHODS: a
+backend without a capability's methods lacks it, whatever its `unsupported` says.
 
 Optional:
 - `supports(spec, case) -> str | None`: why the library cannot take this drawn case (e.g. no rsLoRA, no float64
@@ -61,6 +63,36 @@ CAPABILITIES: Mapping[str, str] = MappingProxyType({
     "base_hash": "load refuses a model whose base weights differ from the saved ones",
     "config_checks": "config constraints enforced when the config is built (spec_config raises errors.config)",
     "model": "adapting a whole transformers model: attach_model, adapted_layers",
+    # The API beyond one adapter on one Linear (harness.api):
+    "scale": "a runtime multiplier of the adapter's scale s (alpha/r, alpha/sqrt(r) with rsLoRA): "
+             "set_scale(model, factor) (s = factor x the config's s), scale_by(model, factor) (s *= factor), "
+             "unscale_by(model, factor) (s /= factor), reset_scale(model) (s = the config's s)",
+    "patterns": "several layers of one model, each with its own r and alpha: "
+                "attach_patterns(model, spec, case, ranks={name: r}, alphas={name: alpha}), adapted_layers",
+    "multi_adapter": "several named adapters on one module (the first is ADAPTER_NAME): add_adapter(model, spec, "
+                     "case, name, **over), adapter_tensors(model, name), set_active(model, [names]), "
+                     "merge_adapters(model, [names]), unmerge_all(model), weighted_adapter(model, [names], "
+                     "[weights], new_name), delete_adapter(model, name), disabled(model) (a context manager); "
+                     "an unknown name raises one of `errors`",
+    "embedding": "adapting nn.Embedding (and transformers' scaled embeddings): attach_kind(model, spec, case, "
+                 "**over) on a one-layer model, kind_tensors(model, spec, case) in the spec's Linear layout "
+                 "(W = the embedding matrix transposed, inputs one-hot)",
+    "conv2d": "adapting nn.Conv2d: attach_kind / kind_tensors as for embedding (W = the kernel flattened to "
+              "(c_out, c_in*kh*kw), inputs the unfolded patches), merge_adapter / unmerge_adapter",
+    "lora_bias": "a trainable bias on the adapter's output (PEFT's lora_bias=True): attach_kind(model, spec, case, "
+                 "lora_bias=True), kind_bias(model), merge_adapter / unmerge_adapter",
+})
+ADAPTER_NAME = "default"  # the name of the adapter `attach` creates (multi_adapter)
+# The methods a capability needs: a backend written before the capability existed (its `unsupported` does not
+# know the name) lacks it by the missing methods, never crashes on it.
+METHODS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "scale": ("set_scale", "scale_by", "unscale_by", "reset_scale"),
+    "patterns": ("attach_patterns", "adapted_layers"),
+    "multi_adapter": ("add_adapter", "adapter_tensors", "set_active", "merge_adapters", "unmerge_all",
+                      "weighted_adapter", "delete_adapter", "disabled"),
+    "embedding": ("attach_kind", "kind_tensors", "merge_adapter", "unmerge_adapter"),
+    "conv2d": ("attach_kind", "kind_tensors", "merge_adapter", "unmerge_adapter"),
+    "lora_bias": ("attach_kind", "kind_tensors", "kind_bias", "merge_adapter", "unmerge_adapter"),
 })
 
 
@@ -168,7 +200,8 @@ def lacks(be, spec, *capabilities: str) -> str | None:
     for cap in capabilities:
         if cap not in CAPABILITIES:
             raise ValueError(f"unknown capability {cap!r}; known: {sorted(CAPABILITIES)}")
-        reason = be.unsupported(spec, cap)
+        missing = [m for m in METHODS.get(cap, ()) if not callable(getattr(be, m, None))]
+        reason = f"the backend has no {', '.join(missing)}" if missing else be.unsupported(spec, cap)
         if reason:
             return f"{be.name} lacks {cap} ({CAPABILITIES[cap]}): {reason}"
     return None
