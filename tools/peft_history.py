@@ -35,7 +35,24 @@ RESULTS = ROOT / "build" / "verify"
 AUDIT = ROOT / "audits" / "peft_history"
 TEMPLATE = "peft_history.md.j2"
 HISTORY_VARIANTS = "lora,dora,pissa,eva,hra,ia3,ia3_ff,delora"  # every variant with a PEFT counterpart
+# The two whole-model properties take three quarters of a PEFT verify (tiny transformers models, a few examples
+# each whatever the profile): model_freezing is the backend-wide declared deviation at every release and
+# model_oracle is left to the single-release verify. `--properties all` runs every property.
+HISTORY_SKIP = ("model_freezing", "model_oracle")
+
+
+def history_properties(spec: str) -> str:
+    """The --properties value for tools.verify: '' (every property) for 'all', else the given list, else every
+    registered property but HISTORY_SKIP."""
+    if spec == "all":
+        return ""
+    if spec:
+        return spec
+    from harness import PROPERTIES
+
+    return ",".join(p for p in PROPERTIES if p not in HISTORY_SKIP)
 STAMP = "installed.stamp"
+OLDEST = "0.9.0"  # the oldest release the backend is adapted to (see the module docstring)
 
 
 class ReleaseError(RuntimeError):
@@ -115,7 +132,9 @@ def ensure_env(version: str, python: str = sys.executable, run=subprocess.run) -
     when pip cannot install it."""
     from impl.atomic import atomic_write_bytes
 
-    parse_version(version)
+    if parse_version(version) < parse_version(OLDEST):
+        raise ReleaseError(f"peft {version} is older than {OLDEST}, the oldest release the PEFT backend drives "
+                           "(its get_peft_model / save_pretrained API differ)")
     site = env_dir(version) / "site"
     stamp = env_dir(version) / STAMP
     if stamp.is_file() and stamp.read_text() == version and (site / "peft").is_dir():
@@ -123,7 +142,9 @@ def ensure_env(version: str, python: str = sys.executable, run=subprocess.run) -
     cons = constraints_file(version)
     cons.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cons, release_constraints(version, CONSTRAINTS.read_text()).encode())
-    p = run([python, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(site), "-c", str(cons),
+    # --no-deps: only the release itself goes into the folder (every other package is the pinned one behind it),
+    # so the constraints file is the record of the environment's pins, not an input of this install
+    p = run([python, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(site),
              f"peft=={version}"], capture_output=True, text=True)
     if p.returncode != 0:
         raise ReleaseError(f"peft {version} cannot be installed: {_last_line(p.stderr or p.stdout)}")
@@ -256,7 +277,8 @@ def run_history(versions: list[str], budget_s: float, verify_args: list[str], pr
     t0 = time.monotonic()
     out, stopped = [], False
     for i, v in enumerate(versions, 1):
-        if time.monotonic() - t0 > budget_s:
+        js = RESULTS / f"peft-{v}.json"
+        if time.monotonic() - t0 > budget_s and not (reuse and js.is_file()):
             stopped = True
             out.append({"version": v, "status": "skipped", "line": f"not started: the budget of {budget_s:.0f} s was spent",
                         "results": None})
@@ -330,12 +352,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ReleaseError(f"no PEFT release on the index between {lo} and {hi}")
         print(f"peft history: {len(versions)} releases {', '.join(versions)}; profile {a.profile}; budget "
               f"{a.budget_s:.0f} s", flush=True)
-        args = ["--variants", a.variants, "-n", a.workers] + (["--properties", a.properties] if a.properties else [])
+        props = history_properties(a.properties)
+        args = ["--variants", a.variants, "-n", a.workers] + (["--properties", props] if props else [])
         t0 = time.time()
         releases, stopped = run_history(versions, a.budget_s, args, a.profile, reuse=a.reuse)
         history = build_history(releases)
         run = {"range": f"{lo}..{hi}", "all_patches": a.all_patches, "profile": a.profile, "variants": a.variants,
-               "properties": a.properties or "all", "budget_s": a.budget_s, "budget_spent": stopped,
+               "properties": a.properties or f"all but {', '.join(HISTORY_SKIP)}", "budget_s": a.budget_s, "budget_spent": stopped,
                "seconds": round(time.time() - t0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         js, md = write_history(history, run)
         print(f"peft history -> {md}, {js}" + ("; the budget stopped the run" if stopped else ""))

@@ -145,6 +145,25 @@ def _subconfigs(kwargs: dict) -> dict:
     return out
 
 
+def _literal_allows(cls, field: str, value: str) -> bool:
+    """False when the config field's annotation lists string literals and `value` is not one of them (peft 0.9.0's
+    `init_lora_weights: bool | Literal["gaussian", "loftq"]` has no "pissa"); True when it lists none."""
+    if not dataclasses.is_dataclass(cls):
+        return True
+    f = next((f for f in dataclasses.fields(cls) if f.name == field), None)
+    text = str(f.type) if f is not None else ""
+    if "Literal" not in text:
+        return True
+    return f'"{value}"' in text or f"'{value}'" in text
+
+
+def _module_has(module: str, name: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors by their unwrapped names (PEFT's '.base_layer' taken out), cloned."""
     return {k.replace(".base_layer", ""): v.detach().clone() for k, v in model.state_dict().items()}
@@ -310,6 +329,13 @@ class PeftBackend:
         missing = sorted(set(kwargs) - _config_fields(cls))
         if missing:
             return f"peft {VERSION}'s {pm.config} lacks {missing}"
+        for field, value in kwargs.items():
+            if isinstance(value, str) and not _literal_allows(cls, field, value):
+                return f"peft {VERSION} has no {field}={value!r} ({pm.config}.{field} does not list it)"
+        init = kwargs.get("init_lora_weights")
+        for needed, fn in (("eva", "initialize_lora_eva_weights"), ("corda", "preprocess_corda")):
+            if init == needed and getattr(_peft, fn, None) is None and not _module_has("peft.tuners.lora.corda", fn):
+                return f"peft {VERSION} has no {fn}"
         for key, (_, transform) in pm.tensors.items():
             if transform not in TRANSFORMS:
                 return f"PeftMap of '{spec.name}': tensor '{key}' has unknown transform {transform!r}"
