@@ -560,6 +560,11 @@ class PeftBackend:
         """The current dense base weight (d_out, d_in) under the tuner layer (W_res for pissa)."""
         return layers.dense_weight(base_layer(model.layer))
 
+    def base_bias(self, model):
+        """The base layer's bias under the tuner layer (peft 0.9 has no BaseTunerLayer.bias: tuners_utils.py
+        gained it in 0.10.0)."""
+        return getattr(base_layer(model.layer), "bias", None)
+
     def write_base_weight(self, model, W: torch.Tensor) -> None:
         with torch.no_grad():
             layers.write_weight(base_layer(model.layer), W)
