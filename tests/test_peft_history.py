@@ -164,3 +164,12 @@ def test_transformers_shim_only_for_a_removed_name():
     assert backend._removed_name(e) == "HybridCache"
     assert backend._removed_name(ImportError("cannot import name 'Other' from 'transformers'")) is None
     assert backend._removed_name(ValueError("cannot import name 'HybridCache' from 'transformers'")) is None
+
+
+def test_spent_budget_starts_no_release_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(ph, "RESULTS", tmp_path)
+    monkeypatch.setattr(ph, "ensure_env", lambda *a, **k: pytest.fail("a release was started"))
+    lines = []
+    out, stopped = ph.run_history(["0.9.0", "0.10.0"], -1.0, [], "history", log=lambda s, **k: lines.append(s))
+    assert stopped and [r["status"] for r in out] == ["skipped", "skipped"]
+    assert lines == ["[1/2] peft 0.9.0: skipped (budget of -1 s spent)", "[2/2] peft 0.10.0: skipped (budget of -1 s spent)"]

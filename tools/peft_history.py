@@ -308,12 +308,12 @@ def run_history(versions: list[str], budget_s: float, verify_args: list[str], pr
             pass
         except ReleaseError as e:
             rec.update(status="error", line=str(e), results=None)
-        rec["seconds"] = round(time.monotonic() - t, 1)
+        rec["seconds"] = None if rec.get("reused") else round(time.monotonic() - t, 1)
         if rec["status"] == "ran":
             n = {s: sum(x["status"] == s for x in rec["results"]) for s in ("pass", "fail", "deviation", "na")}
             shim = f", shims {rec['shims']}" if rec.get("shims") else ""
             log(f"[{i}/{len(versions)}] peft {v}: {n['pass']} pass, {n['fail']} fail, {n['deviation']} dev, {n['na']} na "
-                f"in {rec['seconds']:.0f} s{shim}", flush=True)
+                + ("(reused)" if rec.get("reused") else f"in {rec['seconds']:.0f} s") + shim, flush=True)
         else:
             log(f"[{i}/{len(versions)}] peft {v}: ERROR {rec['line']} ({rec['seconds']:.0f} s)", flush=True)
         out.append(rec)
