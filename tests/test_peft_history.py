@@ -83,7 +83,7 @@ def _res(v, p, status, kind=None, detail="", example=None):
 
 def test_history_first_failing_and_fixed_in_and_render(tmp_path):
     releases = [
-        {"version": "0.9.0", "status": "ran", "results": [_res("lora", "merge", "pass"), _res("dora", "oracle", "na")]},
+        {"version": "0.9.0", "status": "ran", "results": [_res("lora", "merge", "pass"), _res("dora", "oracle", "na", detail="peft 0.9.0 has no X")]},
         {"version": "0.10.0", "status": "ran", "results": [
             _res("lora", "merge", "fail", "check", "merge drifted by 3e-2", "Case(r=2)"), _res("dora", "oracle", "pass")]},
         {"version": "0.11.1", "status": "ran", "results": [
@@ -98,13 +98,15 @@ def test_history_first_failing_and_fixed_in_and_render(tmp_path):
     assert merge["cells"] == {"0.9.0": "pass", "0.10.0": "F", "0.11.1": "E", "0.12.0": "pass", "0.13.2": "", "0.14.0": ""}
     assert merge["first_failing"] == "0.10.0" and merge["fixed_in"] == "0.12.0"
     assert [f["releases"] for f in merge["failures"]] == [["0.10.0"], ["0.11.1"]]
-    dora = rows[("dora", "oracle")]  # na at one release, never failing
-    assert dora["first_failing"] is None and dora["failures"] == []
+    assert ("dora", "oracle") not in rows  # na at one release, never failing or deviating: no row
+    avail = {a["variant"]: a for a in h["availability"]}
+    assert avail["dora"]["cells"]["0.9.0"] == "peft 0.9.0 has no X" and avail["dora"]["first_available"] == "0.10.0"
     run = {"range": "0.9.0..0.14.0", "all_patches": False, "profile": "history", "variants": "lora,dora",
            "properties": "merge,oracle", "budget_s": 10, "budget_spent": True, "seconds": 12, "date": "today"}
     js, md = ph.write_history(h, run, stem=tmp_path / "peft_history")
     text = md.read_text()
     assert "| lora | merge | pass | F | E | pass |  |  | 0.10.0 | 0.12.0 |" in text
+    assert "| dora | peft 0.9.0 has no X | yes | yes | yes |  |  | 0.10.0 |" in text
     assert "minimal example: `Case(r=2)`" in text and "merge drifted by 3e-2" in text
     assert "peft 0.13.2 cannot be installed" in text and "The budget was spent" in text
     assert json.loads(js.read_text())["rows"][0]["cells"]

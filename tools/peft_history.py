@@ -215,7 +215,7 @@ def build_history(releases: list[dict]) -> dict:
     for r in ran:
         for x in r["results"]:
             k = (x["variant"], x["property"])
-            if x["status"] != "pass" and k not in keys:
+            if x["status"] in ("fail", "deviation") and k not in keys:
                 keys.append(k)
     versions = [r["version"] for r in releases]
     rows = []
@@ -244,7 +244,29 @@ def build_history(releases: list[dict]) -> dict:
     counts = {r["version"]: ({s: sum(x["status"] == s for x in r["results"]) for s in ("pass", "fail", "deviation", "na")}
                              if r["status"] == "ran" else None) for r in releases}
     return {"schema": "lora-verify/peft-history/1", "releases": releases_meta(releases), "counts": counts,
-            "rows": rows}
+            "rows": rows, "availability": availability(ran, versions)}
+
+
+def availability(ran: list[dict], versions: list[str]) -> list[dict]:
+    """Per variant and release: 'yes' when some property applied, else the (first) n/a reason, e.g.
+    "peft 0.9.0 has no DeloraConfig"; '' for a release that did not run."""
+    out = []
+    variants = list(dict.fromkeys(x["variant"] for r in ran for x in r["results"]))
+    by = {r["version"]: r["results"] for r in ran}
+    for v in variants:
+        cells = {}
+        for ver in versions:
+            res = [x for x in by.get(ver, []) if x["variant"] == v]
+            if not res:
+                cells[ver] = ""
+            elif any(x["status"] != "na" for x in res):
+                cells[ver] = "yes"
+            else:
+                cells[ver] = res[0].get("detail", "na")
+        first = next((ver for ver in versions if cells[ver] == "yes"), None)
+        out.append({"variant": v, "cells": cells, "first_available": first,
+                    "reason_before": next((cells[ver] for ver in versions if cells[ver] not in ("", "yes")), None)})
+    return out
 
 
 def releases_meta(releases: list[dict]) -> list[dict]:
