@@ -1,4 +1,4 @@
-"""Sessions: verify (main job), tests, zoo, fetch, review, cost, timeline (lora-lite's history).
+"""Sessions: verify (main job), tests, zoo, fetch, review, cost, timeline (lora-lite's history), peft_history.
 
 Every session uses the virtualenv backend with pip (uv would not see the local CPU torch wheel and would
 download CUDA builds) and installs with `-c constraints.txt`, which pins torch, peft and bitsandbytes exactly.
@@ -78,20 +78,21 @@ def verify(session: nox.Session) -> None:
         install(session)
         session.run("python", "-m", "tools.verify", *args, env={"OMP_NUM_THREADS": "1"})
         return
-    # Audit another PEFT release: its own environment, every other pin unchanged.
+    # Audit another PEFT release: its own environment .nox/verify-peft-<version>/ holding only that release, in
+    # front of this session's pinned environment (tools/peft_history.py); the project's own peft requirement
+    # takes no part in that install. A release that cannot be installed or imported: one line, exit 2.
     _pop_option(args, "--backend")
-    venv = ROOT / ".nox" / f"verify-peft-{peft_version}"
-    constraints = venv.with_suffix(".constraints.txt")
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    constraints.write_text("".join(l for l in CONSTRAINTS.read_text().splitlines(True) if not l.startswith("peft")))
-    py = venv / "bin" / "python"
-    if not py.exists():
-        session.run(sys.executable, "-m", "venv", str(venv), external=True)
-    session.run(str(py), "-m", "pip", "install", "-q", "-c", str(constraints), "torch==2.13.0", external=True)
-    session.run(str(py), "-m", "pip", "install", "-q", "-c", str(constraints), "-e", ".[test]",
-                f"peft=={peft_version}", external=True)
-    session.run(str(py), "-m", "tools.verify", "--backend", "peft", "--peft-version", peft_version,
-                *args, external=True, env={"OMP_NUM_THREADS": "1"})
+    install(session)
+    session.run("python", "-m", "tools.peft_history", "one", peft_version, *args, env={"OMP_NUM_THREADS": "1"})
+
+
+@nox.session(default=False)
+def peft_history(session: nox.Session) -> None:
+    """verify the PEFT backend against a range of PEFT releases, each in its own cached environment, and render
+    audits/peft_history.md (+ .json): `-- --peft-versions 0.9.0..0.21.2 --budget-s 3600 [--all-patches]
+    [--profile history] [-n 2] [--reuse]`. One progress line per release."""
+    install(session)
+    session.run("python", "-m", "tools.peft_history", "run", *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
 
 LORA_LITE_URL = "https://github.com/wassname/lora-lite"

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from . import tolerance as tol
 from .backends.peft_maps import peft_map
 from .models import single, tiny
-from .probes import _dt, cfg_of, gradient_scales, loss_weights, perturb, perturb_layers, prop, require, setup
+from .probes import _dt, base_bias, cfg_of, gradient_scales, loss_weights, perturb, perturb_layers, prop, require, setup
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
 # Declared spectral gap of the reference calibration data: three directions with standard deviations 9, 3 and 1
@@ -393,7 +393,7 @@ def dense_equivalence(spec, be, case):
     y, grads = _forward_backward(be, s.model, s.x, case)
     T = {n: t.detach().double().cpu().requires_grad_(bool(t.requires_grad)) for n, t in be.tensors(s.model).items()}
     W = be.base_weight(s.model).detach().double().cpu()
-    layer_b = getattr(s.model.layer, "bias", None)
+    layer_b = base_bias(be, s.model)
     b = None if layer_b is None else layer_b.detach().double().cpu()
     cfg, knobs = cfg_of(spec, be, case), be.knobs(s.model)
     D, b_eff = (lambda o: o if isinstance(o, tuple) else (o, b))(spec.dense(W, b, T, cfg, knobs))

@@ -27,6 +27,7 @@ _COMMON = dict(deadline=None, database=None, print_blob=True, report_multiple_bu
                                       HealthCheck.filter_too_much, HealthCheck.differing_executors])
 settings.register_profile("verify", derandomize=True, max_examples=20, **_COMMON)
 settings.register_profile("ci", derandomize=True, max_examples=20, **_COMMON)
+settings.register_profile("history", derandomize=True, max_examples=3, **_COMMON)  # tools.peft_history: 13+ releases
 settings.register_profile("dev", derandomize=False, max_examples=200, **_COMMON)
 settings.register_profile("zoo", derandomize=True, max_examples=20,
                           phases=[Phase.explicit, Phase.generate], **_COMMON)

@@ -137,13 +137,21 @@ def cfg_of(spec: Spec, be, case: Case, **over):
     return be.spec_config(spec, case, **over)
 
 
+def base_bias(be, model):
+    """The base layer's bias Parameter (None when it has none): the backend's optional `base_bias(model)`, else
+    `model.layer.bias` (a wrapper that does not expose its base layer's bias, e.g. PEFT before 0.10, says it
+    through base_bias)."""
+    own = getattr(be, "base_bias", None)
+    return own(model) if own is not None else getattr(model.layer, "bias", None)
+
+
 def oracle_output(spec: Spec, be, s: Setup, case: Case, x64: torch.Tensor, xd=None, grad: bool = False, **over):
     """The spec's float64 oracle on the backend's live tensors, base weight and knobs."""
     T = {}
     for name, t in be.tensors(s.model).items():
         T[name] = t.detach().double().cpu().requires_grad_(grad and t.requires_grad)
     W = be.base_weight(s.model).detach().double().cpu()
-    layer_b = getattr(s.model.layer, "bias", None)
+    layer_b = base_bias(be, s.model)
     b = None if layer_b is None else layer_b.detach().double().cpu()
     y = spec.oracle(W, b, T, x64, cfg_of(spec, be, case, **over), be.knobs(s.model), xd=xd)
     return y, T

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from . import tolerance as tol
 from .models import single
-from .probes import (Falsified, Probe, Setup, _dt, base_out, cfg_of, gradient_scales, grad_flags, layouts,
-                     loss_weights, oracle_output, owner, perturb, prop, require, set_drawn_knobs, setup, snapshot,
-                     untouched)
+from .probes import (Falsified, Probe, Setup, _dt, base_bias, base_out, cfg_of, gradient_scales, grad_flags, layouts,
+                     loss_weights, oracle_output, owner, perturb, prop, require, set_drawn_knobs, setup,
+                     snapshot, untouched)
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs, square_or_not
 
 
@@ -291,10 +291,11 @@ def bias_invariance(spec, be, case):
     perturb(spec, be, s.model, case)
     with torch.no_grad():
         y_b = s.model(s.x)
-        b = s.model.layer.bias.detach().clone()
-        s.model.layer.bias.zero_()
+        bias = base_bias(be, s.model)
+        b = bias.detach().clone()
+        bias.zero_()
         y_0 = s.model(s.x)
-        s.model.layer.bias.copy_(b)
+        bias.copy_(b)
     err = tol.maxabs((y_b - y_0).double() - b.double())
     limit = tol.ACCUMULATION[case.dtype] * tol.eps(case.dtype) * (tol.maxabs(y_b) + tol.maxabs(b))
     ok, ratio = tol.within(err, limit)
@@ -472,7 +473,7 @@ def merge_oracle(spec, be, case):
     M, b = (y_ref[:-1] - y_ref[-1:]).T, y_ref[-1]
     be.merge(s.model)
     W_m = be.base_weight(s.model).detach().double().cpu()
-    layer_b = getattr(s.model.layer, "bias", None)
+    layer_b = base_bias(be, s.model)
     b_m = torch.zeros_like(b) if layer_b is None else layer_b.detach().double().cpu()
     ok, err = tol.close(W_m, M, s.W, case.dtype, spec.identity_factor)
     require(ok, f"merged weight differs from the oracle's dense map (scaled error {err:.3g})", err)

@@ -49,15 +49,55 @@ PACK_META = "peft-backend/meta/"  # packed checkpoint metadata: the saved safete
 PACK_SPEC = "peft-backend/spec"  # packed checkpoint metadata: the spec the adapter follows
 _STATE = "_peft_backend"  # model.__dict__ key holding the PeftModel (not a submodule: no state-dict cycle)
 
-try:  # the backend must be importable to report a clear error for a release that does not import
-    import peft as _peft
+# Names that transformers 5 removed and that some PEFT releases import at module level without using them on our
+# paths: peft 0.16.x-0.17.x `from transformers import HybridCache` (peft/peft_model.py:37), used only to build a
+# Gemma2/3 prefix-tuning cache (peft_model.py:761). The shim is a placeholder that raises if PEFT ever builds one;
+# it is installed only when `import peft` fails on exactly such a name, and SHIMS says which were installed.
+TRANSFORMERS_REMOVED = ("HybridCache",)
+SHIMS: list[str] = []
 
-    VERSION = _peft.__version__
-    IMPORT_ERROR: BaseException | None = None
-except Exception as e:  # pragma: no cover - depends on the installed release
-    _peft = None
-    VERSION = "unimportable"
-    IMPORT_ERROR = e
+
+def _removed_name(error: BaseException) -> str | None:
+    """The transformers name an ImportError says is missing, when it is one of TRANSFORMERS_REMOVED."""
+    if isinstance(error, ImportError):
+        for name in TRANSFORMERS_REMOVED:
+            if f"cannot import name '{name}' from 'transformers'" in str(error):
+                return name
+    return None
+
+
+def _install_shim(name: str) -> None:
+    import sys
+
+    import transformers
+
+    def _removed(*args, **kwargs):
+        raise NotImplementedError(f"transformers {transformers.__version__} has no {name}; the PEFT backend's "
+                                  "import shim only lets this PEFT release import")
+
+    setattr(transformers, name, type(name, (), {"__init__": _removed}))
+    SHIMS.append(f"transformers.{name}")
+    for mod in [m for m in sys.modules if m == "peft" or m.startswith("peft.")]:
+        del sys.modules[mod]  # the half-imported release: import it again from the start
+
+
+def _import_peft():
+    """(peft module or None, version string, the import error or None), shimming TRANSFORMERS_REMOVED names."""
+    for _ in range(len(TRANSFORMERS_REMOVED) + 1):
+        try:
+            import peft
+
+            return peft, peft.__version__, None
+        except Exception as e:  # noqa: BLE001 - any import failure of a release is reported in one line
+            name = _removed_name(e)
+            if name is None or f"transformers.{name}" in SHIMS:
+                return None, "unimportable", e
+            _install_shim(name)
+    return None, "unimportable", ImportError("peft still does not import after the transformers shims")
+
+
+# the backend must be importable to report a clear error for a release that does not import
+_peft, VERSION, IMPORT_ERROR = _import_peft()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -90,6 +130,38 @@ def _config_fields(cls) -> set[str]:
     if dataclasses.is_dataclass(cls):
         return {f.name for f in dataclasses.fields(cls)}
     return set(inspect.signature(cls).parameters)
+
+
+def _subconfigs(kwargs: dict) -> dict:
+    """Sub-configs given as dicts (`eva_config={"rho": 1.0}`) built as the release's own config class (EvaConfig)
+    when it has one: peft 0.14.0-0.20.0 keep a dict as it is and then read `eva_config.rho`
+    (tuners/lora/eva.py:330 in 0.20.0); 0.21 converts it itself (tuners/lora/config.py:1030)."""
+    out = dict(kwargs)
+    for key, value in kwargs.items():
+        if isinstance(value, dict) and key.endswith("_config"):
+            cls = getattr(_peft, "".join(p.capitalize() for p in key.split("_")[:-1]) + "Config", None)
+            if cls is not None and dataclasses.is_dataclass(cls):
+                out[key] = cls(**value)
+    return out
+
+
+def _literal_allows(cls, field: str, value: str) -> bool:
+    """False when the config field's annotation lists string literals and `value` is not one of them (peft 0.9.0's
+    `init_lora_weights: bool | Literal["gaussian", "loftq"]` has no "pissa"); True when it lists none."""
+    if not dataclasses.is_dataclass(cls):
+        return True
+    f = next((f for f in dataclasses.fields(cls) if f.name == field), None)
+    text = str(f.type) if f is not None else ""
+    if "Literal" not in text:
+        return True
+    return f'"{value}"' in text or f"'{value}'" in text
+
+
+def _module_has(module: str, name: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -235,7 +307,7 @@ class PeftBackend:
 
             raise RuntimeError(
                 f"the installed peft does not import with transformers {transformers.__version__}: "
-                f"{type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}"
+                f"{type(IMPORT_ERROR).__name__}: {str(IMPORT_ERROR).splitlines()[0] if str(IMPORT_ERROR) else ''}"
             )
 
     # ---- applicability
@@ -257,6 +329,13 @@ class PeftBackend:
         missing = sorted(set(kwargs) - _config_fields(cls))
         if missing:
             return f"peft {VERSION}'s {pm.config} lacks {missing}"
+        for field, value in kwargs.items():
+            if isinstance(value, str) and not _literal_allows(cls, field, value):
+                return f"peft {VERSION} has no {field}={value!r} ({pm.config}.{field} does not list it)"
+        init = kwargs.get("init_lora_weights")
+        for needed, fn in (("eva", "initialize_lora_eva_weights"), ("corda", "preprocess_corda")):
+            if init == needed and getattr(_peft, fn, None) is None and not _module_has("peft.tuners.lora.corda", fn):
+                return f"peft {VERSION} has no {fn}"
         for key, (_, transform) in pm.tensors.items():
             if transform not in TRANSFORMS:
                 return f"PeftMap of '{spec.name}': tensor '{key}' has unknown transform {transform!r}"
@@ -298,7 +377,7 @@ class PeftBackend:
         """The PEFT config object for the case: PeftMap kwargs from the spec's config, targets, fan_in_fan_out."""
         pm = peft_map(spec)
         cls = getattr(_peft, pm.config)
-        kwargs = dict(pm.kwargs(self.spec_config(spec, case, **over)))
+        kwargs = _subconfigs(dict(pm.kwargs(self.spec_config(spec, case, **over))))
         kwargs["target_modules"] = list(targets)
         fields = _config_fields(cls)
         if "feedforward_modules" in fields:  # IA3 asks for it explicitly, also when empty (output side)
@@ -482,6 +561,11 @@ class PeftBackend:
     def base_weight(self, model) -> torch.Tensor:
         """The current dense base weight (d_out, d_in) under the tuner layer (W_res for pissa)."""
         return layers.dense_weight(base_layer(model.layer))
+
+    def base_bias(self, model):
+        """The base layer's bias under the tuner layer (peft 0.9 has no BaseTunerLayer.bias: tuners_utils.py
+        gained it in 0.10.0)."""
+        return getattr(base_layer(model.layer), "bias", None)
 
     def write_base_weight(self, model, W: torch.Tensor) -> None:
         with torch.no_grad():

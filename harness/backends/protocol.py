@@ -18,6 +18,8 @@ Required:
 - `tensors(model) -> {spec name: tensor}`: the adapter's live tensors by the spec's names. Writes into them must
   reach the adapter (a view is fine), and their `grad` must be the adapter's gradient in the spec's layout.
 - `base_weight(model)`: the adapted layer's current dense base weight (d_out, d_in).
+- optional `base_bias(model)`: the base layer's bias Parameter (or None), for a library whose adapted layer does
+  not expose it as `model.layer.bias` (harness.probes.base_bias falls back to that attribute).
 - `knobs(model) -> {name: value}`: the runtime knob values in effect ({} when the variant has none).
 - `dequantized(layer)`: the dense (d_out, d_in) weight of a base layer of any layout (Linear, Conv1D, bnb).
 - `hooks_left(model) -> [module names]`: modules still carrying the library's hooks or adapter state.

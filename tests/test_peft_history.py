@@ -1,0 +1,177 @@
+"""tools.peft_history (PEFT's releases) and the PEFT backend's adaptation to a release's API. No network: pip is
+replaced by a fake runner, and the installed peft is monkeypatched to lack a feature."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tools import peft_history as ph
+
+
+def test_constraints_file_carries_the_full_version(tmp_path, monkeypatch):
+    monkeypatch.setattr(ph, "ENVS", tmp_path)
+    a, b = ph.constraints_file("0.10.0"), ph.constraints_file("0.10.1")
+    assert a != b
+    assert a.name == "verify-peft-0.10.0.constraints.txt" and b.name == "verify-peft-0.10.1.constraints.txt"
+    assert ph.env_dir("0.10.0") != ph.env_dir("0.10.1")
+    text = ph.release_constraints("0.10.1", "torch==2.13.0\npeft==0.21.2\nbitsandbytes==0.50.2\n")
+    assert text.splitlines() == ["torch==2.13.0", "bitsandbytes==0.50.2", "peft==0.10.1"]
+
+
+def test_versions_are_selected_from_the_index_listing():
+    listed = ["0.21.2", "0.21.1", "0.20.0", "0.18.1", "0.18.0", "0.10.1", "0.10.0", "0.9.0", "0.8.2"]
+    assert ph.select(listed, "0.9.0", "0.21.2") == ["0.9.0", "0.10.1", "0.18.1", "0.20.0", "0.21.2"]
+    assert ph.select(listed, "0.10.0", "0.18.0", all_patches=True) == ["0.10.0", "0.10.1", "0.18.0"]
+    with pytest.raises(ValueError, match="not a final release"):
+        ph.parse_range("0.9..0.18.0rc0")
+    with pytest.raises(ValueError, match="empty range"):
+        ph.parse_range("0.21.2..0.9.0")
+
+
+def _pip(rc: int, stderr: str):
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, rc, "", stderr)
+
+    return run, calls
+
+
+def test_uninstallable_release_is_one_line_naming_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(ph, "ENVS", tmp_path)
+    run, calls = _pip(1, "WARNING: Location 'file:///x' is ignored\nERROR: Could not find a version that satisfies "
+                         "the requirement peft==0.99.0 (from versions: 0.9.0)\nERROR: No matching distribution "
+                         "found for peft==0.99.0\n")
+    with pytest.raises(ph.ReleaseError) as e:
+        ph.ensure_env("0.99.0", run=run)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg == "peft 0.99.0 cannot be installed: ERROR: No matching distribution found for peft==0.99.0"
+    assert calls and "--no-deps" in calls[0] and "peft==0.99.0" in calls[0]  # the release alone
+    assert not (ph.env_dir("0.99.0") / ph.STAMP).exists()
+
+
+def test_too_old_release_and_bad_version_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ph, "ENVS", tmp_path)
+    assert ph.main(["one", "0.8.2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "peft 0.8.2 is older than 0.9.0" in err
+    assert ph.main(["one", "latest"]) == 2
+    assert "not a final release version: 'latest'" in capsys.readouterr().err
+
+
+def test_unimportable_release_is_one_line(tmp_path):
+    def run(cmd, **kw):
+        out = json.dumps({"version": "unimportable", "shims": [], "transformers": "5.25.0",
+                          "error": "ImportError: cannot import name 'Foo' from 'transformers'"})
+        return subprocess.CompletedProcess(cmd, 0, out + "\n", "")
+
+    with pytest.raises(ph.ReleaseError) as e:
+        ph.probe("0.16.0", tmp_path, run=run)
+    assert str(e.value) == ("peft 0.16.0 does not import with transformers 5.25.0: "
+                            "ImportError: cannot import name 'Foo' from 'transformers'")
+
+
+def _res(v, p, status, kind=None, detail="", example=None):
+    return {"variant": v, "property": p, "status": status, "failure_kind": kind, "detail": detail,
+            "example": example, "where": "peft/x.py:1" if status == "fail" else None}
+
+
+def test_history_first_failing_and_fixed_in_and_render(tmp_path):
+    releases = [
+        {"version": "0.9.0", "status": "ran", "results": [_res("lora", "merge", "pass"), _res("dora", "oracle", "na", detail="peft 0.9.0 has no X")]},
+        {"version": "0.10.0", "status": "ran", "results": [
+            _res("lora", "merge", "fail", "check", "merge drifted by 3e-2", "Case(r=2)"), _res("dora", "oracle", "pass")]},
+        {"version": "0.11.1", "status": "ran", "results": [
+            _res("lora", "merge", "fail", "crash", "AttributeError: x", "Case(r=1)"), _res("dora", "oracle", "pass")]},
+        {"version": "0.12.0", "status": "ran", "results": [_res("lora", "merge", "pass"), _res("dora", "oracle", "pass")]},
+        {"version": "0.13.2", "status": "error", "line": "peft 0.13.2 cannot be installed: ERROR: x", "results": None},
+        {"version": "0.14.0", "status": "skipped", "line": "not started: the budget of 10 s was spent", "results": None},
+    ]
+    h = ph.build_history(releases)
+    rows = {(r["variant"], r["property"]): r for r in h["rows"]}
+    merge = rows[("lora", "merge")]
+    assert merge["cells"] == {"0.9.0": "pass", "0.10.0": "F", "0.11.1": "E", "0.12.0": "pass", "0.13.2": "", "0.14.0": ""}
+    assert merge["first_failing"] == "0.10.0" and merge["fixed_in"] == "0.12.0"
+    assert [f["releases"] for f in merge["failures"]] == [["0.10.0"], ["0.11.1"]]
+    assert ("dora", "oracle") not in rows  # na at one release, never failing or deviating: no row
+    avail = {a["variant"]: a for a in h["availability"]}
+    assert avail["dora"]["cells"]["0.9.0"] == "peft 0.9.0 has no X" and avail["dora"]["first_available"] == "0.10.0"
+    run = {"range": "0.9.0..0.14.0", "all_patches": False, "profile": "history", "variants": "lora,dora",
+           "properties": "merge,oracle", "budget_s": 10, "budget_spent": True, "seconds": 12, "date": "today"}
+    js, md = ph.write_history(h, run, stem=tmp_path / "peft_history")
+    text = md.read_text()
+    assert "| lora | merge | pass | F | E | pass |  |  | 0.10.0 | 0.12.0 |" in text
+    assert "| dora | peft 0.9.0 has no X | yes | yes | yes |  |  | 0.10.0 |" in text
+    assert "minimal example: `Case(r=2)`" in text and "merge drifted by 3e-2" in text
+    assert "peft 0.13.2 cannot be installed" in text and "The budget was spent" in text
+    assert json.loads(js.read_text())["rows"][0]["cells"]
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically, no temporary left
+
+
+def test_missing_feature_is_na_naming_the_release(monkeypatch):
+    """A release without DeLoRA, without EVA's data pass or whose init_lora_weights lists no 'pissa' makes the
+    property n/a with the reason, never a failure counted against PEFT."""
+    pytest.importorskip("peft")
+    import peft
+
+    from harness import PROPERTIES
+    from harness.backends import peft as backend
+    from harness.engine import run_property
+    from spec import SPECS
+
+    be = backend.PeftBackend()
+    monkeypatch.delattr(peft, "DeloraConfig")
+    monkeypatch.delattr(peft, "initialize_lora_eva_weights")
+    r = run_property(PROPERTIES["oracle"], SPECS.get("delora"), be, "history")
+    assert r.status == "na" and r.detail == f"peft {backend.VERSION} has no DeloraConfig"
+    r = run_property(PROPERTIES["data_path"], SPECS.get("eva"), be, "history")
+    assert r.status == "na" and r.detail == f"peft {backend.VERSION} has no initialize_lora_eva_weights"
+
+    class OldLoraConfig(peft.LoraConfig):  # 0.9.0's annotation: bool | Literal["gaussian", "loftq"]
+        pass
+
+    OldLoraConfig.__dataclass_fields__ = dict(peft.LoraConfig.__dataclass_fields__)
+    f = OldLoraConfig.__dataclass_fields__["init_lora_weights"]
+    g = type(f).__new__(type(f))
+    for slot in type(f).__slots__:
+        setattr(g, slot, getattr(f, slot))
+    g.type = 'bool | Literal["gaussian", "loftq"]'
+    OldLoraConfig.__dataclass_fields__["init_lora_weights"] = g
+    monkeypatch.setattr(peft, "LoraConfig", OldLoraConfig)
+    r = run_property(PROPERTIES["oracle"], SPECS.get("pissa"), be, "history")
+    assert r.status == "na" and r.detail.startswith(f"peft {backend.VERSION} has no init_lora_weights='pissa'")
+    assert run_property(PROPERTIES["oracle"], SPECS.get("lora"), be, "history").status == "pass"
+
+
+def test_eva_subconfig_is_built_as_the_release_class():
+    """peft 0.14.0-0.20.0 keep eva_config={'rho': 1.0} a dict and then read .rho: the backend builds EvaConfig."""
+    peft = pytest.importorskip("peft")
+    from harness.backends import peft as backend
+
+    if not hasattr(peft, "EvaConfig"):
+        pytest.skip("this peft has no EvaConfig")
+    out = backend._subconfigs({"r": 2, "eva_config": {"rho": 1.0}, "init_lora_weights": "eva"})
+    assert isinstance(out["eva_config"], peft.EvaConfig) and out["eva_config"].rho == 1.0 and out["r"] == 2
+
+
+def test_transformers_shim_only_for_a_removed_name():
+    from harness.backends import peft as backend
+
+    e = ImportError("cannot import name 'HybridCache' from 'transformers' (/x/transformers/__init__.py)")
+    assert backend._removed_name(e) == "HybridCache"
+    assert backend._removed_name(ImportError("cannot import name 'Other' from 'transformers'")) is None
+    assert backend._removed_name(ValueError("cannot import name 'HybridCache' from 'transformers'")) is None
+
+
+def test_spent_budget_starts_no_release_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(ph, "RESULTS", tmp_path)
+    monkeypatch.setattr(ph, "ensure_env", lambda *a, **k: pytest.fail("a release was started"))
+    lines = []
+    out, stopped = ph.run_history(["0.9.0", "0.10.0"], -1.0, [], "history", log=lambda s, **k: lines.append(s))
+    assert stopped and [r["status"] for r in out] == ["skipped", "skipped"]
+    assert lines == ["[1/2] peft 0.9.0: skipped (budget of -1 s spent)", "[2/2] peft 0.10.0: skipped (budget of -1 s spent)"]
