@@ -128,6 +128,40 @@ MAPS: dict[str, PeftMap] = {
         notes="PEFT's CorDA puts the factors in trainable LoRA A/B (ours: frozen U, S, P and a trainable gain), so "
               "only the init is compared, on data with C ∝ I (reference_init).",
     ),
+    # ---- issue 29, specs without an impl variant (specs helper 1): vera, loha, lokr, adalora
+    "vera": PeftMap(
+        config="VeraConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial,
+                            "projection_prng_key": 0, "save_projection": True, "init_weights": True},
+        tensors={"A": ("vera_A", "id"), "B": ("vera_B", "id"), "d": ("vera_lambda_d", "id"),
+                 "b": ("vera_lambda_b", "id")},
+        notes="PEFT's vera_A / vera_B are one model-wide BufferDict pair, sized to the largest targeted layer and "
+              "sliced per layer; on a single layer they are the layer's exact (r, d_in) / (d_out, r).",
+    ),
+    "loha": PeftMap(
+        config="LoHaConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
+                            "init_weights": True},
+        tensors={"B1": ("hada_w1_a", "id"), "A1": ("hada_w1_b", "id"), "B2": ("hada_w2_a", "id"),
+                 "A2": ("hada_w2_b", "id")},
+        notes="PEFT's hada_w{i}_a is (d_out, r) and hada_w{i}_b is (r, d_in): the spec's B_i, A_i.",
+    ),
+    "lokr": PeftMap(
+        config="LoKrConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
+                            "decompose_both": cfg.decompose_both, "decompose_factor": -1, "init_weights": True},
+        tensors={"W1": ("lokr_w1", "id"), "W1a": ("lokr_w1_a", "id"), "W1b": ("lokr_w1_b", "id"),
+                 "W2": ("lokr_w2", "id"), "W2a": ("lokr_w2_a", "id"), "W2b": ("lokr_w2_b", "id")},
+        notes="Which of W1 / W1a,W1b and W2 / W2a,W2b exist depends on r and the layer's shape (the spec's `when`).",
+    ),
+    "adalora": PeftMap(
+        config="AdaLoraConfig",
+        kwargs=lambda cfg: {"init_r": cfg.r, "target_r": cfg.r, "lora_alpha": cfg.alpha,
+                            "lora_dropout": cfg.dropout, "total_step": 100, "init_lora_weights": True},
+        tensors={"P": ("lora_B", "id"), "E": ("lora_E", "col"), "Q": ("lora_A", "id")},
+        notes="PEFT's AdaLoRA takes the rank as init_r (its `r` is ignored); lora_E is (r, 1). total_step is "
+              "required by the config and only drives the rank allocator (out of scope).",
+    ),
 }
 
 
