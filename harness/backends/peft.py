@@ -273,6 +273,9 @@ class PeftBackend:
             return "config constraints are impl's config-time checks"
         if capability == "knobs":
             return "PEFT's layers have no runtime knobs"
+        pm = peft_map(spec)
+        if capability == "dropout" and pm is not None and not pm.input_dropout:
+            return f"PEFT's {pm.config} has no adapter-input dropout field (its rank/module dropouts are other things)"
         return None
 
     def property_na(self, spec: Spec, prop: str) -> str | None:

@@ -30,6 +30,8 @@ class PeftMap:
       to compare after init (harness.differential.reference_init); every other property is not applicable to it.
     calibration: the data reference_init gives data-driven inits: "gapped" (a declared spectral gap) or
       "isotropic" (second moment proportional to I, where CorDA's orientation reduces to the plain SVD).
+    input_dropout: False when PEFT's config has no field for the spec's adapter-input dropout (the `dropout`
+      capability is then unsupported: a dropout the kwargs cannot pass is neither honoured nor refused by PEFT).
     """
 
     config: str
@@ -39,6 +41,7 @@ class PeftMap:
     notes: str = ""
     compare: Callable[..., dict] | None = None
     calibration: str = "gapped"
+    input_dropout: bool = True  # False: PEFT's config has no adapter-input dropout field (the capability is n/a)
 
 
 def corda_compare(ours, peft, cfg):
@@ -140,6 +143,7 @@ MAPS: dict[str, PeftMap] = {
     ),
     "loha": PeftMap(
         config="LoHaConfig",
+        input_dropout=False,
         kwargs=lambda cfg: {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
                             "init_weights": True},
         tensors={"B1": ("hada_w1_a", "id"), "A1": ("hada_w1_b", "id"), "B2": ("hada_w2_a", "id"),
@@ -148,6 +152,7 @@ MAPS: dict[str, PeftMap] = {
     ),
     "lokr": PeftMap(
         config="LoKrConfig",
+        input_dropout=False,
         kwargs=lambda cfg: {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
                             "decompose_both": cfg.decompose_both, "decompose_factor": -1, "init_weights": True},
         tensors={"W1": ("lokr_w1", "id"), "W1a": ("lokr_w1_a", "id"), "W1b": ("lokr_w1_b", "id"),

@@ -11,8 +11,10 @@ from ..schema import Constraint, Reference, Spec, TensorSpec, register
 def oracle(W, b, T, x, cfg, knobs, xd=None):
     """y = W x + b + Λ_b B Λ_d A x_d  (paper eq. 1, h = W0 x + Λ_b B Λ_d A x); float64, row convention."""
     xd = x if xd is None else xd
+    d_out, d_in = W.shape
+    A, B = T["A"][:, :d_in], T["B"][:d_out, :]  # one pair for the whole model, sized for its widest layer
     y = x @ W.T + (0 if b is None else b)
-    return y + ((xd @ T["A"].T) * T["d"]) @ T["B"].T * T["b"]
+    return y + ((xd @ A.T) * T["d"]) @ B.T * T["b"]
 
 
 def init_oracle(W, cfg, X):
@@ -54,7 +56,8 @@ SPEC = register(
             Reference("paper (eq. 1, §3.1-3.2)", "https://arxiv.org/abs/2310.11454"),
             Reference("PEFT 0.21.2 vera layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/vera/layer.py"),
         ),
-        notes="No impl variant. alpha is unused (VeRA has no scale). PEFT holds one A, B pair per model, sized to "
+        notes="No impl variant. The oracle takes A's leading d_in columns and B's leading d_out rows (a no-op where "
+              "A, B have the layer's shape): one pair serves layers of every width. alpha is unused (VeRA has no scale). PEFT holds one A, B pair per model, sized to "
               "the largest targeted layer and sliced per layer (vera/layer.py:280-281); on one layer that is "
               "exactly (r, d_in), (d_out, r). The shared frozen pair is checked by tensor_sharing where a backend "
               "exposes sharing; the init of A and B (a fixed PRNG key) by init_distribution.",
