@@ -1,0 +1,89 @@
+"""The specs of VeRA, LoHa, LoKr and AdaLoRA (no impl variant) have teeth: PEFT 0.21.2 as released passes the
+property, and the same PEFT with a planted defect (monkeypatched) fails it."""
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from peft.tuners.adalora.layer import AdaLoraLayer  # noqa: E402
+from peft.tuners.loha import layer as loha_layer  # noqa: E402
+from peft.tuners.lokr import layer as lokr_layer  # noqa: E402
+from peft.tuners.vera.layer import Linear as VeraLinear  # noqa: E402
+
+from harness import PROPERTIES  # noqa: E402
+from harness.backends import ImplBackend  # noqa: E402
+from harness.backends.peft import PeftBackend  # noqa: E402
+from harness.engine import run_property  # noqa: E402
+from spec import SPECS  # noqa: E402
+
+_VERA_FORWARD = VeraLinear.forward
+
+
+def _vera_ignores_d(self, x, *args, **kwargs):
+    """VeRA with Λ_d dropped (d read as ones): the forward no longer scales A x per rank."""
+    d = self.vera_lambda_d["default"]
+    saved = d.detach().clone()
+    with torch.no_grad():
+        d.fill_(1.0)
+    try:
+        return _VERA_FORWARD(self, x, *args, **kwargs)
+    finally:
+        with torch.no_grad():
+            d.copy_(saved)
+
+
+def _loha_unscaled(w1a, w1b, w2a, w2b, scale):
+    """LoHa with the alpha / r scale dropped."""
+    return (w1a @ w1b) * (w2a @ w2b)
+
+
+def _lokr_swapped(w1, w2, scale=1.0):
+    """LoKr with the Kronecker factors in the wrong order (W2 ⊗ W1)."""
+    return torch.kron(w2.contiguous(), w1) * scale
+
+
+def _adalora_random_lambda(self, adapter_name):
+    """AdaLoRA with Λ drawn at random instead of starting at 0."""
+    torch.nn.init.normal_(self.lora_E[adapter_name], std=0.02)
+    torch.nn.init.normal_(self.lora_A[adapter_name], std=0.02)
+    torch.nn.init.normal_(self.lora_B[adapter_name], std=0.02)
+
+
+PLANTED = {
+    "vera": ("oracle", lambda mp: mp.setattr(VeraLinear, "forward", _vera_ignores_d)),
+    "loha": ("oracle", lambda mp: mp.setattr(loha_layer, "make_weight", _loha_unscaled)),
+    "lokr": ("oracle", lambda mp: mp.setattr(lokr_layer, "make_kron", _lokr_swapped)),
+    "adalora": ("init_formula", lambda mp: mp.setattr(AdaLoraLayer, "reset_lora_parameters", _adalora_random_lambda)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(PLANTED))
+def test_released_peft_passes_and_a_planted_defect_fails(variant, monkeypatch):
+    prop, plant = PLANTED[variant]
+    spec, be = SPECS.get(variant), PeftBackend()
+    ok = run_property(PROPERTIES[prop], spec, be, "zoo")
+    assert ok.status == "pass", ok.detail
+    plant(monkeypatch)
+    bad = run_property(PROPERTIES[prop], spec, be, "zoo")
+    assert bad.status == "fail", bad.detail
+
+
+@pytest.mark.parametrize("variant", sorted(PLANTED))
+def test_spec_without_impl_variant_is_na_on_impl(variant):
+    res = run_property(PROPERTIES["oracle"], SPECS.get(variant), ImplBackend(), "zoo")
+    assert res.status == "na" and "not registered in impl" in res.detail
+
+
+def test_lokr_tensors_follow_the_rank_and_shape():
+    """Which Kronecker factors are full or factored depends on r and the widths: the PEFT layer holds exactly the
+    tensors the spec declares present (64 = 8·8: W2 is factored below r = 4, full from r = 4)."""
+    from harness.strategies import Case
+    from harness.probes import cfg_of, setup
+
+    spec, be = SPECS.get("lokr"), PeftBackend()
+    for r, both in ((1, False), (4, False), (1, True)):
+        case = Case(d_in=64, d_out=64, bias=False, dtype=torch.float32, seed=0,
+                    fields={"r": r, "alpha": 2.0, "decompose_both": both})
+        s = setup(spec, be, case)
+        present = {t.name for t in spec.present(64, 64, cfg_of(spec, be, case))}
+        assert set(be.tensors(s.model)) == present
