@@ -87,3 +87,18 @@ def test_lokr_tensors_follow_the_rank_and_shape():
         s = setup(spec, be, case)
         present = {t.name for t in spec.present(64, 64, cfg_of(spec, be, case))}
         assert set(be.tensors(s.model)) == present
+
+
+def test_adalora_frozen_ranknum_made_trainable_by_peft_in_bfloat16_is_flagged():
+    """A PEFT 0.21.2 bug the AdaLoRA spec finds: on a bfloat16 layer, get_peft_model's adapter upcast re-creates
+    every float parameter of the tuner layer as a trainable nn.Parameter (tuners_utils.py:2745,
+    `submodule[adapter_name] = submodule[adapter_name].to(torch.float32)` into a ParameterDict), so the frozen rank
+    count `ranknum` (the denominator of the scale) becomes trainable and AdamW moves it. In float32 it stays frozen."""
+    from harness.probes import Falsified
+    from harness.strategies import Case
+
+    spec, be = SPECS.get("adalora"), PeftBackend()
+    case = Case(d_in=2, d_out=1, bias=False, dtype=torch.float32, seed=0, fields={"r": 1, "alpha": 2.0})
+    assert PROPERTIES["training_step"].check(spec, be, case) is None
+    with pytest.raises(Falsified, match="ranknum"):
+        PROPERTIES["training_step"].check(spec, be, case.with_(dtype=torch.bfloat16))
