@@ -154,17 +154,17 @@ class Spec:
     constraints: tuple[Constraint, ...] = ()
     init_oracle: Callable[..., dict] | None = None  # (W, cfg, X) -> {tensor or "base_weight": expected}
     sign_free: Mapping[str, int] = field(default_factory=dict)  # tensor -> dim of vectors whose sign is free
+    # extra names the formulas (shape, param_count, when, max_rank, macs) may call, e.g. a width factorization
+    formula_names: Mapping[str, Callable] = field(default_factory=dict)
     claims: tuple[Claim, ...] = ()
     references: tuple[Reference, ...] = ()
     deviations: tuple[Deviation, ...] = ()
     roles: tuple[str, ...] = ("q", "v", "down")  # roles a whole-model (end-to-end) run targets; GPT-2 maps q/k/v to qkv
     dense: Callable[..., Any] | None = None  # (W, b, T, cfg, knobs) -> dense (d_out, d_in) map [or (map, bias)], float64
     notes: str = ""
-    # the spec's own config fields at their paper defaults, for a backend with no config of its own for the variant
-    # (a spec without an impl variant: harness.backends.peft builds its config from these and the drawn fields)
+    # values of the spec's own config fields (beyond r, alpha, dropout) for a backend with no config of its own for
+    # this variant (PEFT verifying a spec impl does not implement); the case's drawn fields override them
     defaults: Mapping[str, Any] = field(default_factory=dict)
-    # extra names the formulas (shape, param_count, when, macs) may call, e.g. a dimension factorization
-    formula_names: Mapping[str, Callable] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.identity not in IDENTITY_CLASSES:

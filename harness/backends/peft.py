@@ -255,7 +255,7 @@ class PeftBackend:
         if cls is None:
             return f"peft {VERSION} has no {pm.config}"
         try:
-            kwargs = pm.kwargs(self.spec_config(spec, None))  # the spec's config at its defaults
+            kwargs = pm.kwargs(self._config(spec, {}))  # the spec's config at its defaults
         except Exception as e:  # noqa: BLE001 - a spec whose variant impl lacks still gets a clear reason
             return f"cannot derive PEFT kwargs for '{spec.name}': {type(e).__name__}: {e}"
         missing = sorted(set(kwargs) - _config_fields(cls))
@@ -295,15 +295,16 @@ class PeftBackend:
 
     # ---- config and attach
 
-    def spec_config(self, spec: Spec, case: Case | None, **over):
-        """The spec's config (PEFT's kwargs are derived from it): impl's validated config of the case where impl
-        has the variant; else the common defaults, the spec's own `defaults`, the case's fields and the overrides
-        (a spec with no impl variant: no config checks of ours apply). case None: the defaults alone."""
-        drawn = {} if case is None else case.fields
+    def spec_config(self, spec: Spec, case: Case, **over):
+        """The spec's config (PEFT's kwargs are derived from it): impl's validated config of the case, or for a
+        spec impl does not implement, the common defaults, the spec's `defaults`, the case's fields, `over`."""
+        return self._config(spec, {**case.fields, **over})
+
+    def _config(self, spec: Spec, values: dict):
         if spec.name in impl.VARIANTS:
-            return impl.config(spec.name, target_names=(r"^layer$",), **{**drawn, **over})
+            return impl.config(spec.name, target_names=(r"^layer$",), **values)
         common = {k: COMMON[k] for k in ("r", "alpha", "dropout")}
-        return Fields({**common, **spec.defaults, **drawn, **over})
+        return Fields({**common, **spec.defaults, **values})
 
     def peft_config(self, spec: Spec, case: Case, targets=("layer",), layer: nn.Module | None = None, **over):
         """The PEFT config object for the case: PeftMap kwargs from the spec's config, targets, fan_in_fan_out."""
