@@ -121,16 +121,6 @@ MAPS: dict[str, PeftMap] = {
         notes="PEFT stores the gate as ia3_l of shape (1, d_in); the target must be listed in both "
               "target_modules and feedforward_modules.",
     ),
-    "antipasto_corda": PeftMap(
-        config="LoraConfig",
-        kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "init_lora_weights": "corda",
-                            "corda_config": {"corda_method": "ipm"}},
-        tensors=_LORA_AB,
-        compare=corda_compare,
-        calibration="isotropic",
-        notes="PEFT's CorDA puts the factors in trainable LoRA A/B (ours: frozen U, S, P and a trainable gain), so "
-              "only the init is compared, on data with C ∝ I (reference_init).",
-    ),
     # ---- issue 29, specs without an impl variant (specs helper 1): vera, loha, lokr, adalora
     "vera": PeftMap(
         config="VeraConfig",
@@ -166,6 +156,16 @@ MAPS: dict[str, PeftMap] = {
         tensors={"P": ("lora_B", "id"), "E": ("lora_E", "col"), "Q": ("lora_A", "id")},
         notes="PEFT's AdaLoRA takes the rank as init_r (its `r` is ignored); lora_E is (r, 1). total_step is "
               "required by the config and only drives the rank allocator (out of scope).",
+    ),
+    "antipasto_corda": PeftMap(
+        config="LoraConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "lora_alpha": cfg.alpha, "init_lora_weights": "corda",
+                            "corda_config": {"corda_method": "ipm"}},
+        tensors=_LORA_AB,
+        compare=corda_compare,
+        calibration="isotropic",
+        notes="PEFT's CorDA puts the factors in trainable LoRA A/B (ours: frozen U, S, P and a trainable gain), so "
+              "only the init is compared, on data with C ∝ I (reference_init).",
     ),
 }
 
