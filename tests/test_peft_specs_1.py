@@ -114,3 +114,30 @@ def test_loha_scale_rounded_to_float32_in_a_float64_model_is_flagged():
     PROPERTIES["model_oracle"].check(spec, be, (case, "llama"))  # alpha / r = 4: passes
     with pytest.raises(Falsified, match="per-layer oracle"):
         PROPERTIES["model_oracle"].check(spec, be, (case.with_(fields={"r": 7, "alpha": 12.0}), "llama"))
+
+
+def test_vera_frozen_pair_is_one_tensor_for_the_whole_model_in_peft():
+    """VeRA's claim 'one frozen random pair shared by all layers' holds in PEFT: every adapted layer of a tiny
+    Llama (q, v, down: three shapes) holds the same A and B storage, sized for the widest layer, and its own d, b.
+    (tensor_sharing checks impl's per-shape sharing and its checkpoint; this is PEFT's model-wide form.)"""
+    from harness.differential import _roles
+    from harness.models import tiny
+    from harness.strategies import Case
+
+    spec, be = SPECS.get("vera"), PeftBackend()
+    case = Case(d_in=4, d_out=4, bias=False, dtype=torch.float32, seed=0, fields={"r": 4, "alpha": 2.0})
+    roles, names = _roles(spec, "llama")
+    model = tiny("llama", 0)
+    be.attach_model(model, spec, case, roles, names)
+    layers = be.adapted_layers(model)
+    assert len(layers) >= 3
+    widths = {(base.in_features, base.out_features) for _, base, _ in layers.values()}
+    assert len(widths) >= 2
+    for name in ("A", "B"):
+        ptrs = {ts[name].untyped_storage().data_ptr() for ts, _, _ in layers.values()}
+        assert len(ptrs) == 1, name
+    A = next(iter(layers.values()))[0]["A"]
+    B = next(iter(layers.values()))[0]["B"]
+    assert A.shape == (4, max(w[0] for w in widths)) and B.shape == (max(w[1] for w in widths), 4)
+    for name in ("d", "b"):
+        assert len({ts[name].untyped_storage().data_ptr() for ts, _, _ in layers.values()}) == len(layers), name
