@@ -60,6 +60,7 @@ SPEC = register(
               "A, B have the layer's shape): one pair serves layers of every width. alpha is unused (VeRA has no "
               "scale). PEFT holds one A, B pair per model, sized to the largest targeted layer and sliced per "
               "layer (vera/layer.py:280-281); on one layer that is exactly (r, d_in), (d_out, r). The model-wide "
-              "sharing of the frozen pair in PEFT is checked by tests/test_peft_specs_1.py (tensor_sharing is impl-only); the init of A and B by init_distribution.",
+              "sharing of the frozen pair in PEFT is checked by tests/test_peft_specs_1.py (tensor_sharing is "
+              "impl-only); the init of A and B by init_distribution.",
     )
 )
