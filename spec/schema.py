@@ -154,12 +154,17 @@ class Spec:
     constraints: tuple[Constraint, ...] = ()
     init_oracle: Callable[..., dict] | None = None  # (W, cfg, X) -> {tensor or "base_weight": expected}
     sign_free: Mapping[str, int] = field(default_factory=dict)  # tensor -> dim of vectors whose sign is free
+    # extra names the formulas (shape, param_count, when, max_rank, macs) may call, e.g. a width factorization
+    formula_names: Mapping[str, Callable] = field(default_factory=dict)
     claims: tuple[Claim, ...] = ()
     references: tuple[Reference, ...] = ()
     deviations: tuple[Deviation, ...] = ()
     roles: tuple[str, ...] = ("q", "v", "down")  # roles a whole-model (end-to-end) run targets; GPT-2 maps q/k/v to qkv
     dense: Callable[..., Any] | None = None  # (W, b, T, cfg, knobs) -> dense (d_out, d_in) map [or (map, bias)], float64
     notes: str = ""
+    # values of the spec's own config fields (beyond r, alpha, dropout) for a backend with no config of its own for
+    # this variant (PEFT verifying a spec impl does not implement); the case's drawn fields override them
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.identity not in IDENTITY_CLASSES:
@@ -180,7 +185,7 @@ class Spec:
                 raise ValueError(f"spec '{self.name}': deviation on '{d.property}' needs both a positive size and a case")
 
     def env(self, d_in: int, d_out: int, cfg) -> dict[str, Any]:
-        return {"d_in": d_in, "d_out": d_out, **dict(cfg.fields), "min": min, "max": max}
+        return {"d_in": d_in, "d_out": d_out, **dict(cfg.fields), "min": min, "max": max, **dict(self.formula_names)}
 
     def shape_of(self, t: TensorSpec, d_in: int, d_out: int, cfg) -> tuple[int, ...]:
         return tuple(int(v) for v in eval(t.shape, {"__builtins__": {}}, self.env(d_in, d_out, cfg)))
@@ -195,7 +200,8 @@ class Spec:
         """The largest r a (d_in, d_out) layer accepts, or None for no limit."""
         if self.max_rank is None:
             return None
-        return int(eval(self.max_rank, {"__builtins__": {}}, {"d_in": d_in, "d_out": d_out, "min": min, "max": max}))
+        return int(eval(self.max_rank, {"__builtins__": {}},
+                        {"d_in": d_in, "d_out": d_out, "min": min, "max": max, **dict(self.formula_names)}))
 
     def present(self, d_in: int, d_out: int, cfg, trainable: bool | None = None) -> tuple[TensorSpec, ...]:
         """The tensors a layer with this config has (those whose `when` holds), optionally only the trainable

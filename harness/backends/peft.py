@@ -35,13 +35,14 @@ from torch import nn
 
 import impl
 from impl import layers
+from impl.config import COMMON
 from impl.errors import AttachError, CheckpointError, ConfigError
 
 from . import BACKENDS
 from spec.schema import Deviation, Spec
 from ..strategies import Case
 from .peft_maps import TRANSFORMS, peft_map
-from .protocol import Errors, Mapped, to_peft, to_spec  # noqa: F401  (Mapped re-exported)
+from .protocol import Errors, Fields, Mapped, to_peft, to_spec  # noqa: F401  (Mapped re-exported)
 
 ADAPTER = "default"
 PACK_FILE = "peft-backend/file/"  # packed checkpoint metadata: a file of the save_pretrained folder
@@ -262,8 +263,11 @@ def _mapped(layer: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
         if short.endswith(".weight"):
             live.setdefault(short[: -len(".weight")], t)
     out = {}
+    conditional = {t.name for t in spec.tensors if t.when}  # tensors the spec declares only for some configs
     for name, (key, transform) in peft_map(spec).tensors.items():
         t = live.get(key)
+        if t is None and name in conditional:
+            continue  # absent in this config (which ones must exist is checked against the spec's `when`)
         if t is None:
             raise KeyError(f"PeftMap of '{spec.name}': no PEFT tensor '{key}' for '{name}'; PEFT has {sorted(live)}")
         out[name] = t if transform == "id" else Mapped.of(t, transform)
@@ -323,7 +327,7 @@ class PeftBackend:
         if cls is None:
             return f"peft {VERSION} has no {pm.config}"
         try:
-            kwargs = pm.kwargs(impl.config(spec.name))  # the spec's config at impl's defaults
+            kwargs = pm.kwargs(self._config(spec, {}))  # the spec's config at its defaults
         except Exception as e:  # noqa: BLE001 - a spec whose variant impl lacks still gets a clear reason
             return f"cannot derive PEFT kwargs for '{spec.name}': {type(e).__name__}: {e}"
         missing = sorted(set(kwargs) - _config_fields(cls))
@@ -350,6 +354,9 @@ class PeftBackend:
             return "config constraints are impl's config-time checks"
         if capability == "knobs":
             return "PEFT's layers have no runtime knobs"
+        pm = peft_map(spec)
+        if capability == "dropout" and pm is not None and not pm.input_dropout:
+            return f"PEFT's {pm.config} has no adapter-input dropout field (its rank/module dropouts are other things)"
         return None
 
     def property_na(self, spec: Spec, prop: str) -> str | None:
@@ -370,8 +377,15 @@ class PeftBackend:
     # ---- config and attach
 
     def spec_config(self, spec: Spec, case: Case, **over):
-        """The spec's config: impl's validated config of the case (PEFT's kwargs are derived from it)."""
-        return impl.config(spec.name, target_names=(r"^layer$",), **{**case.fields, **over})
+        """The spec's config (PEFT's kwargs are derived from it): impl's validated config of the case, or for a
+        spec impl does not implement, the common defaults, the spec's `defaults`, the case's fields, `over`."""
+        return self._config(spec, {**case.fields, **over})
+
+    def _config(self, spec: Spec, values: dict):
+        if spec.name in impl.VARIANTS:
+            return impl.config(spec.name, target_names=(r"^layer$",), **values)
+        common = {k: COMMON[k] for k in ("r", "alpha", "dropout")}
+        return Fields({**common, **spec.defaults, **values})
 
     def peft_config(self, spec: Spec, case: Case, targets=("layer",), layer: nn.Module | None = None, **over):
         """The PEFT config object for the case: PeftMap kwargs from the spec's config, targets, fan_in_fan_out."""

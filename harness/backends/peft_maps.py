@@ -30,6 +30,8 @@ class PeftMap:
       to compare after init (harness.differential.reference_init); every other property is not applicable to it.
     calibration: the data reference_init gives data-driven inits: "gapped" (a declared spectral gap) or
       "isotropic" (second moment proportional to I, where CorDA's orientation reduces to the plain SVD).
+    input_dropout: False when PEFT's config has no field for the spec's adapter-input dropout (the `dropout`
+      capability is then unsupported: a dropout the kwargs cannot pass is neither honoured nor refused by PEFT).
     """
 
     config: str
@@ -39,6 +41,7 @@ class PeftMap:
     notes: str = ""
     compare: Callable[..., dict] | None = None
     calibration: str = "gapped"
+    input_dropout: bool = True  # False: PEFT's config has no adapter-input dropout field (the capability is n/a)
 
 
 def corda_compare(ours, peft, cfg):
@@ -117,6 +120,42 @@ MAPS: dict[str, PeftMap] = {
         feedforward=True,
         notes="PEFT stores the gate as ia3_l of shape (1, d_in); the target must be listed in both "
               "target_modules and feedforward_modules.",
+    ),
+    # ---- issue 29, specs without an impl variant (specs helper 1): vera, loha, lokr, adalora
+    "vera": PeftMap(
+        config="VeraConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial,
+                            "projection_prng_key": 0, "save_projection": True, "init_weights": True},
+        tensors={"A": ("vera_A", "id"), "B": ("vera_B", "id"), "d": ("vera_lambda_d", "id"),
+                 "b": ("vera_lambda_b", "id")},
+        notes="PEFT's vera_A / vera_B are one model-wide BufferDict pair, sized to the largest targeted layer and "
+              "sliced per layer; on a single layer they are the layer's exact (r, d_in) / (d_out, r).",
+    ),
+    "loha": PeftMap(
+        config="LoHaConfig",
+        input_dropout=False,
+        kwargs=lambda cfg: {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
+                            "init_weights": True},
+        tensors={"B1": ("hada_w1_a", "id"), "A1": ("hada_w1_b", "id"), "B2": ("hada_w2_a", "id"),
+                 "A2": ("hada_w2_b", "id")},
+        notes="PEFT's hada_w{i}_a is (d_out, r) and hada_w{i}_b is (r, d_in): the spec's B_i, A_i.",
+    ),
+    "lokr": PeftMap(
+        config="LoKrConfig",
+        input_dropout=False,
+        kwargs=lambda cfg: {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
+                            "decompose_both": cfg.decompose_both, "decompose_factor": -1, "init_weights": True},
+        tensors={"W1": ("lokr_w1", "id"), "W1a": ("lokr_w1_a", "id"), "W1b": ("lokr_w1_b", "id"),
+                 "W2": ("lokr_w2", "id"), "W2a": ("lokr_w2_a", "id"), "W2b": ("lokr_w2_b", "id")},
+        notes="Which of W1 / W1a,W1b and W2 / W2a,W2b exist depends on r and the layer's shape (the spec's `when`).",
+    ),
+    "adalora": PeftMap(
+        config="AdaLoraConfig",
+        kwargs=lambda cfg: {"init_r": cfg.r, "target_r": cfg.r, "lora_alpha": cfg.alpha,
+                            "lora_dropout": cfg.dropout, "total_step": 100, "init_lora_weights": True},
+        tensors={"P": ("lora_B", "id"), "E": ("lora_E", "col"), "Q": ("lora_A", "id")},
+        notes="PEFT's AdaLoRA takes the rank as init_r (its `r` is ignored); lora_E is (r, 1). total_step is "
+              "required by the config and only drives the rank allocator (out of scope).",
     ),
     "antipasto_corda": PeftMap(
         config="LoraConfig",
