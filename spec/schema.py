@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 IDENTITY_CLASSES = ("bitwise", "tolerance", "non_identity")
-CLAIM_KINDS = ("nonnegative", "unit_interval", "bounded", "orthogonal_det1", "norm_preserving")
+CLAIM_KINDS = ("nonnegative", "unit_interval", "bounded", "orthogonal_det1", "norm_preserving", "gram_preserving")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ class Claim:
     (see harness.probes.Probe); `kind` names the generic check applied to it:
     nonnegative (all >= 0), unit_interval (all in [0, 1]), bounded (all <= `bound`),
     orthogonal_det1 (a batch of square matrices, orthogonal with determinant +1),
-    norm_preserving (pairs (x, Rx) with equal norms).
+    norm_preserving (pairs (x, Rx) with equal norms), gram_preserving (a pair (W, W') of (d_out, d_in) maps with
+    W' W'ᵀ = W Wᵀ: the neurons' Gram matrix is kept, as by an orthogonal rotation of the input side, W' = W R).
     """
 
     name: str
@@ -160,6 +161,9 @@ class Spec:
     roles: tuple[str, ...] = ("q", "v", "down")  # roles a whole-model (end-to-end) run targets; GPT-2 maps q/k/v to qkv
     dense: Callable[..., Any] | None = None  # (W, b, T, cfg, knobs) -> dense (d_out, d_in) map [or (map, bias)], float64
     notes: str = ""
+    # values of the spec's own config fields (beyond r, alpha, dropout) for a backend with no config of its own for
+    # this variant (PEFT verifying a spec impl does not implement); the case's drawn fields override them
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.identity not in IDENTITY_CLASSES:

@@ -35,13 +35,14 @@ from torch import nn
 
 import impl
 from impl import layers
+from impl.config import COMMON
 from impl.errors import AttachError, CheckpointError, ConfigError
 
 from . import BACKENDS
 from spec.schema import Deviation, Spec
 from ..strategies import Case
 from .peft_maps import TRANSFORMS, peft_map
-from .protocol import Errors, Mapped, to_peft, to_spec  # noqa: F401  (Mapped re-exported)
+from .protocol import Errors, Fields, Mapped, to_peft, to_spec  # noqa: F401  (Mapped re-exported)
 
 ADAPTER = "default"
 PACK_FILE = "peft-backend/file/"  # packed checkpoint metadata: a file of the save_pretrained folder
@@ -251,7 +252,7 @@ class PeftBackend:
         if cls is None:
             return f"peft {VERSION} has no {pm.config}"
         try:
-            kwargs = pm.kwargs(impl.config(spec.name))  # the spec's config at impl's defaults
+            kwargs = pm.kwargs(self._config(spec, {}))  # the spec's config at its defaults
         except Exception as e:  # noqa: BLE001 - a spec whose variant impl lacks still gets a clear reason
             return f"cannot derive PEFT kwargs for '{spec.name}': {type(e).__name__}: {e}"
         missing = sorted(set(kwargs) - _config_fields(cls))
@@ -289,8 +290,15 @@ class PeftBackend:
     # ---- config and attach
 
     def spec_config(self, spec: Spec, case: Case, **over):
-        """The spec's config: impl's validated config of the case (PEFT's kwargs are derived from it)."""
-        return impl.config(spec.name, target_names=(r"^layer$",), **{**case.fields, **over})
+        """The spec's config (PEFT's kwargs are derived from it): impl's validated config of the case, or for a
+        spec impl does not implement, the common defaults, the spec's `defaults`, the case's fields, `over`."""
+        return self._config(spec, {**case.fields, **over})
+
+    def _config(self, spec: Spec, values: dict):
+        if spec.name in impl.VARIANTS:
+            return impl.config(spec.name, target_names=(r"^layer$",), **values)
+        common = {k: COMMON[k] for k in ("r", "alpha", "dropout")}
+        return Fields({**common, **spec.defaults, **values})
 
     def peft_config(self, spec: Spec, case: Case, targets=("layer",), layer: nn.Module | None = None, **over):
         """The PEFT config object for the case: PeftMap kwargs from the spec's config, targets, fan_in_fan_out."""
