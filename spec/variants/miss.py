@@ -55,7 +55,7 @@ SPEC = register(
             Deviation("dropout", "when r does not divide d_in, PEFT zero-pads x to a multiple of r before its dropout, "
                       "so the mask is drawn over the padded width: the same distribution on x, another random "
                       "stream than a mask over the d_in inputs", backend="peft",
-                      source="peft/tuners/miss/layer.py:370-374 (F.pad, then dropout(x))", match="shared dropout mask"),
+                      source="peft/tuners/miss/layer.py:369-372 (F.pad, then dropout(x))", match="shared dropout mask"),
         ),
         notes="PEFT's default MiSS mode (init_weights=True). Its 'mini' mode (D of shape (r, mini_r) tiled along the "
               "output) is not specified. alpha is unused.",
