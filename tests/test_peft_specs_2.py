@@ -85,3 +85,23 @@ def test_planted_peft_defect_is_flagged(name):
 def test_a_spec_without_an_impl_variant_is_not_applicable_on_impl(variant):
     res = run_property(PROPERTIES["oracle"], SPECS.get(variant), ImplBackend(), "zoo")
     assert res.status == "na" and "not registered in impl" in res.detail, res
+
+
+def _neumann_direction_fixed(self, Q, block_size, use_cayley_neumann=True, num_neumann_terms=5):
+    """PEFT's Cayley–Neumann R transposed, so that both of PEFT's modes apply the same rotation."""
+    R = _OFT_CAYLEY(self, Q, block_size, use_cayley_neumann, num_neumann_terms)
+    return R.transpose(-1, -2) if use_cayley_neumann else R
+
+
+def test_pefts_cayley_neumann_oft_applies_the_inverse_rotation_of_its_exact_oft():
+    """The PEFT bug the 'oft_neumann' spec flags (peft 0.21.2, tuners/oft/layer.py:129-150): the Neumann path
+    builds ≈ (I + S)(I − S)⁻¹, the exact path (I − S)(I + S)⁻¹, both applied as x R: the same weights rotate the
+    other way when use_cayley_neumann is switched. The oracle fails on the release and passes once the Neumann R
+    is transposed, so the failure is that and nothing else."""
+    spec, be = SPECS.get("oft_neumann"), PeftBackend()
+    res = run_property(PROPERTIES["oracle"], spec, be, "zoo")
+    if res.status == "pass":
+        pytest.skip(f"peft {peft.__version__} applies the same rotation in both modes (fixed upstream)")
+    assert res.status == "fail" and "oracle" in res.detail, res
+    with mock.patch.object(OFTRotationModule, "_cayley_batch", _neumann_direction_fixed):
+        assert run_property(PROPERTIES["oracle"], spec, be, "zoo").status == "pass"

@@ -137,6 +137,13 @@ MAPS: dict[str, PeftMap] = {
         notes="PEFT's r is the number of blocks (oft_block_size = 0 derives the block size); the exact Cayley "
               "transform is selected (PEFT's default is its Cayley–Neumann series).",
     ),
+    "oft_neumann": PeftMap(
+        config="OFTConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "oft_block_size": 0, "use_cayley_neumann": True, "num_cayley_neumann_terms": 5,
+                            "module_dropout": 0.0, "coft": False, "block_share": False, "init_weights": True},
+        tensors={"Q": ("oft_R.weight", "id")},
+        notes="PEFT's default OFT: the Cayley–Neumann series with its default 5 terms (I + S + S² + S³ in (I − S)⁻¹).",
+    ),
     "boft": PeftMap(
         config="BOFTConfig",
         kwargs=lambda cfg: {"boft_block_num": cfg.r, "boft_block_size": 0, "boft_n_butterfly_factor": 1,
