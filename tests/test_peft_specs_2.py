@@ -20,7 +20,6 @@ from harness.engine import run_property  # noqa: E402
 
 _OFT_CAYLEY = OFTRotationModule._cayley_batch
 _FOURIER_DELTA = FourierFTLayer.get_delta_weight
-_MISS_FORWARD = MissLinear.forward
 
 
 def _oft_first_order(self, Q, block_size, use_cayley_neumann=True, num_neumann_terms=5):
