@@ -332,6 +332,12 @@ def _check_claim(claim, obj, dtype) -> float:
         err = tol.maxabs(x.norm(dim=-1) - rx.norm(dim=-1)) / (tol.maxabs(x.norm(dim=-1)) + 1e-300)
         require(err <= eps * x.shape[-1], f"{claim.text}: norms differ by {err:.3g} relative")
         return err
+    if claim.kind == "gram_preserving":
+        W, Wr = (t.double() for t in obj)
+        G, Gr = W @ W.T, Wr @ Wr.T
+        err = tol.maxabs(Gr - G) / (tol.maxabs(G) + 1e-300)
+        require(err <= eps * W.shape[-1], f"{claim.text}: W'W'ᵀ differs from WWᵀ by {err:.3g} relative")
+        return err
     raise ValueError(claim.kind)
 
 
@@ -339,7 +345,7 @@ def _check_claim(claim, obj, dtype) -> float:
       applies=lambda spec, be: None if spec.claims else "the spec makes no spectral claim")
 def spectrum(spec, be, case):
     """Each spectral claim of the spec (non-negative gains, bounded derivatives, eigenvalues in [0, 1],
-    orthogonal rotations with det +1, norm preservation) holds on the implementation, from saturated inputs."""
+    orthogonal rotations with det +1, norm preservation, kept neuron Gram matrices) holds on the implementation, from saturated inputs."""
     worst = 0.0
     for claim in spec.claims:
         s = setup(spec, be, case)

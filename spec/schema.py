@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 IDENTITY_CLASSES = ("bitwise", "tolerance", "non_identity")
-CLAIM_KINDS = ("nonnegative", "unit_interval", "bounded", "orthogonal_det1", "norm_preserving")
+CLAIM_KINDS = ("nonnegative", "unit_interval", "bounded", "orthogonal_det1", "norm_preserving", "gram_preserving")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ class Claim:
     (see harness.probes.Probe); `kind` names the generic check applied to it:
     nonnegative (all >= 0), unit_interval (all in [0, 1]), bounded (all <= `bound`),
     orthogonal_det1 (a batch of square matrices, orthogonal with determinant +1),
-    norm_preserving (pairs (x, Rx) with equal norms).
+    norm_preserving (pairs (x, Rx) with equal norms), gram_preserving (a pair (W, W') of (d_out, d_in) maps with
+    W' W'ᵀ = W Wᵀ: the neurons' Gram matrix is kept, as by an orthogonal rotation of the input side, W' = W R).
     """
 
     name: str

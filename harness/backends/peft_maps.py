@@ -167,6 +167,47 @@ MAPS: dict[str, PeftMap] = {
         notes="PEFT's CorDA puts the factors in trainable LoRA A/B (ours: frozen U, S, P and a trainable gain), so "
               "only the init is compared, on data with C ∝ I (reference_init).",
     ),
+    # ---- issue #29 (specs without an impl variant): OFT, BOFT, FourierFT, MiSS and its Bone mode
+    "oft": PeftMap(
+        config="OFTConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "oft_block_size": 0, "use_cayley_neumann": False, "module_dropout": 0.0,
+                            "coft": False, "block_share": False, "init_weights": True},
+        tensors={"Q": ("oft_R.weight", "id")},
+        notes="PEFT's r is the number of blocks (oft_block_size = 0 derives the block size); the exact Cayley "
+              "transform is selected (PEFT's default is its Cayley–Neumann series).",
+    ),
+    "oft_neumann": PeftMap(
+        config="OFTConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "oft_block_size": 0, "use_cayley_neumann": True, "num_cayley_neumann_terms": 5,
+                            "module_dropout": 0.0, "coft": False, "block_share": False, "init_weights": True},
+        tensors={"Q": ("oft_R.weight", "id")},
+        notes="PEFT's default OFT: the Cayley–Neumann series with its default 5 terms (I + S + S² + S³ in (I − S)⁻¹).",
+    ),
+    "boft": PeftMap(
+        config="BOFTConfig",
+        kwargs=lambda cfg: {"boft_block_num": cfg.r, "boft_block_size": 0, "boft_n_butterfly_factor": 1,
+                            "boft_dropout": 0.0, "init_weights": True},
+        tensors={"R": ("boft_R", "id"), "s": ("boft_s", "id")},
+        notes="One butterfly factor (plain block-diagonal); PEFT forces that anyway without its CUDA extension.",
+    ),
+    "fourierft": PeftMap(
+        config="FourierFTConfig",
+        kwargs=lambda cfg: {"n_frequency": cfg.n_frequency, "scaling": cfg.scaling,
+                            "random_loc_seed": cfg.loc_seed, "init_weights": True},
+        tensors={"c": ("fourierft_spectrum", "id")},
+        notes="init_weights=True: a zero spectrum (PEFT's default draws it from N(0, 1), not the identity).",
+    ),
+    "miss": PeftMap(
+        config="MissConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "miss_dropout": cfg.dropout, "init_weights": True},
+        tensors={"D": ("miss_block", "id")},
+    ),
+    "bone": PeftMap(
+        config="MissConfig",
+        kwargs=lambda cfg: {"r": cfg.r, "init_weights": "bat"},
+        tensors={"B": ("miss_block", "id")},
+        notes="PEFT 0.21.2 ships Bone as MiSS's init_weights='bat' mode.",
+    ),
 }
 
 
