@@ -42,7 +42,7 @@ from . import BACKENDS
 from spec.schema import Deviation, Spec
 from ..strategies import Case
 from .peft_maps import TRANSFORMS, peft_map
-from .protocol import Errors, Fields, Mapped, to_peft, to_spec  # noqa: F401  (Mapped re-exported)
+from .protocol import Errors, Fields, Mapped
 
 ADAPTER = "default"
 PACK_FILE = "peft-backend/file/"  # packed checkpoint metadata: a file of the save_pretrained folder
