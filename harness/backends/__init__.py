@@ -30,7 +30,9 @@ class ImplBackend:
                     other=(impl.AdapterError,))
 
     def applies(self, spec: Spec) -> str | None:
-        return None if spec.name in impl.VARIANTS else f"variant '{spec.name}' is not implemented here (no impl variant; the PEFT backend verifies PEFT's)"
+        if spec.name in impl.VARIANTS:
+            return None
+        return f"variant '{spec.name}' is not implemented here (no impl variant; the PEFT backend verifies PEFT's)"
 
     def source_class(self, spec: Spec) -> type | None:
         """The class implementing the variant (its file is what an audit reviews), None when none is registered."""
