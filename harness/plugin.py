@@ -135,6 +135,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         "python": platform.python_version(),
         "variants": variants,
         "all_variants": list(SPECS.names()),
+        # specs the backend has no counterpart of (all their rows are na): the review leaves them out, naming why
+        "not_applicable": {n: why for n in SPECS.names() if (why := be.applies(SPECS.get(n)))},
         "properties": props,
         "results": results,
         "quantized_matrix": qm,

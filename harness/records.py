@@ -197,7 +197,7 @@ def spec_record(spec: Spec, backend: Any, root: Path) -> dict:
         "files": {"spec": rel(sf, root) if sf else None,
                   "impl": rel(impl_path, root) if impl_path else None,
                   "impl_deps": [rel(d, root) for d in deps],
-                  "impl_expected": finder is not None},
+                  "impl_expected": finder is not None and backend.applies(spec) is None},
     }
 
 

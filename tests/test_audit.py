@@ -86,6 +86,11 @@ def test_audit_content(run, tmp_path):
     assert "| oracle | **fail** (assertion) | see detail |" in text and "| merge | pass | 1e-07 |" in text
     assert "### Differential results" in text and "No differential oracle results" in text
     assert text.count("## Provenance") == 1 and text.index("## Provenance") > text.index("## lora")
+    assert "Not reviewed" not in text
+    other = W.render_audit(dict(run, not_reviewed={"vera": "variant 'vera' is not implemented here"}), 1, None,
+                           tmp_path)
+    assert "> **Not reviewed:** `vera`: the verified backend has no counterpart" in other
+    assert "variant 'vera' is not implemented here" in other and "## vera" not in other
 
 
 def test_same_inputs_give_the_same_bytes_and_statistics_stay_in_provenance(run, tmp_path):

@@ -336,6 +336,11 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     assert R.select_variants("", data) == (["dora", "lora"], None)
     data["all_variants"] = ["dora", "lora", "pissa"]  # verify ran on fewer variants than it knew
     assert R.select_variants("", data) == (["dora", "lora"], ["dora", "lora"])
+    # a spec the backend has no counterpart of is left out by default, named when asked for, and no subset
+    data.update(variants=["dora", "lora", "pissa"], not_applicable={"pissa": "variant 'pissa' is not implemented here"})
+    assert R.select_variants("", data) == (["dora", "lora"], None)
+    with pytest.raises(R.ReviewError, match="pissa.*not implemented here"):
+        R.select_variants("pissa", data)
 
 
 def test_stale_verify_json_is_detected(tmp_path):

@@ -353,6 +353,7 @@ def audit_context(review: Mapping[str, Any], number: int, previous: tuple[int, d
         "sidecar_name": audit_path(audits_dir, number, "json").name,
         "provenance": review["provenance"],
         "inputs": review["inputs"],
+        "not_reviewed": review.get("not_reviewed") or {},
     }
 
 

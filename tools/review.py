@@ -764,14 +764,18 @@ def git_state(root: Path) -> dict:
 
 def select_variants(requested: str | None, verify: Mapping[str, Any]) -> tuple[list[str], list[str] | None]:
     """(variants to review, the subset as asked or None when every spec is reviewed): the verify JSON's variants
-    by default; a review is a subset when it covers fewer than all the specs verify knew (`all_variants`)."""
-    verified = sorted(verify.get("variants") or [])
-    every = sorted(verify.get("all_variants") or verified)
+    that the verified backend implements, by default; a review is a subset when it covers fewer than all the specs
+    verify knew (`all_variants`) that the backend implements (a spec it has no counterpart of is `not_applicable`)."""
+    absent = verify.get("not_applicable") or {}
+    verified = sorted(v for v in verify.get("variants") or [] if v not in absent)
+    every = sorted(v for v in verify.get("all_variants") or verified if v not in absent)
     want = sorted({v.strip() for v in (requested or "").split(",") if v.strip()}) if requested else verified
     unknown = [v for v in want if v not in verified]
     if unknown:
-        raise ReviewError(f"no verify results for variant(s) {', '.join(unknown)}; the verify JSON has "
-                          f"{', '.join(verified) or 'none'} (run `nox -s verify` first)")
+        why = "; ".join(absent[v] for v in unknown if v in absent)
+        raise ReviewError(f"no verify results for variant(s) {', '.join(unknown)}"
+                          + (f" ({why})" if why else "") + f"; the verify JSON has {', '.join(verified) or 'none'} "
+                          "(run `nox -s verify` first)")
     if not want:
         raise ReviewError("--variants is empty")
     return want, (None if want == every else want)
@@ -919,6 +923,7 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
         "model": None if offline else config.model,
         "subset": list(subset) if subset else None,
         "variants": list(variants),
+        "not_reviewed": {v: why for v, why in sorted((verify.get("not_applicable") or {}).items())},
         "reviews": reviews,
         "zoo": zoo,
         "inputs": {
