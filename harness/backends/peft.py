@@ -656,7 +656,7 @@ def _api_unsupported(self, spec: Spec, capability: str) -> str | None:
         if "lora_bias" not in _config_fields(cls):
             return f"peft {VERSION}'s {pm.config} has no lora_bias"
         try:  # the config's own checks: PEFT refuses lora_bias with some variants (DoRA, PiSSA's init)
-            cls(**pm.kwargs(impl.config(spec.name)), target_modules=["layer"], lora_bias=True)
+            cls(**pm.kwargs(self._config(spec, {})), target_modules=["layer"], lora_bias=True)
         except ValueError as e:
             return f"PEFT's {pm.config} refuses lora_bias=True here: {e}"
     if capability in ("patterns", "multi_adapter", "embedding", "conv2d", "lora_bias") and spec.data != "none":
@@ -674,8 +674,24 @@ def _api_unsupported(self, spec: Spec, capability: str) -> str | None:
         if pm.feedforward:
             return ("PEFT's feed-forward IA3 on Conv2d gates the c_in input channels, not the c_in*kh*kw patch "
                     "entries: no Linear-layout counterpart of the spec's g")
+        refused = _conv2d_refusal(pm, self._config(spec, {}))
+        if refused:
+            return f"peft {VERSION} refuses {spec.name} on Conv2d: {refused}"
     if spec.rewrites_base and capability in ("embedding", "conv2d"):
         return "PEFT's base-rewriting inits (PiSSA) on Embedding/Conv2d are outside this check"
+    return None
+
+
+def _conv2d_refusal(pm, config) -> str | None:
+    """PEFT's own refusal of this config on a Conv2d layer (e.g. peft 0.9.0's "Conv2d does not support DoRA yet",
+    tuners/lora/layer.py:656), found by adapting a 1x1 convolution; None when PEFT takes it."""
+    model = nn.Sequential()
+    model.add_module("layer", nn.Conv2d(2, 2, 1))
+    cfg = getattr(_peft, pm.config)(**_subconfigs(dict(pm.kwargs(config))), target_modules=["layer"])
+    try:
+        _peft.get_peft_model(model, cfg)
+    except ValueError as e:
+        return str(e)
     return None
 
 
