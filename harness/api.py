@@ -29,7 +29,7 @@ from . import tolerance as tol
 from .backends.protocol import ADAPTER_NAME, lacks
 from .models import Single, make_layer, tiny
 from .models import calibration as token_calibration
-from .probes import (Falsified, base_out, cfg_of, drawn_knob, layouts, perturb, perturb_layers, perturb_tensors,
+from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, layouts, perturb, perturb_layers, perturb_tensors,
                      prop, require, same_state, setup, snapshot)
 from .strategies import base_weight, cases, inputs
 
@@ -126,7 +126,7 @@ def _runtime_scale(spec, be, case):
     def check(what, alpha_factor, knobs):
         nonlocal worst
         cfg = cfg_of(spec, be, case, alpha=cfg0.alpha * alpha_factor) if alpha_factor != 1.0 else cfg0
-        y_ref = _oracle(spec, be.base_weight(s.model), getattr(s.model.layer, "bias", None), be.tensors(s.model),
+        y_ref = _oracle(spec, be.base_weight(s.model), base_bias(be, s.model), be.tensors(s.model),
                         x64, cfg, knobs)
         worst = max(worst, _close(f"after {what}: output differs from the oracle at that scale", _out(s.model, s.x),
                                   y_ref, base_out(s, x64), case.dtype, spec.identity_factor))
@@ -249,7 +249,7 @@ def _adapters_on_one_module(spec, be, case):
     s.model.eval()
     x64 = s.x.detach().double().cpu()
     W = be.base_weight(s.model).detach().double().clone()
-    bias = getattr(s.model.layer, "bias", None)
+    bias = base_bias(be, s.model)
     y_base = x64 @ W.T + (0 if bias is None else bias.detach().double())
     delta = {n: _oracle(spec, W, bias, be.adapter_tensors(s.model, n), x64, cfg) - y_base for n, cfg in cfgs.items()}
     both = y_base + delta[ADAPTER_NAME] + delta[OTHER]
@@ -299,7 +299,7 @@ def adapter_lifecycle(spec, be, case):
     s = setup(spec, be, case)
     perturb(spec, be, s.model, case)
     s.model.eval()
-    bias = getattr(s.model.layer, "bias", None)
+    bias = base_bias(be, s.model)
     with torch.no_grad():  # the base layer as attach left it (a base-rewriting init's residual: its own property)
         y0 = F.linear(s.x, be.base_weight(s.model), bias)
     y_a = _out(s.model, s.x)
