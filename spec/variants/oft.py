@@ -98,9 +98,8 @@ SPEC = register(
                       "dropout field is accepted and has no effect", backend="peft",
                       source="peft/tuners/oft/layer.py:29-66 (MultiplicativeDropoutLayer)", match="accepted"),
         ),
-        notes="PEFT's default Cayley–Neumann approximation (use_cayley_neumann=True, OFTv2) is not verified: the "
-              "PEFT mapping selects the exact Cayley transform. PEFT's Neumann path applies the inverse rotation of "
-              "its exact path for the same weights (a sign flip of S; see the report of issue #29). block_share, "
-              "COFT and the multiplicative block dropout are not drawn. alpha is unused.",
+        notes="The exact Cayley transform (PEFT: use_cayley_neumann=False); PEFT's default Cayley–Neumann "
+              "approximation is the spec 'oft_neumann'. block_share, COFT and the multiplicative block dropout are "
+              "not drawn. alpha is unused.",
     )
 )

@@ -1,10 +1,12 @@
 """Spec of OFT with the Cayley–Neumann parametrisation (OFTv2, Qiu et al. 2025), PEFT's default for OFT: the
 inverse (I − S)⁻¹ of the Cayley transform replaced by its Neumann series, truncated."""
+import dataclasses
+
 import torch
 
-from ..schema import Deviation, Reference, Spec, TensorSpec, register
-from ._peft_only import no_conv1d
-from .oft import fields, init_oracle, skew
+from ..schema import Reference, register
+from . import oft
+from .oft import skew
 
 TERMS = 4  # I + S + S² + S³: the series PEFT's default num_cayley_neumann_terms = 5 computes
 
@@ -32,34 +34,19 @@ def oracle(W, b, T, x, cfg, knobs, xd=None):
     return y if b is None else y + b
 
 
-SPEC = register(
-    Spec(
-        name="oft_neumann",
-        title="OFT with the Cayley–Neumann parametrisation (OFTv2; PEFT's default OFT)",
-        equation=r"y = W R x + b,\ R = \mathrm{diag}(R_k),\ R_k = (I + S_k)\sum_{i=0}^{3} S_k^{\,i} \approx (I + S_k)(I - S_k)^{-1}",
-        tensors=(TensorSpec("Q", "(r, (d_in // r) * (d_in // r - 1) // 2)",
-                            "zeros (R = I): row k holds the strict upper triangle of S_k, row by row"),),
-        param_count="r * (d_in // r) * (d_in // r - 1) // 2",
-        macs="d_in * (d_in // r)",
-        macs_per_forward="r * 3 * (d_in // r) ** 3",
-        oracle=oracle,
-        dense=dense,
-        init_oracle=init_oracle,
-        identity="bitwise",
-        dropout="rejected",
-        fields=fields,
-        max_rank="d_in",
-        references=(
-            Reference("OFTv2 paper (§3, Cayley–Neumann parametrisation)", "https://arxiv.org/abs/2506.19847"),
-            Reference("OFT paper (eq. 4: R = (I + S)(I − S)⁻¹)", "https://arxiv.org/abs/2306.07280"),
-            Reference("PEFT 0.21.2 OFT layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/oft/layer.py"),
-        ),
-        deviations=no_conv1d("OFT", "peft/tuners/oft/model.py:143 (v0.21.2)") + (
-            Deviation("dropout", "PEFT's OFT has no adapter-input dropout (module_dropout replaces whole blocks by I), "
-                      "left at 0 by the mapping; a dropout field is accepted and has no effect", backend="peft",
-                      source="peft/tuners/oft/layer.py:29-66 (MultiplicativeDropoutLayer)", match="accepted"),
-        ),
-        notes="No orthogonality claim: the truncated series is orthogonal only up to O(S⁴). The rotation must be the "
-              "one exact OFT applies (spec 'oft'), so that a checkpoint means the same rotation in both modes.",
-    )
-)
+SPEC = register(dataclasses.replace(
+    oft.SPEC,
+    name="oft_neumann",
+    title="OFT with the Cayley–Neumann parametrisation (OFTv2; PEFT's default OFT)",
+    equation=r"y = W R x + b,\ R = \mathrm{diag}(R_k),\ R_k = (I + S_k)\sum_{i=0}^{3} S_k^{\,i} \approx (I + S_k)(I - S_k)^{-1}",
+    macs_per_forward="r * 3 * (d_in // r) ** 3",
+    oracle=oracle,
+    dense=dense,
+    claims=(),
+    references=(
+        Reference("OFTv2 paper (§3, Cayley–Neumann parametrisation)", "https://arxiv.org/abs/2506.19847"),
+        *oft.SPEC.references,
+    ),
+    notes="No orthogonality claim: the truncated series is orthogonal only up to O(S⁴). The rotation must be the "
+          "one exact OFT applies (spec 'oft'), so that a checkpoint means the same rotation in both modes.",
+))
