@@ -151,3 +151,18 @@ def test_peft_findings_are_reported_as_failures():
     res = _run("adapters_on_one_module", "pissa")
     assert res.status in ("fail", "deviation") and "add_weighted_adapter" in res.detail, res
     assert math.isfinite(res.worst_error)
+
+
+def test_a_config_peft_refuses_on_conv2d_is_na_in_its_words():
+    """peft 0.9.0 raised "Conv2d does not support DoRA yet": that release's refusal is n/a quoting it, not a crash
+    counted against PEFT (planted here on the current release)."""
+    real = lora_layer.Conv2d.__init__
+
+    def refuse_dora(self, base_layer, adapter_name, config, *a, **k):
+        if config.use_dora:
+            raise ValueError(f"{self.__class__.__name__} does not support DoRA yet, please set it to False")
+        real(self, base_layer, adapter_name, config, *a, **k)
+
+    with mock.patch.object(lora_layer.Conv2d, "__init__", refuse_dora):
+        res = _run("layer_kinds", "dora")
+    assert res.status == "na" and "refuses dora on Conv2d: Conv2d does not support DoRA yet" in res.detail, res
