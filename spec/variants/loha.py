@@ -4,7 +4,8 @@ No impl variant: the impl backend reports every property `na`; the PEFT backend 
 """
 import torch
 
-from ..schema import Constraint, Deviation, Reference, Spec, TensorSpec, register
+from ..schema import Constraint, Reference, Spec, TensorSpec, register
+from ._peft_only import no_conv1d
 
 
 def delta(T, cfg):
@@ -56,20 +57,8 @@ SPEC = register(
             Reference("LyCORIS paper (§3.2, LoHa)", "https://arxiv.org/abs/2309.14859"),
             Reference("PEFT 0.21.2 loha layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/loha/layer.py"),
         ),
-        deviations=(
-            Deviation("layout", "PEFT's LoHa (LyCORIS tuner) wraps only torch.nn.Linear, Conv1d and Conv2d: "
-                      "transformers' Conv1D (GPT-2's projections) is refused at get_peft_model", backend="peft",
-                      source="peft/tuners/lycoris_utils.py:_create_new_module (v0.21.2, line 242)", match="not supported"),
-            Deviation("checkpoint_roundtrip", "PEFT's LoHa (LyCORIS tuner) wraps only torch.nn.Linear, Conv1d and Conv2d: "
-                      "transformers' Conv1D (GPT-2's projections) is refused at get_peft_model", backend="peft",
-                      source="peft/tuners/lycoris_utils.py:_create_new_module (v0.21.2, line 242)", match="not supported"),
-            Deviation("unmerge_restores", "PEFT's LoHa (LyCORIS tuner) wraps only torch.nn.Linear, Conv1d and Conv2d: "
-                      "transformers' Conv1D (GPT-2's projections) is refused at get_peft_model", backend="peft",
-                      source="peft/tuners/lycoris_utils.py:_create_new_module (v0.21.2, line 242)", match="not supported"),
-            Deviation("model_oracle", "PEFT's LoHa (LyCORIS tuner) wraps only torch.nn.Linear, Conv1d and Conv2d: "
-                      "transformers' Conv1D (GPT-2's projections) is refused at get_peft_model", backend="peft",
-                      source="peft/tuners/lycoris_utils.py:_create_new_module (v0.21.2, line 242)", match="not supported"),
-        ),
+        deviations=no_conv1d("LoHa (LyCORIS tuner)", "peft/tuners/lycoris_utils.py:242 (_create_new_module, v0.21.2)",
+                             wraps="torch.nn.Linear, Conv1d and Conv2d", match="not supported"),
         notes="No impl variant. Names: B_i (d_out, r), A_i (r, d_in) as in LoRA (FedPara's X_i, Y_iᵀ). PEFT's "
               "rank_dropout / module_dropout are training-time dropouts of rows / of the whole delta, not modelled "
               "(the PEFT backend leaves them at 0).",

@@ -7,7 +7,8 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from ..schema import Constraint, Deviation, Reference, Spec, TensorSpec, register
+from ..schema import Constraint, Reference, Spec, TensorSpec, register
+from ._peft_only import no_conv1d
 
 
 def fac(n: int) -> tuple[int, int]:
@@ -97,20 +98,8 @@ SPEC = register(
             Reference("LyCORIS paper (§3.3, LoKr)", "https://arxiv.org/abs/2309.14859"),
             Reference("PEFT 0.21.2 lokr layer", "https://github.com/huggingface/peft/blob/v0.21.2/src/peft/tuners/lokr/layer.py"),
         ),
-        deviations=(
-            Deviation("layout", "PEFT's LoKr (LyCORIS tuner) wraps only torch.nn.Linear, Conv1d and Conv2d: "
-                      "transformers' Conv1D (GPT-2's projections) is refused at get_peft_model", backend="peft",
-                      source="peft/tuners/lycoris_utils.py:_create_new_module (v0.21.2, line 242)", match="not supported"),
-            Deviation("checkpoint_roundtrip", "PEFT's LoKr (LyCORIS tuner) wraps only torch.nn.Linear, Conv1d and Conv2d: "
-                      "transformers' Conv1D (GPT-2's projections) is refused at get_peft_model", backend="peft",
-                      source="peft/tuners/lycoris_utils.py:_create_new_module (v0.21.2, line 242)", match="not supported"),
-            Deviation("unmerge_restores", "PEFT's LoKr (LyCORIS tuner) wraps only torch.nn.Linear, Conv1d and Conv2d: "
-                      "transformers' Conv1D (GPT-2's projections) is refused at get_peft_model", backend="peft",
-                      source="peft/tuners/lycoris_utils.py:_create_new_module (v0.21.2, line 242)", match="not supported"),
-            Deviation("model_oracle", "PEFT's LoKr (LyCORIS tuner) wraps only torch.nn.Linear, Conv1d and Conv2d: "
-                      "transformers' Conv1D (GPT-2's projections) is refused at get_peft_model", backend="peft",
-                      source="peft/tuners/lycoris_utils.py:_create_new_module (v0.21.2, line 242)", match="not supported"),
-        ),
+        deviations=no_conv1d("LoKr (LyCORIS tuner)", "peft/tuners/lycoris_utils.py:242 (_create_new_module, v0.21.2)",
+                             wraps="torch.nn.Linear, Conv1d and Conv2d", match="not supported"),
         notes="No impl variant. d_out = a·b and d_in = c·d are split by `fac` (PEFT's decompose_factor = -1); "
               "a prime width gives a 1 × n factor. PEFT's rank_dropout / module_dropout (training only) are left "
               "at 0.",
