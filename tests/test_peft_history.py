@@ -174,3 +174,18 @@ def test_spent_budget_starts_no_release_and_says_so(tmp_path, monkeypatch):
     out, stopped = ph.run_history(["0.9.0", "0.10.0"], -1.0, [], "history", log=lambda s, **k: lines.append(s))
     assert stopped and [r["status"] for r in out] == ["skipped", "skipped"]
     assert lines == ["[1/2] peft 0.9.0: skipped (budget of -1 s spent)", "[2/2] peft 0.10.0: skipped (budget of -1 s spent)"]
+
+
+def test_a_reused_release_keeps_the_seconds_of_the_run_that_produced_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(ph, "RESULTS", tmp_path)
+    monkeypatch.setattr(ph, "AUDIT", tmp_path / "peft_history")
+    monkeypatch.setattr(ph, "ensure_env", lambda *a, **k: tmp_path)
+    monkeypatch.setattr(ph, "probe", lambda *a, **k: {"shims": [], "transformers": "5.0"})
+    row = {"variant": "lora", "property": "oracle", "status": "pass"}
+    (tmp_path / "peft-0.9.0.json").write_text(json.dumps({"profile": "history", "backend_version": "0.9.0",
+                                                          "results": [row]}))
+    history = {"run": {"profile": "history"}, "releases": [{"version": "0.9.0", "seconds": 104.3}]}
+    (tmp_path / "peft_history.json").write_text(json.dumps(history))
+    out, _ = ph.run_history(["0.9.0"], 100.0, [], "history", log=lambda *a, **k: None, reuse=True)
+    assert out[0]["reused"] and out[0]["seconds"] == 104.3 and out[0]["results"] == [row]
+    assert ph.previous_seconds("ci") == {}  # another profile's times are not taken

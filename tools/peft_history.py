@@ -291,12 +291,25 @@ def write_history(history: dict, run: dict, stem: Path = AUDIT) -> tuple[Path, P
     return js, md
 
 
+def previous_seconds(profile: str) -> dict[str, float]:
+    """{release: seconds} of the history JSON written before, when it ran the same profile (what a reused
+    release's row shows: the time of the run that produced its results)."""
+    try:
+        doc = json.loads(AUDIT.with_name(AUDIT.name + ".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict) or (doc.get("run") or {}).get("profile") != profile:
+        return {}
+    return {r["version"]: r["seconds"] for r in doc.get("releases") or [] if isinstance(r.get("seconds"), (int, float))}
+
+
 def run_history(versions: list[str], budget_s: float, verify_args: list[str], profile: str,
                 python: str = sys.executable, log=print, reuse: bool = False) -> tuple[list[dict], bool]:
     """Verify each release in turn (its own process and environment); stop starting new ones when the budget is
     spent. reuse: take a release's build/verify/peft-<version>.json of an earlier run with the same profile
-    instead of running it again (delete that file to rerun one release). Returns (one record per release,
-    whether the budget stopped the run)."""
+    instead of running it again (delete that file to rerun one release); its row keeps the seconds the previous
+    history recorded for it. Returns (one record per release, whether the budget stopped the run)."""
+    before = previous_seconds(profile) if reuse else {}
     t0 = time.monotonic()
     out, stopped = [], False
     for i, v in enumerate(versions, 1):
@@ -330,7 +343,7 @@ def run_history(versions: list[str], budget_s: float, verify_args: list[str], pr
             pass
         except ReleaseError as e:
             rec.update(status="error", line=str(e), results=None)
-        rec["seconds"] = None if rec.get("reused") else round(time.monotonic() - t, 1)
+        rec["seconds"] = before.get(v) if rec.get("reused") else round(time.monotonic() - t, 1)
         if rec["status"] == "ran":
             n = {s: sum(x["status"] == s for x in rec["results"]) for s in ("pass", "fail", "deviation", "na")}
             shim = f", shims {rec['shims']}" if rec.get("shims") else ""
