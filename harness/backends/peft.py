@@ -770,7 +770,8 @@ def adapter_tensors(self, model, name: str) -> dict[str, torch.Tensor]:
     out = {}
     for sname, (key, transform) in peft_map(spec).tensors.items():
         if key not in live:
-            raise impl.AdapterError(f"no adapter '{name}' on the layer (PEFT tensors: {sorted(live)})")
+            what = f"adapter '{name}' on the layer has no '{key}'" if live else f"no adapter '{name}' on the layer"
+            raise impl.AdapterError(f"{what} (the spec's {sname}; PEFT tensors of '{name}': {sorted(live)})")
         out[sname] = _in_spec_layout(live[key], transform)
     return out
 
