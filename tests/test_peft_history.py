@@ -86,7 +86,8 @@ def test_history_first_failing_and_fixed_in_and_render(tmp_path):
         {"version": "0.10.0", "status": "ran", "results": [
             _res("lora", "merge", "fail", "check", "merge drifted by 3e-2", "Case(r=2)"), _res("dora", "oracle", "pass")]},
         {"version": "0.11.1", "status": "ran", "results": [
-            _res("lora", "merge", "fail", "crash", "AttributeError: x", "Case(r=1)"), _res("dora", "oracle", "pass")]},
+            _res("lora", "merge", "fail", "crash", "AttributeError: x [at /home/u/.nox/verify-peft-0.11.1/site/peft/a.py:3 in f]",
+                 "Case(r=1)"), _res("dora", "oracle", "pass")]},
         {"version": "0.12.0", "status": "ran", "results": [_res("lora", "merge", "pass"), _res("dora", "oracle", "pass")]},
         {"version": "0.13.2", "status": "error", "line": "peft 0.13.2 cannot be installed: ERROR: x", "results": None},
         {"version": "0.14.0", "status": "skipped", "line": "not started: the budget of 10 s was spent", "results": None},
@@ -97,6 +98,7 @@ def test_history_first_failing_and_fixed_in_and_render(tmp_path):
     assert merge["cells"] == {"0.9.0": "pass", "0.10.0": "F", "0.11.1": "E", "0.12.0": "pass", "0.13.2": "", "0.14.0": ""}
     assert merge["first_failing"] == "0.10.0" and merge["fixed_in"] == "0.12.0"
     assert [f["releases"] for f in merge["failures"]] == [["0.10.0"], ["0.11.1"]]
+    assert merge["failures"][1]["detail"] == "AttributeError: x [at peft/a.py:3 in f]"  # no machine's folders
     assert ("dora", "oracle") not in rows  # na at one release, never failing or deviating: no row
     avail = {a["variant"]: a for a in h["availability"]}
     assert avail["dora"]["cells"]["0.9.0"] == "peft 0.9.0 has no X" and avail["dora"]["first_available"] == "0.10.0"

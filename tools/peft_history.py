@@ -203,6 +203,13 @@ def cell(result: dict | None) -> str:
     return CELL.get(result["status"], result["status"])
 
 
+def portable(text: str) -> str:
+    """A crash site as the audit shows it: PEFT's files from the package root (`peft/tuners/...`), ours from the
+    repository root, not this machine's folders (the same failure then reads the same in every release)."""
+    text = re.sub(r"[^\s\[]*/site/(peft/)", r"\1", text)
+    return text.replace(str(ROOT) + os.sep, "")
+
+
 def build_history(releases: list[dict]) -> dict:
     """releases: [{'version', 'status': 'ran'|'error'|'skipped', 'line', 'results': [...] | None, ...}] oldest
     first -> the history: rows (variant, property) that are not 'pass' at some release that ran, a cell per
@@ -235,9 +242,9 @@ def build_history(releases: list[dict]) -> dict:
             distinct: dict[str, dict] = {}
             for v in fails:
                 x = by[v][k]
-                d = distinct.setdefault(x.get("detail", ""), {"releases": [], "detail": x.get("detail", ""),
-                                                             "example": x.get("example"), "where": x.get("where"),
-                                                             "kind": cells[v]})
+                detail, where = portable(x.get("detail") or ""), x.get("where") and portable(x["where"])
+                d = distinct.setdefault(detail, {"releases": [], "detail": detail, "example": x.get("example"),
+                                                 "where": where, "kind": cells[v]})
                 d["releases"].append(v)
             row["failures"] = list(distinct.values())
         rows.append(row)
