@@ -109,7 +109,7 @@ def test_history_first_failing_and_fixed_in_and_render(tmp_path):
     assert "| lora | merge | pass | F | E | pass |  |  | 0.10.0 | 0.12.0 |" in text
     assert "| dora | peft 0.9.0 has no X | yes | yes | yes |  |  | 0.10.0 |" in text
     assert "minimal example: `Case(r=2)`" in text and "merge drifted by 3e-2" in text
-    assert "peft 0.13.2 cannot be installed" in text and "The budget was spent" in text
+    assert "peft 0.13.2 cannot be installed" in text and "\n- Budget 10 s; the run took 12 s. **The budget was spent" in text
     assert json.loads(js.read_text())["rows"][0]["cells"]
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically, no temporary left
 
