@@ -29,8 +29,8 @@ from . import tolerance as tol
 from .backends.protocol import ADAPTER_NAME, lacks
 from .models import Single, make_layer, tiny
 from .models import calibration as token_calibration
-from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, layouts, perturb, perturb_layers, perturb_tensors,
-                     prop, require, same_state, setup, snapshot)
+from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, layouts, perturb, perturb_layers,
+                     perturb_tensors, prop, require, same_state, setup, snapshot)
 from .strategies import base_weight, cases, inputs
 
 OTHER = "other"  # the second adapter's name
