@@ -34,7 +34,9 @@ ENVS = ROOT / ".nox"
 RESULTS = ROOT / "build" / "verify"
 AUDIT = ROOT / "audits" / "peft_history"
 TEMPLATE = "peft_history.md.j2"
-HISTORY_VARIANTS = "lora,dora,pissa,eva,hra,ia3,delora"  # the variants with a PEFT counterpart (ia3_ff: ia3's twin)
+# The variants with a PEFT counterpart and an impl twin (ia3_ff is ia3's twin). The specs of PEFT's other methods
+# (vera, oft, ...) are verified on the pinned release by `nox -s verify -- --backend peft`; `--variants` adds them.
+HISTORY_VARIANTS = "lora,dora,pissa,eva,hra,ia3,delora"
 # The whole-model properties and the bitsandbytes ones take nine tenths of a PEFT verify on CPU (tiny transformers
 # models and bnb's CPU kernels, a few examples each whatever the profile); they are left to the single-release
 # verify (`nox -s verify -- --backend peft --peft-version X`). `--properties all` runs every property.
@@ -52,6 +54,8 @@ def history_properties(spec: str) -> str:
     from harness import PROPERTIES
 
     return ",".join(p for p in PROPERTIES if p not in HISTORY_SKIP)
+
+
 STAMP = "installed.stamp"
 OLDEST = "0.9.0"  # the oldest release the backend is adapted to (see the module docstring)
 
