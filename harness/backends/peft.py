@@ -274,6 +274,19 @@ def _mapped(layer: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
     return out
 
 
+def _refusal(fn):
+    """PEFT's ValueError for a bad request (an unknown adapter name, a merged adapter deleted) as a clear refusal."""
+
+    def call(*a, **k):
+        try:
+            return fn(*a, **k)
+        except ValueError as e:
+            raise impl.AdapterError(f"PEFT refused: {e}") from e
+
+    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+    return call
+
+
 # ----------------------------------------------------------------------------------------------- backend
 
 
@@ -608,9 +621,163 @@ class PeftBackend:
         """Context manager: the adapter switched off (PEFT's disable_adapter)."""
         return self.peft_model(model).disable_adapter()
 
+    # ---- the API beyond one adapter (harness.api): PEFT's public scale, pattern, multi-adapter and layer-kind API
 
-# ----------------------------------------------------------------------------------------------- the API beyond one
-# adapter (issue #29, harness.api): PEFT's public scale, pattern, multi-adapter and layer-kind API
+    def _api_unsupported(self, spec: Spec, capability: str) -> str | None:
+        """What PEFT lacks of the API beyond one adapter for this spec, decided from its PeftMap."""
+        pm = peft_map(spec)
+        if pm is None or pm.compare is not None:
+            return f"PEFT has no counterpart of '{spec.name}' with the spec's tensors"
+        if capability in ("scale", "patterns", "multi_adapter", "lora_bias") and not _lora_like(pm):
+            return f"PEFT's {pm.config} layers have no {capability} API (LoraConfig's LoraLayer has)"
+        if capability == "lora_bias":
+            cls = getattr(_peft, pm.config)
+            if "lora_bias" not in _config_fields(cls):
+                return f"peft {VERSION}'s {pm.config} has no lora_bias"
+            try:  # the config's own checks: PEFT refuses lora_bias with some variants (DoRA, PiSSA's init)
+                cls(**pm.kwargs(self._config(spec, {})), target_modules=["layer"], lora_bias=True)
+            except ValueError as e:
+                return f"PEFT's {pm.config} refuses lora_bias=True here: {e}"
+        if capability in ("patterns", "multi_adapter", "embedding", "conv2d", "lora_bias") and spec.data != "none":
+            return "the backend runs PEFT's data-driven init for one adapter on one Linear only"
+        if capability == "embedding":
+            if not _lora_like(pm):
+                return f"PEFT's {pm.config} has no Embedding layer"
+            other = sorted(k for k, _ in pm.tensors.values() if k not in _EMBEDDING_KEYS)
+            if other:
+                return (f"PEFT's Embedding keeps {other} in another meaning than the spec's Linear layout (DoRA on "
+                        "Embedding normalises each embedding row: a magnitude per token, not per output feature)")
+        if capability == "conv2d":
+            if pm.config not in ("LoraConfig", "IA3Config"):
+                return f"PEFT's {pm.config} has no Conv2d layer"
+            if pm.feedforward:
+                return ("PEFT's feed-forward IA3 on Conv2d gates the c_in input channels, not the c_in*kh*kw patch "
+                        "entries: no Linear-layout counterpart of the spec's g")
+            refused = _conv2d_refusal(pm, self._config(spec, {}))
+            if refused:
+                return f"peft {VERSION} refuses {spec.name} on Conv2d: {refused}"
+        if spec.rewrites_base and capability in ("embedding", "conv2d"):
+            return "PEFT's base-rewriting inits (PiSSA) on Embedding/Conv2d are outside this check"
+        return None
+
+    def _tuners(self, model) -> list[nn.Module]:
+        return [m for m in self.peft_model(model).modules() if _is_tuner(m)]
+
+    def set_scale(self, model, factor: float) -> None:
+        """LoraLayer.set_scale on every tuner layer's active adapters: s = factor x the config's s."""
+        for m in self._tuners(model):
+            for a in m.active_adapters:
+                m.set_scale(a, factor)
+
+    def scale_by(self, model, factor: float) -> None:
+        """LoraLayer.scale_layer: s *= factor on every tuner layer."""
+        for m in self._tuners(model):
+            m.scale_layer(factor)
+
+    def unscale_by(self, model, factor: float) -> None:
+        """LoraLayer.unscale_layer(factor): s /= factor on every tuner layer."""
+        for m in self._tuners(model):
+            m.unscale_layer(factor)
+
+    def reset_scale(self, model) -> None:
+        """LoraLayer.unscale_layer(None): s = the config's s on every tuner layer."""
+        for m in self._tuners(model):
+            m.unscale_layer(None)
+
+    def _attach_config(self, model: nn.Module, spec: Spec, cfg) -> nn.Module:
+        """get_peft_model with a ready PEFT config (data-free inits only)."""
+        if _STATE in model.__dict__:
+            raise AttachError("a PEFT adapter is already attached to this model")
+        kw = {"autocast_adapter_dtype": True} if _accepts(_peft.get_peft_model, "autocast_adapter_dtype") else {}
+        try:
+            pm = _peft.get_peft_model(model, cfg, **kw)
+        except Exception as e:
+            raise AttachError(f"PEFT could not adapt {cfg.target_modules}: {type(e).__name__}: {e}") from e
+        model.__dict__[_STATE] = {"peft_model": pm, "flags": (), "spec": spec}
+        return model
+
+    def attach_patterns(self, model: nn.Module, spec: Spec, case: Case, names, ranks: dict, alphas: dict,
+                        **over) -> nn.Module:
+        """get_peft_model on the named layers of a model, the config's r and alpha except where LoraConfig's
+        rank_pattern / alpha_pattern name a layer (a name matches as PEFT's `(.*\.)?name$`)."""
+        cfg = self.peft_config(spec, case, targets=tuple(names), **over)
+        cfg.rank_pattern, cfg.alpha_pattern = dict(ranks), dict(alphas)
+        return self._attach_config(model, spec, cfg)
+
+    @_refusal
+    def add_adapter(self, model, spec: Spec, case: Case, name: str, **over) -> None:
+        """PeftModel.add_adapter: a second named adapter on the same layer (not made active)."""
+        self.peft_model(model).add_adapter(name, self.peft_config(spec, case, layer=base_layer(model.layer), **over))
+
+    def adapter_tensors(self, model, name: str) -> dict[str, torch.Tensor]:
+        """The spec's tensors of the named adapter of the single layer."""
+        spec = model.__dict__[_STATE]["spec"]
+        live = _named_tensors(self._layer(model), name)
+        out = {}
+        for sname, (key, transform) in peft_map(spec).tensors.items():
+            if key not in live:
+                what = f"adapter '{name}' on the layer has no '{key}'" if live else f"no adapter '{name}' on the layer"
+                raise impl.AdapterError(f"{what} (the spec's {sname}; PEFT tensors of '{name}': {sorted(live)})")
+            out[sname] = _in_spec_layout(live[key], transform)
+        return out
+
+    @_refusal
+    def set_active(self, model, names) -> None:
+        """PeftModel.set_adapter for one name; the tuner's set_adapter for several (all active at once)."""
+        pm = self.peft_model(model)
+        if len(names) == 1:
+            pm.set_adapter(names[0])
+        else:
+            pm.base_model.set_adapter(list(names))
+
+    @_refusal
+    def merge_adapters(self, model, names) -> None:
+        self.peft_model(model).base_model.merge_adapter(adapter_names=list(names))
+
+    @_refusal
+    def unmerge_all(self, model) -> None:
+        self.peft_model(model).unmerge_adapter()
+
+    @_refusal
+    def weighted_adapter(self, model, names, weights, new_name: str) -> None:
+        """LoraModel.add_weighted_adapter (one adapter: PEFT combines linearly), then make it active."""
+        pm = self.peft_model(model)
+        pm.add_weighted_adapter(list(names), list(weights), new_name)
+        pm.set_adapter(new_name)
+
+    @_refusal
+    def delete_adapter(self, model, name: str) -> None:
+        self.peft_model(model).delete_adapter(name)
+
+    def attach_kind(self, model: nn.Module, spec: Spec, case: Case, lora_bias: bool = False, **over) -> nn.Module:
+        """get_peft_model on a one-layer model whose layer is an Embedding, a Conv2d or a Linear (lora_bias)."""
+        cfg = self.peft_config(spec, case, **over)
+        if lora_bias:
+            try:
+                cfg = dataclasses.replace(cfg, lora_bias=True)  # through the config's own checks
+            except ValueError as e:
+                raise AttachError(f"PEFT refuses lora_bias=True: {e}") from e
+        return self._attach_config(model, spec, cfg)
+
+    def kind_tensors(self, model) -> dict[str, torch.Tensor]:
+        """The spec's tensors of an Embedding / Conv2d tuner layer in the spec's Linear layout (storage shared)."""
+        spec = model.__dict__[_STATE]["spec"]
+        live = _named_tensors(self._layer(model), ADAPTER)
+        out = {}
+        for sname, (key, transform) in peft_map(spec).tensors.items():
+            t = live.get(key, live.get(_EMBEDDING_KEYS.get(key, key)))
+            if t is None:
+                raise KeyError(f"no PEFT tensor '{key}' for '{sname}'; PEFT has {sorted(live)}")
+            out[sname] = _in_spec_layout(t, transform)
+        return out
+
+    def kind_bias(self, model) -> torch.Tensor:
+        """The adapter-output bias of lora_bias=True (lora_B's bias)."""
+        return _named_tensors(self._layer(model), ADAPTER)["lora_B.bias"]
+
+
+# ----------------------------------------------------------------------------------------------- helpers of the API
+# beyond one adapter (the methods above)
 
 API_CAPABILITIES = ("scale", "patterns", "multi_adapter", "embedding", "conv2d", "lora_bias")
 # PEFT's Embedding layer keeps LoRA's factors as bare Parameters under other names (tuners/lora/layer.py, Embedding)
@@ -644,44 +811,6 @@ def _lora_like(pm) -> bool:
     return pm is not None and pm.config == "LoraConfig" and pm.compare is None
 
 
-def _api_unsupported(self, spec: Spec, capability: str) -> str | None:
-    """What PEFT lacks of the API beyond one adapter for this spec, decided from its PeftMap."""
-    pm = peft_map(spec)
-    if pm is None or pm.compare is not None:
-        return f"PEFT has no counterpart of '{spec.name}' with the spec's tensors"
-    if capability in ("scale", "patterns", "multi_adapter", "lora_bias") and not _lora_like(pm):
-        return f"PEFT's {pm.config} layers have no {capability} API (LoraConfig's LoraLayer has)"
-    if capability == "lora_bias":
-        cls = getattr(_peft, pm.config)
-        if "lora_bias" not in _config_fields(cls):
-            return f"peft {VERSION}'s {pm.config} has no lora_bias"
-        try:  # the config's own checks: PEFT refuses lora_bias with some variants (DoRA, PiSSA's init)
-            cls(**pm.kwargs(self._config(spec, {})), target_modules=["layer"], lora_bias=True)
-        except ValueError as e:
-            return f"PEFT's {pm.config} refuses lora_bias=True here: {e}"
-    if capability in ("patterns", "multi_adapter", "embedding", "conv2d", "lora_bias") and spec.data != "none":
-        return "the backend runs PEFT's data-driven init for one adapter on one Linear only"
-    if capability == "embedding":
-        if not _lora_like(pm):
-            return f"PEFT's {pm.config} has no Embedding layer"
-        other = sorted(k for k, _ in pm.tensors.values() if k not in _EMBEDDING_KEYS)
-        if other:
-            return (f"PEFT's Embedding keeps {other} in another meaning than the spec's Linear layout (DoRA on "
-                    "Embedding normalises each embedding row: a magnitude per token, not per output feature)")
-    if capability == "conv2d":
-        if pm.config not in ("LoraConfig", "IA3Config"):
-            return f"PEFT's {pm.config} has no Conv2d layer"
-        if pm.feedforward:
-            return ("PEFT's feed-forward IA3 on Conv2d gates the c_in input channels, not the c_in*kh*kw patch "
-                    "entries: no Linear-layout counterpart of the spec's g")
-        refused = _conv2d_refusal(pm, self._config(spec, {}))
-        if refused:
-            return f"peft {VERSION} refuses {spec.name} on Conv2d: {refused}"
-    if spec.rewrites_base and capability in ("embedding", "conv2d"):
-        return "PEFT's base-rewriting inits (PiSSA) on Embedding/Conv2d are outside this check"
-    return None
-
-
 def _conv2d_refusal(pm, config) -> str | None:
     """PEFT's own refusal of this config on a Conv2d layer (e.g. peft 0.9.0's "Conv2d does not support DoRA yet",
     tuners/lora/layer.py:656), found by adapting a 1x1 convolution; None when PEFT takes it."""
@@ -694,149 +823,5 @@ def _conv2d_refusal(pm, config) -> str | None:
         return str(e)
     return None
 
-
-def _refusal(fn):
-    """PEFT's ValueError for a bad request (an unknown adapter name, a merged adapter deleted) as a clear refusal."""
-    def call(*a, **k):
-        try:
-            return fn(*a, **k)
-        except ValueError as e:
-            raise impl.AdapterError(f"PEFT refused: {e}") from e
-
-    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
-    return call
-
-
-def _tuners(self, model) -> list[nn.Module]:
-    return [m for m in self.peft_model(model).modules() if _is_tuner(m)]
-
-
-def set_scale(self, model, factor: float) -> None:
-    """LoraLayer.set_scale on every tuner layer's active adapters: s = factor x the config's s."""
-    for m in self._tuners(model):
-        for a in m.active_adapters:
-            m.set_scale(a, factor)
-
-
-def scale_by(self, model, factor: float) -> None:
-    """LoraLayer.scale_layer: s *= factor on every tuner layer."""
-    for m in self._tuners(model):
-        m.scale_layer(factor)
-
-
-def unscale_by(self, model, factor: float) -> None:
-    """LoraLayer.unscale_layer(factor): s /= factor on every tuner layer."""
-    for m in self._tuners(model):
-        m.unscale_layer(factor)
-
-
-def reset_scale(self, model) -> None:
-    """LoraLayer.unscale_layer(None): s = the config's s on every tuner layer."""
-    for m in self._tuners(model):
-        m.unscale_layer(None)
-
-
-def _attach_config(self, model: nn.Module, spec: Spec, cfg) -> nn.Module:
-    """get_peft_model with a ready PEFT config (data-free inits only)."""
-    if _STATE in model.__dict__:
-        raise AttachError("a PEFT adapter is already attached to this model")
-    kw = {"autocast_adapter_dtype": True} if _accepts(_peft.get_peft_model, "autocast_adapter_dtype") else {}
-    try:
-        pm = _peft.get_peft_model(model, cfg, **kw)
-    except Exception as e:
-        raise AttachError(f"PEFT could not adapt {cfg.target_modules}: {type(e).__name__}: {e}") from e
-    model.__dict__[_STATE] = {"peft_model": pm, "flags": (), "spec": spec}
-    return model
-
-
-def attach_patterns(self, model: nn.Module, spec: Spec, case: Case, names, ranks: dict, alphas: dict,
-                    **over) -> nn.Module:
-    """get_peft_model on the named layers of a model, the config's r and alpha except where LoraConfig's
-    rank_pattern / alpha_pattern name a layer (a name matches as PEFT's `(.*\.)?name$`)."""
-    cfg = self.peft_config(spec, case, targets=tuple(names), **over)
-    cfg.rank_pattern, cfg.alpha_pattern = dict(ranks), dict(alphas)
-    return self._attach_config(model, spec, cfg)
-
-
-def add_adapter(self, model, spec: Spec, case: Case, name: str, **over) -> None:
-    """PeftModel.add_adapter: a second named adapter on the same layer (not made active)."""
-    self.peft_model(model).add_adapter(name, self.peft_config(spec, case, layer=base_layer(model.layer), **over))
-
-
-def adapter_tensors(self, model, name: str) -> dict[str, torch.Tensor]:
-    """The spec's tensors of the named adapter of the single layer."""
-    spec = model.__dict__[_STATE]["spec"]
-    live = _named_tensors(self._layer(model), name)
-    out = {}
-    for sname, (key, transform) in peft_map(spec).tensors.items():
-        if key not in live:
-            what = f"adapter '{name}' on the layer has no '{key}'" if live else f"no adapter '{name}' on the layer"
-            raise impl.AdapterError(f"{what} (the spec's {sname}; PEFT tensors of '{name}': {sorted(live)})")
-        out[sname] = _in_spec_layout(live[key], transform)
-    return out
-
-
-def set_active(self, model, names) -> None:
-    """PeftModel.set_adapter for one name; the tuner's set_adapter for several (all active at once)."""
-    pm = self.peft_model(model)
-    if len(names) == 1:
-        pm.set_adapter(names[0])
-    else:
-        pm.base_model.set_adapter(list(names))
-
-
-def merge_adapters(self, model, names) -> None:
-    self.peft_model(model).base_model.merge_adapter(adapter_names=list(names))
-
-
-def unmerge_all(self, model) -> None:
-    self.peft_model(model).unmerge_adapter()
-
-
-def weighted_adapter(self, model, names, weights, new_name: str) -> None:
-    """LoraModel.add_weighted_adapter (one adapter: PEFT combines linearly), then make it active."""
-    pm = self.peft_model(model)
-    pm.add_weighted_adapter(list(names), list(weights), new_name)
-    pm.set_adapter(new_name)
-
-
-def delete_adapter(self, model, name: str) -> None:
-    self.peft_model(model).delete_adapter(name)
-
-
-def attach_kind(self, model: nn.Module, spec: Spec, case: Case, lora_bias: bool = False, **over) -> nn.Module:
-    """get_peft_model on a one-layer model whose layer is an Embedding, a Conv2d or a Linear (lora_bias)."""
-    cfg = self.peft_config(spec, case, **over)
-    if lora_bias:
-        try:
-            cfg = dataclasses.replace(cfg, lora_bias=True)  # through the config's own checks
-        except ValueError as e:
-            raise AttachError(f"PEFT refuses lora_bias=True: {e}") from e
-    return self._attach_config(model, spec, cfg)
-
-
-def kind_tensors(self, model) -> dict[str, torch.Tensor]:
-    """The spec's tensors of an Embedding / Conv2d tuner layer in the spec's Linear layout (storage shared)."""
-    spec = model.__dict__[_STATE]["spec"]
-    live = _named_tensors(self._layer(model), ADAPTER)
-    out = {}
-    for sname, (key, transform) in peft_map(spec).tensors.items():
-        t = live.get(key, live.get(_EMBEDDING_KEYS.get(key, key)))
-        if t is None:
-            raise KeyError(f"no PEFT tensor '{key}' for '{sname}'; PEFT has {sorted(live)}")
-        out[sname] = _in_spec_layout(t, transform)
-    return out
-
-
-def kind_bias(self, model) -> torch.Tensor:
-    """The adapter-output bias of lora_bias=True (lora_B's bias)."""
-    return _named_tensors(self._layer(model), ADAPTER)["lora_B.bias"]
-
-
-for _fn in (_api_unsupported, _tuners, set_scale, scale_by, unscale_by, reset_scale, _attach_config, attach_patterns,
-            attach_kind, kind_tensors, kind_bias, adapter_tensors):
-    setattr(PeftBackend, _fn.__name__, _fn)
-for _fn in (add_adapter, set_active, merge_adapters, unmerge_all, weighted_adapter, delete_adapter):
-    setattr(PeftBackend, _fn.__name__, _refusal(_fn))
 
 BACKENDS["peft"] = PeftBackend
