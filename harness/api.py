@@ -29,7 +29,7 @@ from . import tolerance as tol
 from .backends.protocol import ADAPTER_NAME, lacks
 from .models import Single, make_layer, tiny
 from .models import calibration as token_calibration
-from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, layouts, perturb, perturb_layers,
+from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, layouts, oracle_on, perturb, perturb_layers,
                      perturb_tensors, prop, require, same_state, setup, snapshot)
 from .strategies import base_weight, cases, inputs
 
@@ -51,9 +51,7 @@ def _out(model, x):
 
 def _oracle(spec, W, b, T, x64, cfg, knobs=None):
     """The spec's float64 oracle on float64 copies of the given tensors."""
-    T = {n: t.detach().double().cpu() for n, t in T.items()}
-    b = None if b is None else b.detach().double().cpu()
-    return spec.oracle(W.detach().double().cpu(), b, T, x64, cfg, knobs or {})
+    return oracle_on(spec, W, b, T, x64, cfg, knobs or {})[0]
 
 
 def _close(what, y, y_ref, y_base, dtype, factor):
@@ -187,7 +185,7 @@ def _rank_patterns(spec, be, case):
         limit = spec.rank_limit(c.d_in, c.d_out) or 8
         r = case.fields["r"] if i == 0 else 1 + int(torch.randint(min(limit, 8), (1,), generator=g))
         if i and r == case.fields["r"]:
-            r = r + 1 if r < min(limit, 8) else max(1, r - 1)
+            r = _another_rank(spec, c.d_in, c.d_out, r)
         a = case.fields["alpha"] if i == 0 else 0.5 + float(torch.rand(1, generator=g, dtype=torch.float64)) * 8
         W, b = base_weight(c)
         layers[name] = make_layer(W.to(c.dtype).double(), None if b is None else b.to(c.dtype).double(), c.dtype)
@@ -221,12 +219,16 @@ def _rank_patterns(spec, be, case):
 # ----------------------------------------------------------------------------------------------- two adapters
 
 
+def _another_rank(spec, d_in: int, d_out: int, r: int) -> int:
+    """A rank other than r within the spec's limit for (d_in, d_out) (at most 8)."""
+    top = min(spec.rank_limit(d_in, d_out) or 8, 8)
+    return r + 1 if r < top else max(1, r - 1)
+
+
 def _second(spec, case):
     """The second adapter's r and alpha: another rank (within the spec's limit) and another alpha."""
-    limit = spec.rank_limit(case.d_in, case.d_out) or 8
-    r = case.fields["r"]
-    r2 = r + 1 if r < min(limit, 8) else max(1, r - 1)
-    return {"r": r2, "alpha": case.fields["alpha"] * 1.5 + 0.5}
+    return {"r": _another_rank(spec, case.d_in, case.d_out, case.fields["r"]),
+            "alpha": case.fields["alpha"] * 1.5 + 0.5}
 
 
 @prop("adapters_on_one_module", _f32_bias, needs=("multi_adapter",), max_examples=3)
@@ -450,9 +452,9 @@ def _lora_bias(spec, be, case):
     with torch.no_grad():
         be.kind_bias(model).copy_(torch.randn(case.d_out, generator=case.gen(27)))
     x = inputs(case).to(case.dtype)
-    layer = model.layer.get_base_layer() if hasattr(model.layer, "get_base_layer") else model.layer
     return _merge_round(spec, be, model, x, _out(model, x).double(),
-                        lambda: {"weight": layer.weight, "bias": layer.bias}, case, "adapter-output bias")
+                        lambda: {"weight": be.base_weight(model), "bias": base_bias(be, model)}, case,
+                        "adapter-output bias")
 
 
 @prop("layer_kinds", _f32, applies=_kinds, max_examples=4)

@@ -145,16 +145,18 @@ def base_bias(be, model):
     return own(model) if own is not None else getattr(model.layer, "bias", None)
 
 
+def oracle_on(spec: Spec, W, b, T: dict, x64: torch.Tensor, cfg, knobs, xd=None, grad: bool = False):
+    """The spec's float64 oracle on float64 CPU copies of the given base weight, bias and tensors (a copy of a
+    trainable tensor requires grad when `grad`); returns (y, the tensors' copies)."""
+    T = {n: t.detach().double().cpu().requires_grad_(grad and t.requires_grad) for n, t in T.items()}
+    b = None if b is None else b.detach().double().cpu()
+    return spec.oracle(W.detach().double().cpu(), b, T, x64, cfg, knobs, xd=xd), T
+
+
 def oracle_output(spec: Spec, be, s: Setup, case: Case, x64: torch.Tensor, xd=None, grad: bool = False, **over):
     """The spec's float64 oracle on the backend's live tensors, base weight and knobs."""
-    T = {}
-    for name, t in be.tensors(s.model).items():
-        T[name] = t.detach().double().cpu().requires_grad_(grad and t.requires_grad)
-    W = be.base_weight(s.model).detach().double().cpu()
-    layer_b = base_bias(be, s.model)
-    b = None if layer_b is None else layer_b.detach().double().cpu()
-    y = spec.oracle(W, b, T, x64, cfg_of(spec, be, case, **over), be.knobs(s.model), xd=xd)
-    return y, T
+    return oracle_on(spec, be.base_weight(s.model), base_bias(be, s.model), be.tensors(s.model), x64,
+                     cfg_of(spec, be, case, **over), be.knobs(s.model), xd=xd, grad=grad)
 
 
 def base_out(s: Setup, x64):
