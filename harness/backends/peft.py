@@ -710,9 +710,13 @@ class PeftBackend:
         self.peft_model(model).add_adapter(name, self.peft_config(spec, case, layer=base_layer(model.layer), **over))
 
     def adapter_tensors(self, model, name: str) -> dict[str, torch.Tensor]:
-        """The spec's tensors of the named adapter of the single layer."""
+        """The spec's tensors of the named adapter of the single layer (a Linear, an Embedding whose factors PEFT
+        names otherwise, or a Conv2d whose kernel-shaped factors the caller reshapes)."""
         spec = model.__dict__[_STATE]["spec"]
         live = _named_tensors(self._layer(model), name)
+        for key, alias in _EMBEDDING_KEYS.items():
+            if key not in live and alias in live:
+                live[key] = live[alias]
         out = {}
         for sname, (key, transform) in peft_map(spec).tensors.items():
             if key not in live:
@@ -760,16 +764,8 @@ class PeftBackend:
         return self._attach_config(model, spec, cfg)
 
     def kind_tensors(self, model) -> dict[str, torch.Tensor]:
-        """The spec's tensors of an Embedding / Conv2d tuner layer in the spec's Linear layout (storage shared)."""
-        spec = model.__dict__[_STATE]["spec"]
-        live = _named_tensors(self._layer(model), ADAPTER)
-        out = {}
-        for sname, (key, transform) in peft_map(spec).tensors.items():
-            t = live.get(key, live.get(_EMBEDDING_KEYS.get(key, key)))
-            if t is None:
-                raise KeyError(f"no PEFT tensor '{key}' for '{sname}'; PEFT has {sorted(live)}")
-            out[sname] = _in_spec_layout(t, transform)
-        return out
+        """The spec's tensors of an Embedding / Conv2d / lora_bias tuner layer (storage shared)."""
+        return self.adapter_tensors(model, ADAPTER)
 
     def kind_bias(self, model) -> torch.Tensor:
         """The adapter-output bias of lora_bias=True (lora_B's bias)."""

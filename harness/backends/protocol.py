@@ -77,7 +77,7 @@ CAPABILITIES: Mapping[str, str] = MappingProxyType({
                      "[weights], new_name), delete_adapter(model, name), disabled(model) (a context manager); "
                      "an unknown name raises one of `errors`",
     "embedding": "adapting nn.Embedding (and transformers' scaled embeddings): attach_kind(model, spec, case, "
-                 "**over) on a one-layer model, kind_tensors(model, spec, case) in the spec's Linear layout "
+                 "**over) on a one-layer model, kind_tensors(model) in the spec's Linear layout "
                  "(W = the embedding matrix transposed, inputs one-hot)",
     "conv2d": "adapting nn.Conv2d: attach_kind / kind_tensors as for embedding (W = the kernel flattened to "
               "(c_out, c_in*kh*kw), inputs the unfolded patches), merge_adapter / unmerge_adapter",
