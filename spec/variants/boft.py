@@ -1,22 +1,16 @@
 """Spec of BOFT, butterfly orthogonal finetuning (Liu et al. 2024), with one butterfly factor: a block-diagonal
 Cayley rotation of the input side and a trainable per-output magnitude."""
 import torch
-from hypothesis import strategies as st
 
 from ..schema import Claim, Constraint, Deviation, Reference, Spec, TensorSpec, register
 from ._peft_only import no_conv1d
-
-
-def cayley(A):
-    """R = (I + S)(I − S)⁻¹ with S = (A − Aᵀ)/2 the skew-symmetric part of the block A: orthogonal, det +1."""
-    S = 0.5 * (A - A.T)
-    eye = torch.eye(A.shape[-1], dtype=A.dtype)
-    return (eye + S) @ torch.linalg.inv(eye - S)
+from .oft import cayley, fields
 
 
 def rotation(R):
-    """diag(cayley(A_1), ..., cayley(A_r)) from the (1, r, b, b) blocks of the single butterfly factor."""
-    return torch.block_diag(*(cayley(A) for A in R[0]))
+    """diag(R_1, ..., R_r), R_k = cayley(S_k) (OFT's Cayley transform) with S_k = (A_k − A_kᵀ)/2 the skew part of
+    the k-th of the (1, r, b, b) blocks of the single butterfly factor: orthogonal, det +1."""
+    return torch.block_diag(*(cayley(0.5 * (A - A.T)) for A in R[0]))
 
 
 def dense(W, b, T, cfg, knobs):
@@ -42,11 +36,6 @@ def gram_pair(probe):
     rotation alone must keep W's neuron Gram matrix."""
     probe.set("s", torch.ones(probe.case.d_out, 1, dtype=torch.float64))
     return probe.base_weight(), probe.dense_map()
-
-
-def fields(draw, d_in, d_out):
-    """r = the number of blocks: a divisor of d_in leaving blocks of at least 2 × 2."""
-    return {"r": draw(st.sampled_from([k for k in range(1, d_in + 1) if d_in % k == 0 and d_in // k >= 2]), label="r")}
 
 
 SPEC = register(
