@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import nox
+import nox.command
 
 nox.needs_version = ">=2024.3.2"
 nox.options.default_venv_backend = "virtualenv"
@@ -104,35 +105,41 @@ def _option(args: list[str], name: str) -> str | None:
     return _pop_option(rest, name)
 
 
-def lora_lite_deps(pyproject: str) -> list[str]:
-    """The [project] dependencies of a lora-lite pyproject.toml, torch left out (constraints.txt pins it)."""
-    import tomllib
-
-    deps = tomllib.loads(pyproject).get("project", {}).get("dependencies", [])
-    return [d for d in deps if not d.replace(" ", "").startswith("torch")]
-
-
 def lora_lite_env(session: nox.Session, ref: str | None, repo: str) -> Path:
     """A virtualenv with this project and lora-lite's dependencies at `ref` (from its pyproject.toml): one per
-    set of dependencies, under .nox/verify-lora-lite-<hash>/. The commit's source is fetched or extracted by
+    set of dependencies, under .nox/verify-lora-lite-<hash>/. The ref is resolved with git in the repository
+    (impl.untrusted: never an option, never a path), the dependencies validated as PEP 508 names and versions
+    before pip sees them (tools.lora_lite.dependencies). The commit's source is fetched or extracted by
     tools.verify itself."""
     import hashlib
 
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from impl.untrusted import UntrustedInput, check_ref
+    from tools.lora_lite import SourceError, dependencies, is_url, pyproject_at
+
     if not ref:
         session.error("--backend lora-lite needs --ref COMMIT")
-    if Path(repo).exists():
-        where = ["-C", repo] if (Path(repo) / ".git").exists() else [f"--git-dir={repo}"]
-        pyproject = session.run("git", *where, "show", f"{ref}:pyproject.toml", external=True, silent=True)
-    else:
-        session.run(sys.executable, "-m", "tools.verify", "--fetch-only", "--ref", ref, "--repo", repo, external=True)
-        pyproject = (ROOT / ".cache" / "lora-lite" / ref / "pyproject.toml").read_text()
-    deps = lora_lite_deps(pyproject)
+    try:
+        check_ref(ref, "--ref")
+        if is_url(repo):
+            session.run(sys.executable, "-m", "tools.verify", "--fetch-only", "--ref", ref, "--repo", repo, external=True)
+        _, pyproject = pyproject_at(repo, ref)
+        deps = dependencies(pyproject)
+    except (UntrustedInput, SourceError) as e:
+        session.error(str(e))
     venv = ROOT / ".nox" / f"verify-lora-lite-{hashlib.sha256(' '.join(sorted(deps)).encode()).hexdigest()[:10]}"
     py = venv / "bin" / "python"
-    if not py.exists():
+    stamp = venv / STAMP
+    if not (py.exists() and stamp.is_file() and stamp.read_text() == "\n".join(deps)):
         session.run(sys.executable, "-m", "venv", str(venv), external=True)
-        session.run(str(py), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), "torch==2.13.0", external=True)
-        session.run(str(py), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), "-e", ".[test]", *deps, external=True)
+        try:
+            session.run(str(py), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), "torch==2.13.0", external=True)
+            session.run(str(py), "-m", "pip", "install", "-q", "-c", str(CONSTRAINTS), "-e", ".[test]", "--", *deps,
+                        external=True)
+        except nox.command.CommandFailed:
+            session.error(f"lora-lite {ref}'s dependencies {deps} cannot be installed (pip failed; see above)")
+        stamp.write_text("\n".join(deps))
     return py
 
 

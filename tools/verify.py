@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -52,10 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         have = version("peft")
         if have != a.peft_version:
             ap.error(f"--peft-version {a.peft_version} requested but peft {have} is installed; run it through nox -s verify")
+    if a.fetch_only and not (a.ref and a.repo and re.match(r"^https?://", a.repo)):
+        ap.error("--fetch-only fetches an http(s) --repo URL's archive of --ref; nothing to fetch otherwise")
     if a.repo and a.ref:
         from tools.lora_lite import local_source
 
-        a.ref, a.repo = local_source(a.ref, a.repo)  # a URL's archive is fetched (sha256-checked) into .cache/
+        try:  # a URL's archive is fetched (sha256-checked) into .cache/; a git repository's commit extracted
+            a.ref, a.repo = local_source(a.ref, a.repo)
+        except (RuntimeError, ValueError) as e:  # tools.lora_lite.SourceError and the fetch refusals: one line
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if a.fetch_only:
         return 0
     show_logging_from(a.log_level)

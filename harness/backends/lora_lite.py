@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import inspect
 import io
@@ -32,11 +33,15 @@ import tarfile
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from zlib import error as zlib_error
 
 import torch
 from torch import nn
 
 from impl import layers
+from impl.atomic import atomic_write_bytes
+from impl.untrusted import (FULL_COMMIT, GIT_TIMEOUT_S, UntrustedInput, check_ref, git_commit,
+                             git_repository)
 from spec.schema import Deviation, Spec
 
 from . import BACKENDS
@@ -72,48 +77,119 @@ LACKS = {
 
 
 def _git(repo: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    where = ["-C", str(repo)] if (repo / ".git").exists() else [f"--git-dir={repo}"]  # a work tree or a bare dir
-    return subprocess.run(["git", *where, *args], check=True, capture_output=True, **kw)
+    return subprocess.run(["git", *git_repository(repo), *args], check=True, capture_output=True,
+                          timeout=GIT_TIMEOUT_S, **kw)
 
 
 def resolve(repo: Path, ref: str) -> str:
-    """The full commit id of `ref` in a local git clone (a work tree or a bare git dir)."""
+    """The full commit id of `ref` in a local git clone (a work tree or a bare git dir): impl.untrusted.git_commit."""
     try:
-        return _git(repo, "rev-parse", "--verify", f"{ref}^{{commit}}", text=True).stdout.strip()
-    except subprocess.CalledProcessError as e:
-        raise ValueError(f"lora-lite: no commit {ref!r} in {repo}: {e.stderr.strip()}") from None
+        return git_commit(repo, ref, "lora-lite --ref")
+    except UntrustedInput as e:
+        raise ValueError(f"lora-lite: {e}") from None
+
+
+# Caps on what one lora-lite source may unpack to (its archive is 64 MiB at most, compressed).
+MAX_MEMBERS = 20_000
+MAX_UNPACKED_BYTES = 256 * 1024 * 1024
+TREE_SUFFIX = ".tree-sha256"
+
+
+class SourceRefused(ValueError):
+    """A lora-lite source that is not used: an archive over the caps, a tree that changed since it was recorded."""
+
+
+def unpack(data: bytes, dest: Path, what: str, mode: str = "r:*") -> None:
+    """Extract the tar `data` into the empty folder `dest` (tarfile's `data` filter), after checking its members:
+    at most MAX_MEMBERS, at most MAX_UNPACKED_BYTES of file data, only files and folders (no links, devices,
+    sparse files), no `.git` entry. SourceRefused in one line otherwise."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as tar:
+            total, members = 0, []
+            for m in tar:
+                members.append(m)
+                if len(members) > MAX_MEMBERS:
+                    raise SourceRefused(f"{what}: more than {MAX_MEMBERS} members; refused")
+                if not (m.isfile() or m.isdir()) or m.issparse():
+                    raise SourceRefused(f"{what}: member {m.name!r} is not a plain file or folder; refused")
+                if ".git" in Path(m.name).parts:
+                    raise SourceRefused(f"{what}: member {m.name!r} is git metadata; refused")
+                total += m.size
+                if total > MAX_UNPACKED_BYTES:
+                    raise SourceRefused(f"{what}: unpacks to more than {MAX_UNPACKED_BYTES >> 20} MiB; refused")
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError, zlib_error) as e:
+        raise SourceRefused(f"{what}: not a readable tar archive ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def tree_sha256(folder: Path) -> str:
+    """sha256 over every file under `folder` (sorted relative POSIX paths, each with its bytes' sha256)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        data = b"symlink:" + str(f.readlink()).encode() if f.is_symlink() else hashlib.sha256(f.read_bytes()).digest()
+        h.update(f.relative_to(folder).as_posix().encode() + b"\0" + data + b"\0")
+    return h.hexdigest()
+
+
+def record_tree(folder: Path) -> None:
+    """Record `folder`'s tree_sha256 beside it (<folder>.tree-sha256), when it is extracted."""
+    atomic_write_bytes(folder.with_name(folder.name + TREE_SUFFIX), (tree_sha256(folder) + "\n").encode())
+
+
+def checked_tree(folder: Path, commit: str) -> Path:
+    """`folder` when it is the extracted source of `commit` (named by the commit, its tree_sha256 equal to the
+    one recorded at extraction); SourceRefused in one line otherwise (checked before each use)."""
+    record = folder.with_name(folder.name + TREE_SUFFIX)
+    if folder.name != commit or not record.is_file():
+        raise SourceRefused(f"lora-lite: {folder} is not a git repository nor a source extracted for commit "
+                            f"{commit[:12]} by this harness (a folder is never verified as it is)")
+    want, have = record.read_text().strip(), tree_sha256(folder)
+    if want != have:
+        raise SourceRefused(f"lora-lite: the extracted source {folder} changed since it was extracted (tree sha256 "
+                            f"{have[:12]}, recorded {want[:12]}); delete it to extract it again")
+    return folder
 
 
 def extract(repo: Path, commit: str, cache: Path = CACHE) -> Path:
-    """`git archive COMMIT` of a local clone extracted into cache/<commit> (once; atomic rename)."""
+    """`git archive COMMIT` of a local clone extracted into cache/<commit> (once; atomic rename); its tree
+    checked against the sha256 recorded at extraction on every later use."""
     dest = cache / commit
     if (dest / "src" / PACKAGE).is_dir():
-        return dest
+        return checked_tree(dest, commit)
     cache.mkdir(parents=True, exist_ok=True)
     data = _git(repo, "archive", "--format=tar", commit).stdout
     tmp = Path(tempfile.mkdtemp(dir=cache))
     try:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(tmp, filter="data")
-        tmp.rename(dest)
+        unpack(data, tmp / "x", f"lora-lite {commit[:12]} (git archive)", mode="r:")
+        record_tree(tmp / "x")
+        (tmp / ("x" + TREE_SUFFIX)).rename(cache / (commit + TREE_SUFFIX))
+        (tmp / "x").rename(dest)
     except OSError:
         if not (dest / "src" / PACKAGE).is_dir():  # not just another worker extracting it first
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return checked_tree(dest, commit)
 
 
 def source(ref: str, repo: str) -> tuple[Path, str]:
-    """(folder holding src/lora_lite, commit id) for `ref` from a git clone or an extracted source folder."""
+    """(folder holding src/lora_lite, full commit id) for `ref`: a git repository (work tree or bare git dir) is
+    resolved with git and that commit's tree extracted, whatever is checked out; any other folder must be a
+    source this harness extracted for the commit `ref` names in full (tree sha256 re-checked)."""
     p = Path(repo)
-    if (p / "src" / PACKAGE).is_dir():
-        return p, ref
     if re.match(r"^[a-z]+://", repo):
         raise ValueError(f"lora-lite: {repo} is a URL; `python -m tools.verify --repo URL` fetches its archive "
                          "(the backend itself reads local folders only)")
     if not p.exists():
         raise ValueError(f"lora-lite: --repo {repo} does not exist")
+    try:
+        git_repository(p)
+    except UntrustedInput:
+        commit = check_ref(ref, "lora-lite --ref")
+        if not FULL_COMMIT.fullmatch(commit):
+            raise ValueError(f"lora-lite: {repo} is not a git repository; an extracted source needs the full "
+                             f"commit id, not {ref!r}") from None
+        return checked_tree(p, commit), commit
     commit = resolve(p, ref)
     return extract(p, commit), commit
 
