@@ -43,11 +43,29 @@ def commit_of(sidecar: dict, sidecar_path: Path, root: Path) -> str | None:
     out = (git(root, "log", "-n", "1", "--diff-filter=A", "--format=%H", "--", str(sidecar_path)) or "").strip()
     if out:
         return out
-    return sidecar.get("commit") if not sidecar.get("dirty", True) else None
+    if sidecar.get("dirty", True):
+        return None
+    return valid_commit(sidecar.get("commit"), root)
+
+
+def valid_commit(ref: object, root: Path) -> str | None:
+    """`ref` as the full commit id git resolves it to in `root` (impl.untrusted: never an option or revision
+    syntax), None when it is not one: only such an id reaches `git show`."""
+    from impl.untrusted import FULL_COMMIT, UntrustedInput, check_ref, git_commit
+
+    try:
+        ref = check_ref(ref, "the previous audit's commit")
+        return ref if FULL_COMMIT.fullmatch(ref) else git_commit(root, ref, "the previous audit's commit")
+    except UntrustedInput:
+        return None
 
 
 def file_at(root: Path, commit: str, path: str) -> list[str] | None:
-    """The lines of `path` at `commit`, None when it did not exist there."""
+    """The lines of `path` at `commit`, None when it did not exist there (or `commit` is not a full commit id)."""
+    from impl.untrusted import FULL_COMMIT
+
+    if not isinstance(commit, str) or not FULL_COMMIT.fullmatch(commit):
+        return None
     out = git(root, "show", f"{commit}:{path}")
     return None if out is None else out.splitlines()
 
