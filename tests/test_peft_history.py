@@ -172,10 +172,12 @@ def test_transformers_shim_only_for_a_removed_name():
 def test_spent_budget_starts_no_release_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(ph, "RESULTS", tmp_path)
     monkeypatch.setattr(ph, "ensure_env", lambda *a, **k: pytest.fail("a release was started"))
+    clock = iter([0.0, 5.0, 10.0])  # the start, then each release's check: the 1 s budget is already spent
+    monkeypatch.setattr(ph.time, "monotonic", lambda: next(clock))
     lines = []
-    out, stopped = ph.run_history(["0.9.0", "0.10.0"], -1.0, [], "history", log=lambda s, **k: lines.append(s))
+    out, stopped = ph.run_history(["0.9.0", "0.10.0"], 1.0, [], "history", log=lambda s, **k: lines.append(s))
     assert stopped and [r["status"] for r in out] == ["skipped", "skipped"]
-    assert lines == ["[1/2] peft 0.9.0: skipped (budget of -1 s spent)", "[2/2] peft 0.10.0: skipped (budget of -1 s spent)"]
+    assert lines == ["[1/2] peft 0.9.0: skipped (budget of 1 s spent)", "[2/2] peft 0.10.0: skipped (budget of 1 s spent)"]
 
 
 def test_a_reused_release_keeps_the_seconds_of_the_run_that_produced_it(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -57,6 +58,23 @@ def history_properties(spec: str) -> str:
 
 
 STAMP = "installed.stamp"
+# Limits on the subprocesses of a history (pip, the import probe, one release's verify): one that runs past its
+# limit is killed and its release is an error row naming the limit.
+PIP_TIMEOUT_S = 900.0
+PROBE_TIMEOUT_S = 300.0
+VERIFY_TIMEOUT_S = 3600.0
+
+
+def _timed_out(what: str, limit: float) -> ReleaseError:
+    return ReleaseError(f"{what} did not finish within the timeout of {limit:g} s (killed)")
+
+
+def positive_seconds(value: float, what: str) -> float:
+    """`value` when it is a finite number of seconds above zero; ValueError in one line otherwise (-1, 0, NaN and
+    inf would skip every release, never stop, or crash after the whole run)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite positive number of seconds, not {value}")
+    return float(value)
 OLDEST = "0.9.0"  # the oldest release the backend is adapted to (see the module docstring)
 
 
@@ -86,7 +104,11 @@ def parse_range(text: str) -> tuple[str, str]:
 
 def index_versions(python: str = sys.executable) -> list[str]:
     """PEFT's final releases on the package index, as `pip index versions peft` lists them."""
-    p = subprocess.run([python, "-m", "pip", "index", "versions", "peft"], capture_output=True, text=True)
+    try:
+        p = subprocess.run([python, "-m", "pip", "index", "versions", "peft"], capture_output=True, text=True,
+                           timeout=PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise _timed_out("pip index versions peft", PIP_TIMEOUT_S) from None
     m = re.search(r"Available versions:\s*(.+)", p.stdout)
     if p.returncode != 0 or not m:
         raise ReleaseError(f"cannot list PEFT's releases with pip index versions: {_last_line(p.stderr or p.stdout)}")
@@ -149,8 +171,11 @@ def ensure_env(version: str, python: str = sys.executable, run=subprocess.run) -
     atomic_write_bytes(cons, release_constraints(version, CONSTRAINTS.read_text()).encode())
     # --no-deps: only the release itself goes into the folder (every other package is the pinned one behind it),
     # so the constraints file is the record of the environment's pins, not an input of this install
-    p = run([python, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(site),
-             f"peft=={version}"], capture_output=True, text=True)
+    try:
+        p = run([python, "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(site),
+                 f"peft=={version}"], capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise _timed_out(f"peft {version}: pip install", PIP_TIMEOUT_S) from None
     if p.returncode != 0:
         raise ReleaseError(f"peft {version} cannot be installed: {_last_line(p.stderr or p.stdout)}")
     atomic_write_bytes(stamp, version.encode())
@@ -169,7 +194,11 @@ PROBE = ("import json, transformers, harness.backends.peft as b; e = b.IMPORT_ER
 def probe(version: str, site: Path, python: str = sys.executable, run=subprocess.run) -> dict:
     """Import the release as the backend does; ReleaseError in one line when it does not import or is not
     the requested release. Returns {'version', 'shims', 'transformers'}."""
-    p = run([python, "-c", PROBE], capture_output=True, text=True, env=env_vars(site), cwd=str(ROOT))
+    try:
+        p = run([python, "-c", PROBE], capture_output=True, text=True, env=env_vars(site), cwd=str(ROOT),
+                timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise _timed_out(f"peft {version}: the import probe", PROBE_TIMEOUT_S) from None
     if p.returncode != 0:
         raise ReleaseError(f"peft {version}: the PEFT backend does not import: {_last_line(p.stderr)}")
     info = json.loads(p.stdout.strip().splitlines()[-1])
@@ -297,9 +326,30 @@ def write_history(history: dict, run: dict, stem: Path = AUDIT) -> tuple[Path, P
 
     doc = {**history, "run": run}
     js, md = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
-    atomic_write_bytes(js, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
-    atomic_write_bytes(md, render_markdown(history, run).encode())
+    # both rendered before either is written (a failure leaves the committed pair as it was), then each moved
+    # into place atomically, one after the other
+    js_bytes = (json.dumps(doc, indent=1, sort_keys=False, allow_nan=False) + "\n").encode()
+    md_bytes = render_markdown(history, run).encode()
+    atomic_write_bytes(js, js_bytes)
+    atomic_write_bytes(md, md_bytes)
     return js, md
+
+
+def load_history(path: Path) -> tuple[dict, dict]:
+    """(history, run) of a history JSON, rendered once in memory to check it; ValueError in one line when the
+    file is missing, not JSON, or not a history this tool wrote."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable history JSON ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != "lora-verify/peft-history/1" or not isinstance(doc.get("run"), dict):
+        raise ValueError(f"{path}: not a PEFT history JSON (schema lora-verify/peft-history/1 with a 'run' object expected)")
+    run = doc.pop("run")
+    try:
+        render_markdown(doc, run)
+    except Exception as e:  # noqa: BLE001 - a malformed field anywhere in the JSON: one line naming it
+        raise ValueError(f"{path}: the history JSON does not render ({type(e).__name__}: {str(e)[:160]})") from None
+    return doc, run
 
 
 def previous_seconds(profile: str) -> dict[str, float]:
@@ -315,11 +365,14 @@ def previous_seconds(profile: str) -> dict[str, float]:
 
 
 def run_history(versions: list[str], budget_s: float, verify_args: list[str], profile: str,
-                python: str = sys.executable, log=print, reuse: bool = False) -> tuple[list[dict], bool]:
+                python: str = sys.executable, log=print, reuse: bool = False,
+                timeout_s: float = VERIFY_TIMEOUT_S) -> tuple[list[dict], bool]:
     """Verify each release in turn (its own process and environment); stop starting new ones when the budget is
     spent. reuse: take a release's build/verify/peft-<version>.json of an earlier run with the same profile
     instead of running it again (delete that file to rerun one release); its row keeps the seconds the previous
-    history recorded for it. Returns (one record per release, whether the budget stopped the run)."""
+    history recorded for it. A release's verify that runs past `timeout_s` is killed: an error row naming the
+    limit. Returns (one record per release, whether the budget stopped the run)."""
+    budget_s, timeout_s = positive_seconds(budget_s, "--budget-s"), positive_seconds(timeout_s, "--timeout-s")
     before = previous_seconds(profile) if reuse else {}
     t0 = time.monotonic()
     out, stopped = [], False
@@ -344,9 +397,12 @@ def run_history(versions: list[str], budget_s: float, verify_args: list[str], pr
                 raise _Reused
             if js.exists():
                 js.unlink()
-            p = subprocess.run([python, "-m", "tools.verify", "--backend", "peft", "--peft-version", v, "--profile",
-                                profile, "--json", str(js), *verify_args], env=env_vars(site), cwd=str(ROOT),
-                               capture_output=True, text=True)
+            try:
+                p = subprocess.run([python, "-m", "tools.verify", "--backend", "peft", "--peft-version", v,
+                                    "--profile", profile, "--json", str(js), *verify_args], env=env_vars(site),
+                                   cwd=str(ROOT), capture_output=True, text=True, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                raise _timed_out(f"peft {v}: verify", timeout_s) from None
             if not js.is_file():
                 raise ReleaseError(f"peft {v}: verify wrote no results (exit {p.returncode}): {_last_line(p.stdout + p.stderr)}")
             rec.update(status="ran", results=json.loads(js.read_text())["results"], line=None)
@@ -378,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--properties", default="")
     r.add_argument("-n", "--workers", default="2")
     r.add_argument("--reuse", action="store_true", help="reuse build/verify/peft-<version>.json of the same profile")
+    r.add_argument("--timeout-s", type=float, default=VERIFY_TIMEOUT_S, help="limit on one release's verify")
     o = sub.add_parser("one", help="verify one release (nox -s verify -- --peft-version X)")
     o.add_argument("version")
     o.add_argument("verify_args", nargs=argparse.REMAINDER)
@@ -388,11 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "one":
             return verify_release(a.version, a.verify_args)
         if a.cmd == "render":
-            doc = json.loads(Path(a.json).read_text())
-            run = doc.pop("run")
+            doc, run = load_history(Path(a.json))
             _, md = write_history(doc, run)
             print(f"rendered {md}")
             return 0
+        positive_seconds(a.budget_s, "--budget-s"), positive_seconds(a.timeout_s, "--timeout-s")
         lo, hi = parse_range(a.peft_versions)
         versions = select(index_versions(), lo, hi, a.all_patches)
         if not versions:
@@ -402,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         props = history_properties(a.properties)
         args = ["--variants", a.variants, "-n", a.workers] + (["--properties", props] if props else [])
         t0 = time.time()
-        releases, stopped = run_history(versions, a.budget_s, args, a.profile, reuse=a.reuse)
+        releases, stopped = run_history(versions, a.budget_s, args, a.profile, reuse=a.reuse, timeout_s=a.timeout_s)
         history = build_history(releases)
         run = {"range": f"{lo}..{hi}", "all_patches": a.all_patches, "profile": a.profile, "variants": a.variants,
                "properties": a.properties or f"all but {', '.join(HISTORY_SKIP)}", "budget_s": a.budget_s, "budget_spent": stopped,
