@@ -31,7 +31,8 @@ COLUMN = 72  # width of our side in a side-by-side row
 def git(root: Path, *args: str) -> str | None:
     """stdout of a git command in `root`, or None when git or the revision is not there."""
     try:
-        p = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=False)
+        p = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, errors="replace",
+                           timeout=30, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return p.stdout if p.returncode == 0 else None
@@ -60,6 +61,30 @@ def valid_commit(ref: object, root: Path) -> str | None:
         return None
 
 
+def _read(f: Path) -> list[str] | None:
+    """The lines of a working-tree file, bytes that are not UTF-8 decoded as U+FFFD (as the review's bundle reads
+    them, so one such file never ends a review); None when it is not a file."""
+    return f.read_bytes().decode("utf-8", errors="replace").splitlines() if f.is_file() else None
+
+
+def base_problem(root: Path, commit: str) -> str | None:
+    """Why `commit` cannot serve as the base of a diff in `root` (its object is missing, or the clone is shallow
+    and the commit is at or beyond its boundary, so the previous audit's commit was not really found), else
+    None."""
+    if git(root, "cat-file", "-e", f"{commit}^{{commit}}") is None:
+        return f"its commit {commit[:12]} is not in this repository"
+    if (git(root, "rev-parse", "--is-shallow-repository") or "").strip() == "true":
+        shallow = (git(root, "rev-parse", "--git-path", "shallow") or "").strip()
+        boundary = set()
+        if shallow:
+            f = Path(shallow) if Path(shallow).is_absolute() else root / shallow
+            boundary = set(f.read_text().split()) if f.is_file() else set()
+        if commit in boundary or not boundary:
+            return (f"this clone is shallow and {commit[:12]} is its boundary, not necessarily the commit of that "
+                    "audit (`git fetch --unshallow` first)")
+    return None
+
+
 def file_at(root: Path, commit: str, path: str) -> list[str] | None:
     """The lines of `path` at `commit`, None when it did not exist there (or `commit` is not a full commit id)."""
     from impl.untrusted import FULL_COMMIT
@@ -76,7 +101,7 @@ def changes_since(commit: str, paths: Sequence[str], root: Path) -> dict:
     for path in paths:
         old = file_at(root, commit, path)
         new_file = root / path
-        new = new_file.read_text(encoding="utf-8").splitlines() if new_file.is_file() else None
+        new = _read(new_file)
         if old == new:
             files.append({"path": path, "status": "unchanged", "added": 0, "removed": 0})
             continue
@@ -130,7 +155,7 @@ def check_diff_quote(diff: Sequence[str], start: int, end: int, base: str, root:
                 cache[(path, side)] = file_at(root, base, path)
             else:
                 f = root / path
-                cache[(path, side)] = f.read_text(encoding="utf-8").splitlines() if f.is_file() else None
+                cache[(path, side)] = _read(f)
         text = cache[(path, side)]
         if text is None or not (1 <= no <= len(text)) or text[no - 1] != diff[i][1:]:
             where = f"{base[:12]}" if side == "old" else "the working tree"

@@ -35,9 +35,12 @@ Bundle (what the model reads), per variant, every file with line numbers (`   12
 Cap (`--max-chars`, default 200000 characters of numbered bundle text). When the bundle is larger, files are
 cut in this order until it fits: reference files first, largest first; then side-by-side files; then runtime
 files the variant does not import, largest first; then runtime files it imports; then other impl modules it
-imports. A file is cut at its tail (keeping its first lines, so line numbers stay true) when keeping at least
-40 of its lines makes the bundle fit, and dropped whole otherwise. The spec, the implementation file, the
-changes and the verify results are never cut (if they alone exceed the cap, the prompt says by how much). The prompt lists every cut; a quote citing a line the
+imports; then the changes. A file is cut at its tail (keeping its first lines, so line numbers stay true) when
+keeping at least 40 of its lines makes the bundle fit, and dropped whole otherwise. The spec, the implementation
+file, the spec's declarations and the verify results are never cut (the mechanical findings cite the verify
+rows), but each verify row's detail and example is capped at MAX_ROW_TEXT characters and 20 lines (the cut is
+noted in the row). If what is never cut still exceeds the cap, the variant's LLM request is not sent (its review
+fails, naming the sizes): no request exceeds --max-chars. The prompt lists every cut; a quote citing a line the
 model never saw is unverified.
 
 Findings. The model answers one JSON object (FINDINGS_SCHEMA): a verdict (OK | Partial | BUGGY), a summary,
@@ -83,11 +86,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tools.diffs import check_diff_quote, side_by_side
+from impl.untrusted import UntrustedInput, contained, file_name
+from tools.diffs import base_problem, check_diff_quote, side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TEMPLATE = "review_prompt.md.j2"
 REVIEW_SCHEMA = "lora-verify/review/1"
+VERIFY_SCHEMA = "lora-verify/results/2"  # harness.engine.SCHEMA; any other is refused (tests assert they agree)
+MAX_ROW_TEXT = 2000  # characters of one verify row's detail or example in the bundle (the rest is cut, noted)
 DEFAULT_MAX_CHARS = 200_000
 MIN_KEEP_LINES = 40
 MIN_QUOTE_CHARS = 12
@@ -103,8 +109,8 @@ MECHANICAL_CATEGORIES = ("verify_failure", "oracle_mismatch", "declared_deviatio
                          "no_implementation")
 
 # Never cut; the rest is cut in the order of CUT_ORDER (see the module docstring).
-NEVER_CUT = ("spec-declarations", "spec", "impl", "changes", "verify-results")
-CUT_ORDER = ("reference", "side-by-side", "runtime", "runtime-imported", "impl-dependency")
+NEVER_CUT = ("spec-declarations", "spec", "impl", "verify-results")
+CUT_ORDER = ("reference", "side-by-side", "runtime", "runtime-imported", "impl-dependency", "changes")
 
 FINDINGS_SCHEMA: dict = {
     "type": "object",
@@ -242,10 +248,29 @@ def verify_lines(variant: str, results: Sequence[Mapping[str, Any]], meta: Mappi
         kind = f" ({r['failure_kind']})" if r.get("failure_kind") else ""
         lines.append(f"{r['property']}: {r['status']}{kind}{err} examples={r.get('examples', 0)}")
         if r.get("detail"):
-            lines += _indent("    detail: ", r["detail"])
+            lines += _indent("    detail: ", _capped(r["detail"]))
         if r.get("status") in ("fail", "deviation") and r.get("example"):
-            lines += _indent("    example: ", r["example"])
+            lines += _indent("    example: ", _capped(r["example"]))
     return tuple(lines), at
+
+
+def _capped(text: Any, limit: int = MAX_ROW_TEXT) -> str:
+    """A verify row's text, at most `limit` characters and 20 lines, saying how much was cut."""
+    s = str(text)
+    lines = s.splitlines()
+    if len(s) <= limit and len(lines) <= 20:
+        return s
+    kept = "\n".join(lines[:20])[:limit]
+    return f"{kept} [... {len(s) - len(kept)} more characters cut]"
+
+
+def repo_file(root: Path, path: Any, what: str) -> Path:
+    """impl.untrusted.contained as the review's one-line error: a path named by the verify JSON is read only
+    when it lies inside the repository (relative, no `..`, no symlink out)."""
+    try:
+        return contained(root, path, what)
+    except UntrustedInput as e:
+        raise ReviewError(f"refused: {e}") from None
 
 
 def rel(path: Path, root: Path) -> str:
@@ -382,13 +407,13 @@ def build_bundle(variant: str, record: Mapping[str, Any], verify: Mapping[str, A
     files = [BundleFile(f"generated/spec/{variant}.txt", "spec-declarations", tuple(record["declarations"]))]
     paths = record["files"]
     for key, role in (("spec", "spec"), ("impl", "impl")):
-        f = root / paths[key] if paths.get(key) else None
+        f = repo_file(root, paths[key], f"the verify JSON's files.{key} of {variant}") if paths.get(key) else None
         if f is not None and f.is_file():
             files.append(BundleFile(rel(f, root), role, read_lines(f), _repo_link(f, root)))
     if changes and changes["diff"]:
         files.append(BundleFile(f"generated/changes/{variant}.diff", "changes", tuple(changes["diff"])))
     runtime = {(root / p).resolve() for p in RUNTIME_FILES}
-    deps = [root / d for d in paths.get("impl_deps", [])]
+    deps = [repo_file(root, d, f"the verify JSON's files.impl_deps of {variant}") for d in paths.get("impl_deps", [])]
     imported = {d.resolve() for d in deps}
     for d in deps:
         if d.resolve() not in runtime and d.is_file():
@@ -723,9 +748,51 @@ def load_verify(path: Path) -> dict:
         raise ReviewError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("lora-verify/results/"):
         raise ReviewError(f"{path}: not a verify results JSON (schema lora-verify/results/* expected)")
+    if data["schema"] != VERIFY_SCHEMA:
+        raise ReviewError(f"{path}: verify JSON schema {str(data['schema'])[:60]!r}, this review reads only "
+                          f"{VERIFY_SCHEMA!r}; run `python -m tools.verify` again")
     if not isinstance(data.get("results"), list):
         raise ReviewError(f"{path}: verify JSON has no 'results' list")
+    problem = verify_shape_problem(data)
+    if problem:
+        raise ReviewError(f"{path}: malformed verify JSON: {problem}")
     return data
+
+
+def _strs(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(i, str) for i in x)
+
+
+def verify_shape_problem(data: Mapping[str, Any]) -> str | None:
+    """What in a verify JSON does not have the shape the review reads (the first such field), or None."""
+    for i, r in enumerate(data["results"]):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("variant", "property", "status")):
+            return f"results[{i}] is not a row with string variant, property and status"
+        for k in ("detail", "example", "failure_kind", "where"):
+            if r.get(k) is not None and not isinstance(r[k], str):
+                return f"results[{i}].{k} is not a string"
+        if r.get("worst_error") is not None and (isinstance(r["worst_error"], bool)
+                                                 or not isinstance(r["worst_error"], (int, float))):
+            return f"results[{i}].worst_error is not a number"
+    for key in ("variants", "all_variants"):
+        if data.get(key) is not None and not _strs(data[key]):
+            return f"'{key}' is not a list of names"
+    for key in ("specs", "findings", "not_applicable"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            return f"'{key}' is not an object"
+    for v, rec in (data.get("specs") or {}).items():
+        if not isinstance(rec, dict):
+            return f"specs.{v} is not an object"
+        files = rec.get("files")
+        if (not isinstance(files, dict) or not _strs(files.get("impl_deps", []))
+                or any(files.get(k) is not None and not isinstance(files[k], str) for k in ("spec", "impl"))):
+            return f"specs.{v}.files is not {{spec, impl: path or null, impl_deps: [paths]}}"
+        if not _strs(rec.get("declarations")) or not isinstance(rec.get("declaration_at"), dict):
+            return f"specs.{v} lacks its declarations / declaration_at"
+        if not isinstance(rec.get("title"), str) or not isinstance(rec.get("equation"), str) \
+                or not isinstance(rec.get("references"), list):
+            return f"specs.{v} lacks its title / equation / references"
+    return None
 
 
 def zoo_summary(path: Path, root: Path) -> dict | None:
@@ -829,13 +896,24 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
     tid = template_id(templates_dir)
     prev = previous_audit(audits_dir or root / "audits", root)
 
+    for v in variants:
+        try:
+            file_name(v, "variant")  # it names the prompt file and the bundle's generated files
+        except UntrustedInput as e:
+            raise ReviewError(f"refused: {e}") from None
+    if prev is not None and prev[2]:
+        problem = base_problem(root, prev[2])
+        if problem:
+            raise ReviewError(f"cannot diff against the previous audit v{prev[0]}: {problem}")
     entries = []
     for v in variants:
         record = (verify.get("specs") or {}).get(v) or missing_record(v)
         changes = None
         if prev is not None and prev[2] and v in prev[1].get("variants", []):
             f = record["files"]
-            paths = [x for x in [f.get("spec"), f.get("impl"), *f.get("impl_deps", [])] if x and not x.startswith("/")]
+            paths = [x for x in [f.get("spec"), f.get("impl"), *f.get("impl_deps", [])] if x]
+            for x in paths:
+                repo_file(root, x, f"the verify JSON's files of {v}")
             changes = {"previous": prev[0], **changes_since(prev[2], paths, root)}
         bundle, extra = build_bundle(v, record, verify, verify_source, manifest, cache_dir, root, max_chars, changes)
         system, user = render_prompt(bundle, record["title"], templates_dir)
@@ -850,7 +928,11 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
         entries.append({"variant": v, "record": record, "bundle": bundle, "extra": extra, "system": system,
                         "user": user, "mechanical": mech, "changes": changes, "carried": carried})
 
-    asked = [e for e in entries if e["carried"] is None]
+    # --max-chars holds for every request: a bundle still over it after every cut is not sent
+    too_big = {e["variant"]: (f"the bundle is {e['bundle'].chars} characters, over --max-chars {max_chars} even "
+                              "after every cut (the spec, the implementation, its declarations and the verify rows are never cut); "
+                              "not sent") for e in entries if e["bundle"].over_cap > 0}
+    asked = [e for e in entries if e["carried"] is None and e["variant"] not in too_big]
     answers: dict[str, Any] = {}
     stats = None
     if not offline and asked:
@@ -875,7 +957,9 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
                 (llm_ok if g["verified"] else llm_bad).append(g)
         elif not offline:
             ans = answers.get(v)
-            if isinstance(ans, LLMError):
+            if v in too_big:
+                error = too_big[v]
+            elif isinstance(ans, LLMError):
                 error = str(ans)
             else:
                 try:
@@ -965,9 +1049,20 @@ def verify_is_stale(path: Path, variants: Sequence[str], root: Path) -> str | No
             if src.stat().st_mtime > mtime:
                 return f"{rel(src, root)} is newer than {rel(path, root)}"
     try:
-        have = set(json.loads(path.read_text(encoding="utf-8")).get("variants") or [])
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        have = set(data.get("variants") or [])
+    except (OSError, ValueError, AttributeError, TypeError):
         return f"{rel(path, root)} is unreadable"
+    # every file the JSON names (each spec record's spec, impl and impl_deps), wherever it lies in the repository
+    for v, rec in sorted((data.get("specs") or {}).items()) if isinstance(data.get("specs"), dict) else ():
+        files = rec.get("files") if isinstance(rec, dict) else None
+        named = [files.get("spec"), files.get("impl"), *(files.get("impl_deps") or [])] if isinstance(files, dict) else []
+        for name in (n for n in named if n):
+            f = repo_file(root, name, f"the verify JSON's files of {v}")
+            if not f.is_file():
+                return f"{name} (named by {v}'s record) no longer exists"
+            if f.stat().st_mtime > mtime:
+                return f"{name} (named by {v}'s record) is newer than {rel(path, root)}"
     missing = [v for v in variants if v not in have]
     if missing:
         return f"{rel(path, root)} lacks {', '.join(missing)}"
