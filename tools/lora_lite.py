@@ -223,7 +223,11 @@ def run_commit(commit: str, source: Path, args: list[str], out: Path, timeout_s:
 
 
 def table(commits: list[dict]) -> tuple[str, list[str]]:
-    """Markdown: a row per (variant, property) that is not pass/na somewhere, a column per commit."""
+    """Markdown: a row per (variant, property) that is not pass/na somewhere, a column per commit. Every value
+    from the repository or the results (commit subjects, variant and property names, details, examples) goes
+    through tools.render's escaping (md_text; code_span for an example)."""
+    from tools.render import code_span, md_text
+
     keys = []
     for c in commits:
         for r in c["results"]:
@@ -237,20 +241,21 @@ def table(commits: list[dict]) -> tuple[str, list[str]]:
         for c in commits:
             st = {f"{r['variant']}/{r['property']}": r["status"] for r in c["results"]}
             row.append("x" if c.get("error") else MARK.get(st.get(k), " "))
-        lines.append(f"| {k} | " + " | ".join(row) + " |")
+        lines.append(f"| {md_text(k)} | " + " | ".join(row) + " |")
     lines.append("")
     lines.append("legend: . pass  F fail  D declared deviation  - n/a  (blank) variant absent  x verify did not run")
     lines += ["", "| commit | subject | summary |", "|---|---|---|"]
     for c in commits:
         summary = (c.get("error") or "")[:80].replace("|", "/") or c.get("summary")
-        lines.append(f"| {c['commit'][:7]} | {c['subject'][:60].replace('|', '/')} | {summary} |")
+        lines.append(f"| {md_text(c['commit'][:7])} | {md_text(c['subject'][:60].replace('|', '/'))} | "
+                     f"{md_text(summary)} |")
     lines += ["", "## Each failure", ""]
     for f in failures(commits, keys):
-        lines.append(f"- **{f['key']}**: fails at {f['first']}..{f['last']}"
+        lines.append(f"- **{md_text(f['key'])}**: fails at {f['first']}..{f['last']}"
                      + (f", passes again at {f['fixed']}" if f["fixed"] else ", still failing at the last commit")
-                     + f". At {f['first']}: {f['detail']}" + (f" (at {f['where']})" if f["where"] else "")
-                     + f"; minimal example `{f['example']}`"
-                     + (f". At {f['last']}: {f['last_detail']}" if f["last_detail"] != f["detail"] else ""))
+                     + f". At {f['first']}: {md_text(f['detail'])}" + (f" (at {md_text(f['where'])})" if f["where"] else "")
+                     + f"; minimal example {code_span(f['example'])}"
+                     + (f". At {f['last']}: {md_text(f['last_detail'])}" if f["last_detail"] != f["detail"] else ""))
     return "\n".join(lines) + "\n", keys
 
 

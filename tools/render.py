@@ -63,6 +63,44 @@ class RenderError(Exception):
 
 # ----------------------------------------------------------------------------------------------- Markdown filters
 
+
+class Escaped(str):
+    """Text a filter below already made safe for Markdown: the environment's finalize passes it as it is (any
+    str operation on it gives a plain str again, which finalize escapes)."""
+
+
+_ENTITY = re.compile(r"&(?=#[0-9]{1,8};|#[xX][0-9a-fA-F]{1,8};|[A-Za-z][A-Za-z0-9]{0,31};)")
+_TAG_OPEN = re.compile(r"<(?=[A-Za-z/!?])")
+_LINK_JOIN = re.compile(r"\]([(\[:])")
+_AUTOLINK = re.compile(r"(?i)\b(https?|ftp)(:)(?=//)|\b(www)(\.)(?=[A-Za-z0-9])")
+
+
+def md_text(value: Any) -> Escaped:
+    """The one escaping filter every value from input passes through (the environment's finalize, so a template
+    cannot forget it): HTML and Markdown link syntax neutralised, nothing else touched, so text without such
+    syntax renders byte for byte as it is. An HTML tag, comment or autolink opener `<x` becomes `&lt;x`, an
+    entity `&name;` `&amp;name;`, a link or image join `](`, `][`, `]:` gets its `]` backslash-escaped, a bare
+    URL's `http://` / `www.` its `:` / `.` (GitHub links bare URLs), and line breaks become spaces (a value never starts a
+    block)."""
+    if isinstance(value, Escaped):
+        return value
+    s = str(value)
+    s = _ENTITY.sub("&amp;", s)
+    s = _TAG_OPEN.sub("&lt;", s)
+    s = _LINK_JOIN.sub(r"\\]\1", s)
+    s = _AUTOLINK.sub(lambda m: (m.group(1) + "\\:") if m.group(1) else (m.group(3) + "\\."), s)
+    return Escaped(s.replace("\r\n", " ").replace("\n", " ").replace("\r", " "))
+
+
+def _escaped(f: Callable[..., str]) -> Callable[..., Escaped]:
+    """A filter whose output is already Markdown-safe (finalize leaves it alone)."""
+
+    def wrapped(*a: Any, **k: Any) -> Escaped:
+        return Escaped(f(*a, **k))
+
+    wrapped.__name__, wrapped.__doc__ = f.__name__, f.__doc__
+    return wrapped
+
 _INLINE_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~<>])")
 
 
@@ -122,11 +160,13 @@ def fmt_err(x: Any) -> str:
     return f"{float(x):.3g}"
 
 
-def make_env(templates_dir: str | os.PathLike[str] = TEMPLATES) -> jinja2.Environment:
-    """The Jinja environment shared by the audit and the review prompt.
+def make_env(templates_dir: str | os.PathLike[str] = TEMPLATES, markdown: bool = True) -> jinja2.Environment:
+    """The Jinja environment shared by the audits (variants review, PEFT history, cost) and the review prompt.
 
     StrictUndefined: a missing variable is an error, never an empty string. autoescape=False on purpose: the
-    output is Markdown, which Jinja cannot escape; the filters above do it explicitly.
+    output is Markdown, which Jinja cannot escape; the filters above do it explicitly, and for an audit
+    (`markdown`) every other printed value passes through `md_text` (finalize). The review prompt
+    (`markdown=False`) shows the model the files as they are.
     """
     env = jinja2.Environment(  # autoescape off on purpose (Bandit B701): Markdown, escaped by the filters
         loader=jinja2.FileSystemLoader(str(templates_dir)),
@@ -135,9 +175,10 @@ def make_env(templates_dir: str | os.PathLike[str] = TEMPLATES) -> jinja2.Enviro
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        **({"finalize": md_text} if markdown else {}),
     )
-    env.filters.update(md_inline=md_inline, md_cell=md_cell, code_span=code_span, code_block=code_block,
-                       md_url=md_url, fmt_err=fmt_err)
+    safe = {f.__name__: _escaped(f) for f in (md_inline, md_cell, code_span, code_block, md_url, fmt_err)}
+    env.filters.update(md_text=md_text, **safe)
     return env
 
 

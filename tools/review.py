@@ -717,7 +717,7 @@ def render_prompt(bundle: Bundle, title: str, templates_dir: Path) -> tuple[str,
     """(system, user) prompts for one variant, from audits/templates/review_prompt.md.j2."""
     from tools.render import make_env
 
-    env = make_env(templates_dir)
+    env = make_env(templates_dir, markdown=False)  # the prompt: the files as they are, not an audit
     files = [{"path": f.path, "role": f.role, "total": len(f.lines), "kept": f.n_kept, "cut": f.cut,
               "text": f.numbered(), "lang": "python" if f.path.endswith(".py") else "text"} for f in bundle.files]
     module = env.get_template(PROMPT_TEMPLATE).make_module({
