@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from impl.untrusted import UntrustedInput, check_ref, git_commit, requirements
 from tools import lora_lite as LL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,12 +79,16 @@ def test_a_plain_folder_is_not_a_source_to_verify_as_it_is(tmp_path):
 @pytest.mark.parametrize("ref", ["--output=/tmp/x", "-n", "../other", "main..HEAD", "HEAD:pyproject.toml",
                                  "main@{1}", "a b", "main^", "x/../y", "", "refs/heads/", "a\nb"])
 def test_refs_that_are_options_or_revision_syntax_are_refused(ref):
+    from impl.untrusted import UntrustedInput, check_ref
+
     with pytest.raises(UntrustedInput):
         check_ref(ref)
 
 
 def test_an_option_shaped_ref_never_reaches_git(clone, tmp_path):
     """`--output=P` as --ref: refused before git runs (on main it reached `git show` in the noxfile, which wrote P)."""
+    from impl.untrusted import git_commit
+
     repo, _, _ = clone
     target = tmp_path / "written-by-git"
     for ref in (f"--output={target}", "-h"):
@@ -117,6 +120,8 @@ def test_dependency_specs_that_are_not_names_and_versions_are_refused(spec):
 
 
 def test_torch_is_left_out_by_exact_name_only(clone):
+    from impl.untrusted import requirements
+
     repo, _, new = clone
     commit, pyproject = LL.pyproject_at(str(repo), "main")
     assert commit == new

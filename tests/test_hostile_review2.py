@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from impl.untrusted import UntrustedInput, contained
 from tests.test_review import OFFLINE, manifest_without, verify_json
 from tools import diffs as D
 from tools import review as R
@@ -62,6 +61,8 @@ def test_a_named_path_outside_the_repository_is_refused_and_never_read(tmp_path,
 
 
 def test_a_symlink_out_of_the_repository_is_refused(tmp_path):
+    from impl.untrusted import UntrustedInput, contained
+
     root = tmp_path / "repo"
     (root / "impl").mkdir(parents=True)
     (tmp_path / "secret").write_text("planted")

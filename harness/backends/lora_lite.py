@@ -2,9 +2,11 @@
 
     python -m tools.verify --backend lora-lite --ref COMMIT [--repo PATH_OR_URL]
 
-The source of that commit comes from `--repo`: a local git clone (a work tree or a bare git dir: `git archive
-COMMIT` is extracted into .cache/lora-lite/<commit>/), or a folder already holding the extracted source (tools.verify
-fetches a URL's GitHub archive there through tools.fetch). The package is imported from that folder, in the
+The source of that commit comes from `--repo`: a local git clone (a work tree or a bare git dir: the ref is resolved
+with git, impl.untrusted.git_commit, and `git archive COMMIT` is extracted into .cache/lora-lite/<commit>/, whatever
+the work tree has checked out), or a source this harness extracted there before (tools.verify fetches a URL's GitHub
+archive there through tools.fetch), named by its full commit id. Extraction is capped (`unpack`: members, unpacked
+bytes, plain files only) and the extracted tree's sha256, recorded beside it, is checked before each use. The package is imported from that folder, in the
 environment verify runs in (`nox -s verify -- --backend lora-lite --ref C` builds one with that commit's
 dependencies). Results go to build/verify/lora-lite-<commit>.json, `backend_version` = the full commit.
 
