@@ -214,7 +214,10 @@ def verify_release(version: str, verify_args: list[str], python: str = sys.execu
     site = ensure_env(version, python)
     probe(version, site, python)
     cmd = [python, "-m", "tools.verify", "--backend", "peft", "--peft-version", version, *verify_args]
-    return subprocess.run(cmd, env=env_vars(site), cwd=str(ROOT)).returncode
+    try:
+        return subprocess.run(cmd, env=env_vars(site), cwd=str(ROOT), timeout=VERIFY_TIMEOUT_S).returncode
+    except subprocess.TimeoutExpired:
+        raise _timed_out(f"peft {version}: verify", VERIFY_TIMEOUT_S) from None
 
 
 # ----------------------------------------------------------------------------------------------- history
