@@ -123,7 +123,8 @@ def lora_lite_env(session: nox.Session, ref: str | None, repo: str) -> Path:
     try:
         check_ref(ref, "--ref")
         if is_url(repo):
-            session.run(sys.executable, "-m", "tools.verify", "--fetch-only", "--ref", ref, "--repo", repo, external=True)
+            session.run(sys.executable, "-m", "tools.verify", "--fetch-only", "--ref", ref, "--repo", repo,
+                        external=True)
         _, pyproject = pyproject_at(repo, ref)
         deps = dependencies(pyproject)
     except (UntrustedInput, SourceError) as e:

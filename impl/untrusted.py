@@ -103,9 +103,11 @@ def requirements(specs: Iterable[object], what: str = "dependency") -> list[str]
         try:
             req = Requirement(spec)
         except InvalidRequirement as e:
-            raise UntrustedInput(f"{what} {_show(spec)}: not a PEP 508 requirement ({str(e).splitlines()[0]})") from None
+            why = str(e).splitlines()[0]
+            raise UntrustedInput(f"{what} {_show(spec)}: not a PEP 508 requirement ({why})") from None
         if req.url:
-            raise UntrustedInput(f"{what} {_show(spec)}: a URL or file reference; only names and versions are installed")
+            raise UntrustedInput(f"{what} {_show(spec)}: a URL or file reference; only names and versions are "
+                                 "installed")
         if req.marker is not None:
             raise UntrustedInput(f"{what} {_show(spec)}: an environment marker; only names and versions are installed")
         extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""

@@ -2,7 +2,8 @@
 
 records (spec/) import nothing of ours; the runtime (impl/) imports no records, engine or tools; the engine
 (harness/) imports no tools or tests; the audit side (tools' review, render, diffs, llm, fetch) reads JSON and
-files, so it imports only tools, impl.atomic and impl.untrusted (validation of input); nothing shipped imports tests/; and no import circle exists.
+files, so it imports only tools, impl.atomic and impl.untrusted (validation of input); nothing shipped imports
+tests/; and no import circle exists.
 """
 from __future__ import annotations
 

@@ -54,8 +54,8 @@ def known_digests(lock: Path) -> dict[str, str]:
         known = json.loads(lock.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise SourceError(f"{lock}: not readable JSON ({type(e).__name__}: {str(e)[:120]}); fix or delete it") from None
-    if not isinstance(known, dict) or not all(isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
-                                              for k, v in known.items()):
+    if not isinstance(known, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in known.items()):
         raise SourceError(f"{lock}: not a {{commit: sha256}} object; fix or delete it")
     return known
 
@@ -253,7 +253,8 @@ def table(commits: list[dict]) -> tuple[str, list[str]]:
     for f in failures(commits, keys):
         lines.append(f"- **{md_text(f['key'])}**: fails at {f['first']}..{f['last']}"
                      + (f", passes again at {f['fixed']}" if f["fixed"] else ", still failing at the last commit")
-                     + f". At {f['first']}: {md_text(f['detail'])}" + (f" (at {md_text(f['where'])})" if f["where"] else "")
+                     + f". At {f['first']}: {md_text(f['detail'])}"
+                     + (f" (at {md_text(f['where'])})" if f["where"] else "")
                      + f"; minimal example {code_span(f['example'])}"
                      + (f". At {f['last']}: {md_text(f['last_detail'])}" if f["last_detail"] != f["detail"] else ""))
     return "\n".join(lines) + "\n", keys

@@ -345,8 +345,9 @@ def load_history(path: Path) -> tuple[dict, dict]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{path}: not a readable history JSON ({type(e).__name__}: {str(e)[:160]})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != "lora-verify/peft-history/1" or not isinstance(doc.get("run"), dict):
-        raise ValueError(f"{path}: not a PEFT history JSON (schema lora-verify/peft-history/1 with a 'run' object expected)")
+    schema = "lora-verify/peft-history/1"
+    if not isinstance(doc, dict) or doc.get("schema") != schema or not isinstance(doc.get("run"), dict):
+        raise ValueError(f"{path}: not a PEFT history JSON (schema {schema} with a 'run' object expected)")
     run = doc.pop("run")
     try:
         render_markdown(doc, run)

@@ -80,8 +80,8 @@ def md_text(value: Any) -> Escaped:
     cannot forget it): HTML and Markdown link syntax neutralised, nothing else touched, so text without such
     syntax renders byte for byte as it is. An HTML tag, comment or autolink opener `<x` becomes `&lt;x`, an
     entity `&name;` `&amp;name;`, a link or image join `](`, `][`, `]:` gets its `]` backslash-escaped, a bare
-    URL's `http://` / `www.` its `:` / `.` (GitHub links bare URLs), and line breaks become spaces (a value never starts a
-    block)."""
+    URL's `http://` / `www.` its `:` / `.` (GitHub links bare URLs), and line breaks become spaces (a value never
+    starts a block)."""
     if isinstance(value, Escaped):
         return value
     s = str(value)

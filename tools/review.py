@@ -930,8 +930,8 @@ def review(variants: Sequence[str], *, root: Path = ROOT, verify_json: Path, con
 
     # --max-chars holds for every request: a bundle still over it after every cut is not sent
     too_big = {e["variant"]: (f"the bundle is {e['bundle'].chars} characters, over --max-chars {max_chars} even "
-                              "after every cut (the spec, the implementation, its declarations and the verify rows are never cut); "
-                              "not sent") for e in entries if e["bundle"].over_cap > 0}
+                              "after every cut (the spec, the implementation, its declarations and the verify rows "
+                              "are never cut); not sent") for e in entries if e["bundle"].over_cap > 0}
     asked = [e for e in entries if e["carried"] is None and e["variant"] not in too_big]
     answers: dict[str, Any] = {}
     stats = None
@@ -1056,7 +1056,8 @@ def verify_is_stale(path: Path, variants: Sequence[str], root: Path) -> str | No
     # every file the JSON names (each spec record's spec, impl and impl_deps), wherever it lies in the repository
     for v, rec in sorted((data.get("specs") or {}).items()) if isinstance(data.get("specs"), dict) else ():
         files = rec.get("files") if isinstance(rec, dict) else None
-        named = [files.get("spec"), files.get("impl"), *(files.get("impl_deps") or [])] if isinstance(files, dict) else []
+        named = ([files.get("spec"), files.get("impl"), *(files.get("impl_deps") or [])]
+                 if isinstance(files, dict) else [])
         for name in (n for n in named if n):
             f = repo_file(root, name, f"the verify JSON's files of {v}")
             if not f.is_file():

@@ -6,9 +6,9 @@ The source of that commit comes from `--repo`: a local git clone (a work tree or
 with git, impl.untrusted.git_commit, and `git archive COMMIT` is extracted into .cache/lora-lite/<commit>/, whatever
 the work tree has checked out), or a source this harness extracted there before (tools.verify fetches a URL's GitHub
 archive there through tools.fetch), named by its full commit id. Extraction is capped (`unpack`: members, unpacked
-bytes, plain files only) and the extracted tree's sha256, recorded beside it, is checked before each use. The package is imported from that folder, in the
-environment verify runs in (`nox -s verify -- --backend lora-lite --ref C` builds one with that commit's
-dependencies). Results go to build/verify/lora-lite-<commit>.json, `backend_version` = the full commit.
+bytes, plain files only) and the extracted tree's sha256, recorded beside it, is checked before each use. The
+package is imported from that folder, in the environment verify runs in (`nox -s verify -- --backend lora-lite
+--ref C` builds one with that commit's dependencies). Results go to build/verify/lora-lite-<commit>.json, `backend_version` = the full commit.
 
 Both config eras are handled: a single `LoraLiteConfig` with a `variant_kwargs` dict (up to fdb4c77), then one
 dataclass per variant registered in `config._CONFIG_REGISTRY`. The tensors are lora-lite's `lora_*` attributes of
