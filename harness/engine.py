@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from .backends.protocol import rejects
+from .backends.protocol import Deviations, FullBackend, PropertyNA, Supports, rejects
 from .probes import PROPERTIES, Falsified, Property
 from spec.schema import Spec
 from .strategies import Case
@@ -110,10 +110,10 @@ def variant_files(spec: Spec) -> set[str]:
     return files
 
 
-def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", device: str = "cpu") -> Result:
+def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str = "verify", device: str = "cpu") -> Result:
     """Run one property on one spec; never raises for a property failure."""
-    property_na = getattr(backend, "property_na", None)
-    na = backend.applies(spec) or (property_na and property_na(spec, prop.name)) or prop.applies(spec, backend)
+    na = (backend.applies(spec) or (isinstance(backend, PropertyNA) and backend.property_na(spec, prop.name))
+          or prop.applies(spec, backend))
     if na:
         return Result(spec.name, prop.name, "na", detail=na)
     base = settings.get_profile(profile)
@@ -122,7 +122,7 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     if declared_deviation(spec, prop.name, backend) is not None:  # a declared difference needs no minimal example:
         base = settings(base, phases=[p for p in base.phases if p != Phase.shrink])  # skip the (costly) shrinking
 
-    if hasattr(backend, "supports"):  # cases the backend cannot take are not drawn (the backend says why)
+    if isinstance(backend, Supports):  # cases the backend cannot take are not drawn (the backend says why)
 
         def admitted(drawn) -> bool:
             why = rejects(backend, spec, drawn)
@@ -186,10 +186,10 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     return res
 
 
-def declared_deviation(spec: Spec, prop: str, backend):
+def declared_deviation(spec: Spec, prop: str, backend: FullBackend):
     """The spec's deviation for (property, backend), else a backend-wide one (a design choice of the backend)."""
     dev = spec.deviation(prop, backend.name)
-    if dev is None and hasattr(backend, "deviation"):
+    if dev is None and isinstance(backend, Deviations):
         dev = backend.deviation(spec, prop)
     return dev
 
@@ -206,7 +206,7 @@ def case_of(fields: dict, device: str = "cpu") -> Case:
     return Case(device=device, **f)
 
 
-def measure_deviation(prop: Property, spec: Spec, backend, dev, device: str) -> tuple[float | None, str]:
+def measure_deviation(prop: Property, spec: Spec, backend: FullBackend, dev, device: str) -> tuple[float | None, str]:
     """Run the property once on the deviation's fixed case: (measured size or None, what happened)."""
     try:
         w = prop.check(spec, backend, case_of(dev.case, device))
