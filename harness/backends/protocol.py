@@ -159,9 +159,20 @@ class Backend(Protocol):
     anything else the library raises is reported as a crash.
     """
 
-    name: str
-    version: str | None
-    errors: Errors
+    @property
+    def name(self) -> str:
+        """The backend's name (a non-empty str, unique among registered backends)."""
+        ...
+
+    @property
+    def version(self) -> str | None:
+        """The library's version (None: unknown)."""
+        ...
+
+    @property
+    def errors(self) -> Errors:
+        """The exception types of the library's clear refusals, by kind."""
+        ...
 
     def applies(self, spec: Spec) -> str | None:
         """Why the library has no counterpart of the spec's variant (None: it has one)."""
@@ -440,7 +451,10 @@ class BaseBias(Protocol):
 
 @runtime_checkable
 class CheckpointSuffix(Protocol):
-    checkpoint_suffix: str  # the file-name suffix `save` expects (default ".safetensors")
+    @property
+    def checkpoint_suffix(self) -> str:
+        """The file-name suffix `save` expects (default ".safetensors"; a library may pick its reader by it)."""
+        ...
 
 
 @runtime_checkable
@@ -452,7 +466,10 @@ class SourceClass(Protocol):
 
 @runtime_checkable
 class ResultsStem(Protocol):
-    results_stem: str  # the results JSON's file stem (default: `name`)
+    @property
+    def results_stem(self) -> str:
+        """The results JSON's file stem (default: `name`)."""
+        ...
 
 
 OPTIONAL: Mapping[str, type] = MappingProxyType({
@@ -484,7 +501,8 @@ def _members(proto: type) -> dict[str, Any]:
         if cls in (object, Protocol) or not getattr(cls, "_is_protocol", False):
             continue
         out.update({n: None for n in getattr(cls, "__annotations__", {})})
-        out.update({n: f for n, f in vars(cls).items() if not n.startswith("_") and callable(f)})
+        out.update({n: None if isinstance(f, property) else f for n, f in vars(cls).items()
+                    if not n.startswith("_") and (callable(f) or isinstance(f, property))})
     return out
 
 
@@ -675,6 +693,8 @@ def import_module(path_or_module: str):
         if done is not None and Path(getattr(done, "__file__", "")).resolve() == p.resolve():
             return done  # imported once per process (tools.verify checks it before pytest runs it)
         mod_spec = importlib.util.spec_from_file_location(name, p)
+        if mod_spec is None or mod_spec.loader is None:
+            raise ImportError(f"cannot import {path_or_module}")
         mod = importlib.util.module_from_spec(mod_spec)
         sys.modules[name] = mod
         mod_spec.loader.exec_module(mod)
