@@ -79,20 +79,64 @@ def _is_library(filename: str) -> bool:
     return f.startswith(_LIBRARY_DIRS + (_HARNESS_DIR,)) or "site-packages" in f or f.startswith("<")
 
 
-def crash_site(exc: BaseException, own_files: set[str] = frozenset()) -> str | None:
-    """The innermost traceback frame of the code under test, as "file:line in function: source".
+# Packages the harness itself runs on: never the library under test (a crash inside torch is reported at the
+# library's line that called it).
+FRAMEWORK = ("torch", "hypothesis", "_pytest", "pluggy", "numpy", "safetensors")
 
-    Prefers frames in `own_files` (the files that define the variant and its spec); otherwise the innermost
-    frame outside Python's library, installed packages and the harness. None when every frame is library code.
+
+def _is_framework(filename: str) -> bool:
+    """Python's own library, this harness, or a package of FRAMEWORK: code that is not the library under test."""
+    f = Path(filename).resolve()
+    parts = f.parts
+    if "site-packages" in parts or "dist-packages" in parts:
+        i = max(i for i, p in enumerate(parts) if p in ("site-packages", "dist-packages"))
+        return i + 1 < len(parts) and parts[i + 1] in FRAMEWORK
+    return str(f).startswith(_LIBRARY_DIRS + (_HARNESS_DIR,)) or filename.startswith("<")
+
+
+def _site(f: traceback.FrameSummary) -> str:
+    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def crash_site(exc: BaseException, own_files: set[str] | frozenset[str] = frozenset(),
+               backend_files: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """The innermost traceback frame of the code under test, as "file:line in function: source", followed by
+    " (called from <the backend's frame>)" when a backend method led to it.
+
+    Prefers frames in `own_files` (the files that define the variant and its spec); else, past the innermost
+    frame in `backend_files` (the backend's module), the innermost frame of the library under test (outside the
+    harness, Python's library and FRAMEWORK), or that backend frame itself when the backend raised; else the
+    innermost frame outside Python's library, installed packages and the harness. None when every frame is
+    library code.
     """
     frames = traceback.extract_tb(exc.__traceback__)
+    res = [str(Path(f.filename).resolve()) for f in frames]
     own = {str(Path(f).resolve()) for f in own_files}
-    mine = [f for f in frames if str(Path(f.filename).resolve()) in own] or \
-        [f for f in frames if not _is_library(f.filename)]
+    backend = [i for i, r in enumerate(res) if r in {str(Path(f).resolve()) for f in backend_files}]
+    mine = [i for i, r in enumerate(res) if r in own]
+    if not mine and backend:
+        k = backend[-1]
+        mine = [i for i in range(k + 1, len(frames)) if not _is_framework(frames[i].filename)] or [k]
+    if not mine:
+        mine = [i for i, f in enumerate(frames) if not _is_library(f.filename)]
     if not mine:
         return None
-    f = mine[-1]
-    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    i = mine[-1]
+    caller = [j for j in backend if j < i]
+    return _site(frames[i]) + (f" (called from {_site(frames[caller[-1]])})" if caller else "")
+
+
+def backend_files(backend: object) -> set[str]:
+    """The source files of the backend's class and its bases (its module: where its methods call the library)."""
+    import inspect
+
+    out = set()
+    for cls in type(backend).__mro__[:-1]:
+        try:
+            out.add(inspect.getfile(cls))
+        except (TypeError, OSError):
+            pass
+    return out
 
 
 def variant_files(spec: Spec) -> set[str]:
@@ -159,7 +203,7 @@ def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str 
         kind = "assertion" if isinstance(e, (Falsified, AssertionError)) else "crash"
         detail = str(e) if kind == "assertion" else f"{type(e).__name__}: {e}"
         if kind == "crash":
-            where = crash_site(e, variant_files(spec))
+            where = crash_site(e, variant_files(spec), backend_files(backend))
             detail += f" [at {where}]" if where else ""
         size = getattr(e, "size", None)
         if size is not None:

@@ -572,13 +572,17 @@ def check_backend(be: object) -> list[str]:
         out += _errors_problems(be.errors)
     have = {m for ms in METHODS.values() for m in ms if callable(getattr(be, m, None))}
     complete = {c for c, ms in METHODS.items() if set(ms) <= have}
+    partial: dict[tuple[str, ...], list[str]] = {}  # capabilities partly there, by the members they have
     for cap, ms in METHODS.items():
         present = [m for m in ms if m in have]
         explained = {m for m in present if any(m in METHODS[c] for c in complete if c != cap)}
         if present and cap not in complete and set(present) - explained:
-            missing = [m for m in ms if m not in have]
-            out.append(f"capability '{cap}' is partly there: has {', '.join(present)}, lacks {', '.join(missing)} "
-                       f"(without all of them the backend lacks '{cap}')")
+            partial.setdefault(tuple(present), []).append(cap)
+    for present, caps in partial.items():
+        missing = [m for m in METHODS[caps[0]] if m not in have]
+        also = f" (and {', '.join(caps[1:])}, which share them)" if caps[1:] else ""
+        out.append(f"capability '{caps[0]}'{also} is partly there: has {', '.join(present)}, lacks "
+                   f"{', '.join(missing)} (without all of them the backend lacks '{caps[0]}')")
     checked = set(_members(Backend))
     for cap, proto in PROTOCOL_OF.items():
         for member, fn in _members(proto).items():
@@ -607,7 +611,45 @@ def _doc(fn: Callable) -> str:
     return " ".join((fn.__doc__ or "").split()).split(". ")[0].rstrip(".")
 
 
-TRANSFORMS = ("id", "T", "row", "col", "scalar1", "vector1")
+@dataclass(frozen=True)
+class Transform:
+    """How a library holds a tensor the spec names, as a pair of functions a backend may pass to `Mapped.of`.
+
+    `to_spec(t)`: the library's tensor in the spec's layout, as a view of t (writes through the view must reach
+    the library's storage, and `tensors(model)` hands out such views). `to_library(g, shape)`: a tensor in the
+    spec's layout (a gradient) back in the library's layout and `shape` (the inverse of to_spec where to_spec is
+    one to one; for "diag", the diagonal matrix, zeros off the diagonal).
+    """
+
+    name: str
+    to_spec: Callable[[torch.Tensor], torch.Tensor]
+    to_library: Callable[[torch.Tensor, torch.Size], torch.Tensor]
+
+
+def _reshape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return t.reshape(shape)
+
+
+TRANSFORMS: Mapping[str, Transform] = MappingProxyType({t.name: t for t in (
+    Transform("id", lambda t: t, lambda g, shape: g),
+    Transform("T", lambda t: t.t(), lambda g, shape: g.t()),
+    Transform("row", lambda t: t.reshape(-1), _reshape),  # the library holds (1, n), the spec (n,)
+    Transform("col", lambda t: t.reshape(-1), _reshape),  # the library holds (n, 1), the spec (n,)
+    Transform("scalar1", lambda t: t.reshape(()), _reshape),  # the library holds (1,), the spec ()
+    Transform("vector1", lambda t: t.reshape(-1), _reshape),  # the library holds (), the spec (1,)
+    # the library holds a full (n, n) matrix whose diagonal is the spec's (n,) vector (off-diagonal entries are
+    # the library's own: the spec's view and its gradient see only the diagonal)
+    Transform("diag", lambda t: t.diagonal(), lambda g, shape: torch.diag_embed(g)),
+)})
+
+
+def transform_of(transform: str | Transform) -> Transform:
+    """The Transform of a name in TRANSFORMS (or the Transform itself)."""
+    if isinstance(transform, Transform):
+        return transform
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}; known: {sorted(TRANSFORMS)}, or pass a Transform")
+    return TRANSFORMS[transform]
 
 
 class Mapped(torch.Tensor):
@@ -615,26 +657,31 @@ class Mapped(torch.Tensor):
 
     `grad` reads (and `grad = None` clears) the library parameter's gradient, transformed to the spec's layout;
     `requires_grad` is the parameter's; `source` is the parameter itself. Operations on it return plain tensors.
-    Transforms: "id", "T" (transpose), "row" / "col" (the library holds (1, n) / (n, 1)), "scalar1" (the library
-    holds (1,), the spec ()) and "vector1" (the library holds (), the spec (1,)).
+    `transform`: a name in TRANSFORMS ("id", "T" (transpose), "row" / "col" (the library holds (1, n) / (n, 1)),
+    "scalar1" (the library holds (1,), the spec ()), "vector1" (the library holds (), the spec (1,)), "diag" (the
+    library holds a full (n, n) matrix whose diagonal is the spec's (n,) vector)), or a `Transform`: a backend's
+    own pair of functions.
     """
 
     __torch_function__ = torch._C._disabled_torch_function_impl
+    _src: torch.Tensor
+    _transform: Transform
 
     @staticmethod
-    def of(src: torch.Tensor, transform: str) -> "Mapped":
-        view = to_spec(src.detach(), transform).as_subclass(Mapped)
-        view._src, view._transform = src, transform
+    def of(src: torch.Tensor, transform: str | Transform) -> "Mapped":
+        tf = transform_of(transform)
+        view = tf.to_spec(src.detach()).as_subclass(Mapped)
+        view._src, view._transform = src, tf
         return view
 
     @property
     def grad(self):
         g = self._src.grad
-        return None if g is None else to_spec(g, self._transform)
+        return None if g is None else self._transform.to_spec(g)
 
     @grad.setter
     def grad(self, value):
-        self._src.grad = None if value is None else to_peft(value, self._transform, self._src.shape)
+        self._src.grad = None if value is None else self._transform.to_library(value, self._src.shape)
 
     @property
     def requires_grad(self) -> bool:
@@ -645,22 +692,14 @@ class Mapped(torch.Tensor):
         return self._src
 
 
-def to_spec(t: torch.Tensor, transform: str) -> torch.Tensor:
+def to_spec(t: torch.Tensor, transform: str | Transform) -> torch.Tensor:
     """Library layout -> spec layout, as a view."""
-    if transform == "id":
-        return t
-    if transform == "T":
-        return t.t()
-    if transform in ("row", "col", "vector1"):
-        return t.reshape(-1)
-    if transform == "scalar1":
-        return t.reshape(())
-    raise ValueError(f"unknown transform {transform!r}; known: {TRANSFORMS}")
+    return transform_of(transform).to_spec(t)
 
 
-def to_peft(t: torch.Tensor, transform: str, shape) -> torch.Tensor:
+def to_peft(t: torch.Tensor, transform: str | Transform, shape) -> torch.Tensor:
     """Spec layout -> library layout (the inverse of to_spec)."""
-    return t.t() if transform == "T" else t.reshape(shape)
+    return transform_of(transform).to_library(t, shape)
 
 
 def lacks(be: Backend, spec: Spec, *capabilities: str) -> str | None:
