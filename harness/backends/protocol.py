@@ -578,10 +578,10 @@ def check_backend(be: object) -> list[str]:
         explained = {m for m in present if any(m in METHODS[c] for c in complete if c != cap)}
         if present and cap not in complete and set(present) - explained:
             partial.setdefault(tuple(present), []).append(cap)
-    for present, caps in partial.items():
+    for has, caps in partial.items():
         missing = [m for m in METHODS[caps[0]] if m not in have]
         also = f" (and {', '.join(caps[1:])}, which share them)" if caps[1:] else ""
-        out.append(f"capability '{caps[0]}'{also} is partly there: has {', '.join(present)}, lacks "
+        out.append(f"capability '{caps[0]}'{also} is partly there: has {', '.join(has)}, lacks "
                    f"{', '.join(missing)} (without all of them the backend lacks '{caps[0]}')")
     checked = set(_members(Backend))
     for cap, proto in PROTOCOL_OF.items():
