@@ -249,35 +249,42 @@ def training_step(spec, be: FullBackend, case):
 @prop("trainable_set", _dt(torch.float32), max_examples=8)
 def trainable_set(spec, be: FullBackend, case):
     """Base parameters are frozen; the trainable tensors are exactly the spec's, with the spec's shapes, and
-    their count equals the spec's formula; frozen adapter tensors are persistent buffers, not Parameters."""
+    their count equals the spec's formula; frozen adapter tensors are persistent buffers, not Parameters. Every
+    problem found is reported in one message, the number of problems first and the parameter count's first."""
     s = setup(spec, be, case)
     y = s.model(s.x)  # a forward and backward first: a base parameter a forward unfroze is caught too
     y.float().sum().backward()
-    leaks = [n for n, p in s.model.named_parameters() if p.grad is not None and not any(p is owner(t) for t in be.tensors(s.model).values())]
-    require(not leaks, f"base parameters received gradients: {leaks}")
     live = be.tensors(s.model)
+    problems: list[str] = []
+    mine = {id(owner(t)) for t in live.values()}
     cfg = cfg_of(spec, be, case)
     present = spec.present(case.d_in, case.d_out, cfg)
-    require(set(live) == {t.name for t in present},
-            f"adapter tensors {sorted(live)} != spec's {sorted(t.name for t in present)}")
-    param_ids = {id(p) for p in s.model.parameters()}
-    state = s.model.state_dict(keep_vars=True)
-    state_ids = {id(v) for v in state.values()}
-    for ts in present:
-        shape = spec.shape_of(ts, case.d_in, case.d_out, cfg)
-        require(tuple(live[ts.name].shape) == shape, f"'{ts.name}' has shape {tuple(live[ts.name].shape)}, spec says {ts.shape} = {shape}")
-        t = owner(live[ts.name])  # the library's own Parameter or buffer (a view in the spec's layout sees through)
-        if ts.trainable:
-            require(isinstance(t, torch.nn.Parameter) and t.requires_grad, f"'{ts.name}' should be a trainable Parameter")
-        else:
-            require(id(t) not in param_ids and not t.requires_grad, f"frozen '{ts.name}' is a Parameter, not a buffer")
-            require(id(t) in state_ids, f"frozen '{ts.name}' is not in the state dict (not persistent)")
     trainable = [p for p in s.model.parameters() if p.requires_grad]
-    adapter_ids = {id(owner(live[t.name])) for t in present if t.trainable}
-    require(all(id(p) in adapter_ids for p in trainable), "a base parameter is left trainable")
-    n = sum(p.numel() for p in trainable)
-    expected = spec.count(case.d_in, case.d_out, cfg)
-    require(n == expected, f"{n} trainable parameters, the spec's formula {spec.param_count} gives {expected}")
+    n, expected = sum(p.numel() for p in trainable), spec.count(case.d_in, case.d_out, cfg)
+    if n != expected:
+        problems.append(f"{n} trainable parameters, the spec's formula {spec.param_count} gives {expected}")
+    leaks = [name for name, p in s.model.named_parameters() if p.grad is not None and id(p) not in mine]
+    if leaks:
+        problems.append(f"base parameters received gradients: {leaks}")
+    if set(live) != {t.name for t in present}:
+        problems.append(f"adapter tensors {sorted(live)} != spec's {sorted(t.name for t in present)}")
+    param_ids = {id(p) for p in s.model.parameters()}
+    state_ids = {id(v) for v in s.model.state_dict(keep_vars=True).values()}
+    for ts in (ts for ts in present if ts.name in live):
+        shape = spec.shape_of(ts, case.d_in, case.d_out, cfg)
+        if tuple(live[ts.name].shape) != shape:
+            problems.append(f"'{ts.name}' has shape {tuple(live[ts.name].shape)}, spec says {ts.shape} = {shape}")
+        t = owner(live[ts.name])  # the library's own Parameter or buffer (a view in the spec's layout sees through)
+        if ts.trainable and not (isinstance(t, torch.nn.Parameter) and t.requires_grad):
+            problems.append(f"'{ts.name}' should be a trainable Parameter")
+        if not ts.trainable and (id(t) in param_ids or t.requires_grad):
+            problems.append(f"frozen '{ts.name}' is a Parameter, not a buffer")
+        if not ts.trainable and id(t) not in state_ids:
+            problems.append(f"frozen '{ts.name}' is not in the state dict (not persistent)")
+    adapter_ids = {id(owner(live[t.name])) for t in present if t.trainable and t.name in live}
+    if not all(id(p) in adapter_ids for p in trainable):
+        problems.append("a base parameter is left trainable")
+    require(not problems, f"{len(problems)} problem{'s' if len(problems) > 1 else ''}: " + "; ".join(problems))
     return None
 
 

@@ -173,3 +173,28 @@ def test_a_transform_as_a_pair_of_functions():
     assert torch.equal(v.grad, torch.full((2, 3), 2.0))
     with pytest.raises(ValueError, match="unknown transform 'nope'"):
         Mapped.of(flat, "nope")
+
+
+# ----------------------------------------------------------------------------------------------- trainable_set
+
+
+class Unfrozen(ImplBackend):
+    """A planted library: attach leaves the base layer's parameters trainable."""
+
+    name = "unfrozen-contract"
+
+    def attach(self, model, spec, case, calibration=None, **over):
+        out = super().attach(model, spec, case, calibration, **over)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return out
+
+
+def test_trainable_set_reports_every_problem_in_one_message_the_count_first():
+    assert run_property(PROPERTIES["trainable_set"], SPECS.get("lora"), ImplBackend(), "zoo").status == "pass"
+    r = run_property(PROPERTIES["trainable_set"], SPECS.get("lora"), Unfrozen(), "zoo")
+    assert r.status == "fail" and r.failure_kind == "assertion", r
+    assert r.detail.startswith("3 problems: ") and " trainable parameters, the spec's formula " in r.detail, r.detail
+    parts = r.detail.removeprefix("3 problems: ").split("; ")
+    assert "trainable parameters" in parts[0]
+    assert parts[1].startswith("base parameters received gradients: ") and parts[2] == "a base parameter is left trainable"
