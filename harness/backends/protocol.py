@@ -703,12 +703,13 @@ def to_peft(t: torch.Tensor, transform: str | Transform, shape) -> torch.Tensor:
 
 
 def lacks(be: Backend, spec: Spec, *capabilities: str) -> str | None:
-    """Why the backend cannot do one of `capabilities` for the spec (None when it can do all of them)."""
+    """Why the backend cannot do one of `capabilities` for the spec (None when it can do all of them): its own
+    reason (`unsupported`), else the capability's methods it lacks."""
     for cap in capabilities:
         if cap not in CAPABILITIES:
             raise ValueError(f"unknown capability {cap!r}; known: {sorted(CAPABILITIES)}")
         missing = [m for m in METHODS.get(cap, ()) if not callable(getattr(be, m, None))]
-        reason = f"the backend has no {', '.join(missing)}" if missing else be.unsupported(spec, cap)
+        reason = be.unsupported(spec, cap) or (f"the backend has no {', '.join(missing)}" if missing else None)
         if reason:
             return f"{be.name} lacks {cap} ({CAPABILITIES[cap]}): {reason}"
     return None
