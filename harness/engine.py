@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from .backends.protocol import Deviations, FullBackend, PropertyNA, Supports, rejects
+from .backends.protocol import Deviations, FullBackend, PropertyNA, Supports, has, rejects
 from .probes import PROPERTIES, Falsified, Property
 from spec.schema import Spec
 from .strategies import Case
@@ -156,7 +156,7 @@ def variant_files(spec: Spec) -> set[str]:
 
 def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str = "verify", device: str = "cpu") -> Result:
     """Run one property on one spec; never raises for a property failure."""
-    na = (backend.applies(spec) or (isinstance(backend, PropertyNA) and backend.property_na(spec, prop.name))
+    na = (backend.applies(spec) or (has(backend, PropertyNA) and backend.property_na(spec, prop.name))
           or prop.applies(spec, backend))
     if na:
         return Result(spec.name, prop.name, "na", detail=na)
@@ -166,7 +166,7 @@ def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str 
     if declared_deviation(spec, prop.name, backend) is not None:  # a declared difference needs no minimal example:
         base = settings(base, phases=[p for p in base.phases if p != Phase.shrink])  # skip the (costly) shrinking
 
-    if isinstance(backend, Supports):  # cases the backend cannot take are not drawn (the backend says why)
+    if has(backend, Supports):  # cases the backend cannot take are not drawn (the backend says why)
 
         def admitted(drawn) -> bool:
             why = rejects(backend, spec, drawn)
@@ -233,7 +233,7 @@ def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str 
 def declared_deviation(spec: Spec, prop: str, backend: FullBackend):
     """The spec's deviation for (property, backend), else a backend-wide one (a design choice of the backend)."""
     dev = spec.deviation(prop, backend.name)
-    if dev is None and isinstance(backend, Deviations):
+    if dev is None and has(backend, Deviations):
         dev = backend.deviation(spec, prop)
     return dev
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from spec.schema import Spec
 
 from . import tolerance as tol
-from .backends.protocol import BaseBias, FullBackend, Mapped, lacks
+from .backends.protocol import BaseBias, FullBackend, Mapped, has, lacks
 from .models import single
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
@@ -141,7 +141,7 @@ def base_bias(be: FullBackend, model):
     """The base layer's bias Parameter (None when it has none): the backend's optional `base_bias(model)`, else
     `model.layer.bias` (a wrapper that does not expose its base layer's bias, e.g. PEFT before 0.10, says it
     through base_bias)."""
-    return be.base_bias(model) if isinstance(be, BaseBias) else getattr(model.layer, "bias", None)
+    return be.base_bias(model) if has(be, BaseBias) else getattr(model.layer, "bias", None)
 
 
 def oracle_on(spec: Spec, W, b, T: dict, x64: torch.Tensor, cfg, knobs, xd=None, grad: bool = False):

@@ -13,7 +13,7 @@ that reason, never a crash. `FullBackend` is every required and capability membe
 properties see (which of its capability members a property may call, its `needs=` says).
 
 Optional members, each its own protocol (`Supports`, `PropertyNA`, `Deviations`, `BaseBias`, `CheckpointSuffix`,
-`SourceClass`, `ResultsStem`): the harness asks `isinstance(be, Supports)` before calling one.
+`SourceClass`, `ResultsStem`): the harness asks `has(be, Supports)` before calling one.
 
 Tensor layout: `tensors(model)` gives the adapter's live tensors under the spec's names and in the spec's layout.
 A library holding one in another layout returns `Mapped.of(param, transform)`: a view sharing the parameter's
@@ -29,7 +29,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, TypeAlias, TypeGuard, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
@@ -418,7 +418,7 @@ class FullBackend(Backend, Detach, Merge, Checkpoint, Knobs, WholeModel, Targets
     type error (`nox -s lint`)."""
 
 
-# Optional members: the harness asks `isinstance(be, P)` before using one.
+# Optional members: the harness asks `has(be, P)` before using one.
 @runtime_checkable
 class Supports(Protocol):
     def supports(self, spec: Spec, case: Case) -> str | None:
@@ -482,9 +482,18 @@ PROTOCOL_OF: Mapping[str, type] = MappingProxyType({
     "patterns": Patterns, "multi_adapter": MultiAdapter, "embedding": Kinds, "conv2d": Kinds, "lora_bias": LoraBias})
 
 
+P = TypeVar("P")
+
+
+def has(be: object, proto: type[P]) -> TypeGuard[P]:
+    """Whether the backend has every member of an optional protocol (as the instance answers attribute lookups:
+    a member its class defines but the instance hides counts as missing)."""
+    return all(hasattr(be, m) for m in _members(proto))
+
+
 def checkpoint_suffix(be: object) -> str:
     """The file-name suffix the backend's `save` expects."""
-    return be.checkpoint_suffix if isinstance(be, CheckpointSuffix) else ".safetensors"
+    return be.checkpoint_suffix if has(be, CheckpointSuffix) else ".safetensors"
 
 
 
@@ -717,7 +726,7 @@ def lacks(be: Backend, spec: Spec, *capabilities: str) -> str | None:
 
 def rejects(be: Backend, spec: Spec, drawn: Any) -> str | None:
     """The backend's reason to refuse a drawn case (a Case, or a tuple whose first item is one)."""
-    if not isinstance(be, Supports):
+    if not has(be, Supports):
         return None
     return be.supports(spec, drawn[0] if isinstance(drawn, tuple) else drawn)
 
