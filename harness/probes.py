@@ -46,7 +46,10 @@ class Property:
 PROPERTIES: dict[str, Property] = {}
 
 
-def prop(name: str, strategy, applies=None, max_examples=None, needs: tuple[str, ...] = ()):
+def prop(name: str, strategy: Callable[[Spec, str], st.SearchStrategy],
+         applies: Callable[[Spec, FullBackend], str | None] | None = None, max_examples: int | None = None,
+         needs: tuple[str, ...] = ()) -> Callable[[Callable[[Spec, FullBackend, Any], float | None]],
+                                                  Callable[[Spec, FullBackend, Any], float | None]]:
     """Register a property; `needs` names the backend capabilities it uses (a backend lacking one makes it na,
     with the backend's reason)."""
     own = applies or (lambda spec, be: None)
