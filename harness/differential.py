@@ -19,8 +19,9 @@ a misreading (DeLoRA's norm axis, HRA's order, EVA's centring), only an independ
   PEFT lacks, and for any other spec that gives one.
 - `model_oracle`: a tiny Llama- or GPT-2-style model with the spec's roles adapted, against the same model with
   each adapted layer replaced by the spec's float64 oracle (any backend: impl, or PEFT on its own models).
-- `unmerge_restores`, `disable_restores`: PEFT's extra API (merge_adapter / unmerge_adapter, disable_adapter),
-  for backends that have it.
+- `unmerge_restores`, `disable_restores`: a reversible merge and a disable context (capabilities `unmerge` and
+  `disable` of harness.backends.protocol: PEFT's merge_adapter / unmerge_adapter, disable_adapter), for backends
+  that have them.
 
 Tolerances come from harness.tolerance (outputs relative to the adapter's own contribution, gradients relative to the
 terms they sum), never tuned per variant.
