@@ -15,6 +15,13 @@ properties see (which of its capability members a property may call, its `needs=
 Optional members, each its own protocol (`Supports`, `PropertyNA`, `Deviations`, `BaseBias`, `CheckpointSuffix`,
 `SourceClass`, `ResultsStem`): the harness asks `has(be, Supports)` before calling one.
 
+What the harness passes: `spec` (spec.schema.Spec): read `spec.name` (the variant) and, to map names, the spec's
+tensor names (spec/variants/<name>.py); `case` (harness.strategies.Case): `case.fields` holds the drawn config fields
+in the spec's names (r, alpha, rslora, ...), beside `d_in`, `d_out`, `bias`, `dtype`, `seed`; `model`: for the
+single-layer methods a module whose `model.layer` is the layer to adapt (nn.Linear, transformers' Conv1D, a
+bitsandbytes layer; `attach_kind`: nn.Embedding / nn.Conv2d), for `WholeModel` / `Targets` a tiny transformers model.
+`deviation` returns a spec.schema.Deviation (property, reason, backend name, source line).
+
 Tensor layout: `tensors(model)` gives the adapter's live tensors under the spec's names and in the spec's layout.
 A library holding one in another layout returns `Mapped.of(param, transform)`: a view sharing the parameter's
 storage whose `grad` is the parameter's gradient in the spec's layout (see `Mapped` and `Transform`).
