@@ -36,7 +36,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, TypeAlias, TypeGuard, TypeVar, runtime_checkable
+from typing import (TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, TypeAlias, TypeGuard, TypeVar,
+                    runtime_checkable)
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ CAPABILITIES: Mapping[str, str] = MappingProxyType({
              "set_scale(model, factor) (s = factor x the config's s), scale_by(model, factor) (s *= factor), "
              "unscale_by(model, factor) (s /= factor), reset_scale(model) (s = the config's s)",
     "patterns": "several layers of one model, each with its own r and alpha: "
-                "attach_patterns(model, spec, case, ranks={name: r}, alphas={name: alpha}), adapted_layers",
+                "attach_patterns(model, spec, case, names, ranks={name: r}, alphas={name: alpha}), adapted_layers",
     "multi_adapter": "several named adapters on one module (the first is ADAPTER_NAME): add_adapter(model, spec, "
                      "case, name, **over), adapter_tensors(model, name), set_active(model, [names]), "
                      "merge_adapters(model, [names]), unmerge_all(model), weighted_adapter(model, [names], "
