@@ -1,4 +1,4 @@
-"""Sessions: verify (main job), tests, zoo, fetch, review, cost, timeline (lora-lite's history), peft_history.
+"""Sessions: lint, verify (main job), tests, zoo, fetch, review, cost, timeline (lora-lite's history), peft_history.
 
 Every session uses the virtualenv backend with pip (uv would not see the local CPU torch wheel and would
 download CUDA builds) and installs with `-c constraints.txt`, which pins torch, peft and bitsandbytes exactly.
@@ -15,7 +15,7 @@ import nox.command
 nox.needs_version = ">=2024.3.2"
 nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_venv = "yes"
-nox.options.sessions = ["verify", "tests"]
+nox.options.sessions = ["lint", "verify", "tests"]
 
 ROOT = Path(__file__).parent
 CONSTRAINTS = ROOT / "constraints.txt"
@@ -155,6 +155,27 @@ def timeline(session: nox.Session) -> None:
         session.error("nox -s timeline -- --repo PATH_TO_A_LORA_LITE_CLONE")
     py = lora_lite_env(session, _option(args, "--branch") or "main", repo)
     session.run(str(py), "-m", "tools.lora_lite", "timeline", *args, external=True, env={"OMP_NUM_THREADS": "1"})
+
+
+LINTERS = ("ruff==0.17.6", "mypy==2.4.1")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (a focused rule set: undefined names, unused imports, syntax and runtime errors; no style) and mypy over
+    impl/, spec/, harness/, tools/ and examples/ (configured in pyproject.toml). mypy checks every annotated
+    function, and the harness is typed against the backend protocols (harness/backends/protocol.py): a property
+    calling a backend member that no protocol declares fails here.
+
+    Why mypy and not pyright, measured on this tree (2 shared cores, same lenient settings, third-party packages
+    absent so their types are Any): mypy 13.6 s wall / 3.7 s CPU cold, 1.0 s warm, 175 findings before the
+    noisy codes were turned off, none in the properties' use of the backend; pyright 88-99 s wall / 23-25 s CPU
+    every run, 182 findings (118 argument types on torch-as-Any), and it needs node and fetches its engine from
+    npm on first use. Same catch on a planted undeclared member (an attr-defined error), 6x less CPU, a plain
+    wheel: mypy. Only the linters are installed (no torch): seconds, not a multi-GB environment."""
+    session.install(*LINTERS)
+    session.run("ruff", "check", "impl", "spec", "harness", "tools", "examples")
+    session.run("mypy")
 
 
 @nox.session

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from . import tolerance as tol
-from .backends.protocol import ADAPTER_NAME, lacks
+from .backends.protocol import ADAPTER_NAME, FullBackend, lacks
 from .models import Single, make_layer, tiny
 from .models import calibration as token_calibration
 from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, layouts, oracle_on, perturb, perturb_layers,
@@ -69,7 +69,7 @@ def _factor(g: torch.Generator) -> float:
 # ----------------------------------------------------------------------------------------------- scale
 
 
-def _scale_or_knob(spec, be):
+def _scale_or_knob(spec, be: FullBackend):
     no_scale = lacks(be, spec, "scale")
     if no_scale is None:
         return None
@@ -92,7 +92,7 @@ def _scaling_rules(spec, case):
     return out
 
 
-def _every_rule(check, spec, be, case) -> float:
+def _every_rule(check, spec, be: FullBackend, case) -> float:
     """The check on each case of _scaling_rules; a failure names the fields of the case it failed on."""
     worst = 0.0
     for c in _scaling_rules(spec, case):
@@ -104,7 +104,7 @@ def _every_rule(check, spec, be, case) -> float:
 
 
 @prop("runtime_scale", _f32, applies=_scale_or_knob, max_examples=4)
-def runtime_scale(spec, be, case):
+def runtime_scale(spec, be: FullBackend, case):
     """With every trainable perturbed, each live change of the adapter's scale (set_scale(f), scale_by(f),
     unscale_by(f), reset_scale: s = f·alpha/r, alpha/sqrt(r) with rsLoRA) gives the spec's oracle with alpha
     multiplied alike, under every scaling rule (each boolean config field flipped as well); a backend without a
@@ -113,7 +113,7 @@ def runtime_scale(spec, be, case):
     return _every_rule(_runtime_scale, spec, be, case)
 
 
-def _runtime_scale(spec, be, case):
+def _runtime_scale(spec, be: FullBackend, case):
     s = setup(spec, be, case)
     perturb(spec, be, s.model, case)
     x64 = s.x.detach().double().cpu()
@@ -169,7 +169,7 @@ PATTERN_NAMES = ("p0", "p1", "p2")
 
 
 @prop("rank_patterns", _f32_bias, needs=("patterns",), max_examples=3)
-def rank_patterns(spec, be, case):
+def rank_patterns(spec, be: FullBackend, case):
     """Three layers of different shapes in one model, p1 and p2 with their own r and alpha (rank_pattern /
     alpha_pattern), p0 with the config's: each layer's tensors have the shapes of its own r, and with every
     trainable perturbed each layer's output equals the spec's oracle with its own r and alpha, under every
@@ -177,7 +177,7 @@ def rank_patterns(spec, be, case):
     return _every_rule(_rank_patterns, spec, be, case)
 
 
-def _rank_patterns(spec, be, case):
+def _rank_patterns(spec, be: FullBackend, case):
     g = case.gen(22)
     dims, ranks, alphas, layers = {}, {}, {}, {}
     for i, name in enumerate(PATTERN_NAMES):
@@ -232,7 +232,7 @@ def _second(spec, case):
 
 
 @prop("adapters_on_one_module", _f32_bias, needs=("multi_adapter",), max_examples=3)
-def adapters_on_one_module(spec, be, case):
+def adapters_on_one_module(spec, be: FullBackend, case):
     """Two named adapters on one layer (another r and alpha for the second), every trainable perturbed: each
     active alone equals its oracle; both active equal the base plus both oracle deltas (the hooked sum); switching
     back reproduces the first output bit-exactly; merging both gives the hooked sum and unmerging restores the base
@@ -241,7 +241,7 @@ def adapters_on_one_module(spec, be, case):
     return _every_rule(_adapters_on_one_module, spec, be, case)
 
 
-def _adapters_on_one_module(spec, be, case):
+def _adapters_on_one_module(spec, be: FullBackend, case):
     s = setup(spec, be, case)
     over = _second(spec, case)
     be.add_adapter(s.model, spec, case, OTHER, **over)
@@ -291,7 +291,7 @@ class _Raised(Exception):
 
 
 @prop("adapter_lifecycle", _f32_bias, needs=("multi_adapter",), max_examples=3)
-def adapter_lifecycle(spec, be, case):
+def adapter_lifecycle(spec, be: FullBackend, case):
     """With every trainable perturbed: inside nested disable contexts the output is the base layer's (as attach
     left it) bit-exactly, also
     after the inner one is left; after the outer one, and after a disable context left by an exception, it is the
@@ -359,12 +359,12 @@ def adapter_lifecycle(spec, be, case):
 KINDS = ("embedding", "conv2d", "lora_bias")
 
 
-def _kinds(spec, be):
+def _kinds(spec, be: FullBackend):
     reasons = [lacks(be, spec, k) for k in KINDS]
     return "; ".join(reasons) if all(reasons) else None
 
 
-def _spec_layout(spec, be, model, d_in, d_out, cfg):
+def _spec_layout(spec, be: FullBackend, model, d_in, d_out, cfg):
     """The backend's tensors of a non-Linear layer reshaped (views) to the spec's Linear-layout shapes."""
     out = {}
     for name, t in be.kind_tensors(model).items():
@@ -373,7 +373,7 @@ def _spec_layout(spec, be, model, d_in, d_out, cfg):
     return out
 
 
-def _merge_round(spec, be, model, x, y_hooked, params, case, what):
+def _merge_round(spec, be: FullBackend, model, x, y_hooked, params, case, what):
     """merge_adapter gives the hooked output; unmerge_adapter restores every base parameter (weight and bias)."""
     before = {n: p.detach().double().clone() for n, p in params().items()}
     be.merge_adapter(model)
@@ -387,7 +387,7 @@ def _merge_round(spec, be, model, x, y_hooked, params, case, what):
     return worst
 
 
-def _embedding(spec, be, case, scaled: bool):
+def _embedding(spec, be: FullBackend, case, scaled: bool):
     from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
 
     W, _ = base_weight(case)  # the Linear equivalent (d_out, d_in): the embedding matrix is its transpose
@@ -413,7 +413,7 @@ def _embedding(spec, be, case, scaled: bool):
     return max(err, _merge_round(spec, be, model, ids, y_ref, lambda: {"weight": emb.weight}, case, what))
 
 
-def _conv2d(spec, be, case):
+def _conv2d(spec, be: FullBackend, case):
     g = case.gen(25)
     c_in, k = 2 + int(torch.randint(2, (1,), generator=g)), 2 + int(torch.randint(2, (1,), generator=g))
     d_in, d_out = c_in * k * k, case.d_out
@@ -442,7 +442,7 @@ def _conv2d(spec, be, case):
                                  f"Conv2d (k={k})"))
 
 
-def _lora_bias(spec, be, case):
+def _lora_bias(spec, be: FullBackend, case):
     W, b = base_weight(case.with_(bias=True))
     model = Single(make_layer(W.to(case.dtype).double(), b.to(case.dtype).double(), case.dtype))
     torch.manual_seed(case.seed)
@@ -458,7 +458,7 @@ def _lora_bias(spec, be, case):
 
 
 @prop("layer_kinds", _f32, applies=_kinds, max_examples=4)
-def layer_kinds(spec, be, case):
+def layer_kinds(spec, be: FullBackend, case):
     """On each layer kind the backend adapts for the spec, with every trainable perturbed: an Embedding (and
     transformers' scaled embedding, its adapter output scaled alike) equals the spec's oracle on one-hot inputs
     with W = the embedding matrix transposed; a Conv2d with bias equals the oracle on the unfolded patches with W
@@ -484,7 +484,7 @@ def _merge_cases(spec, device):
                      st.sampled_from([torch.float32, torch.bfloat16]))
 
 
-def _whole(spec, be):
+def _whole(spec, be: FullBackend):
     if spec.square_only:
         return "the spec runs on square layers only; a tiny model's layers are not square"
     return None
@@ -494,7 +494,7 @@ ROUNDING_MARGIN = 3.0  # merged and hooked logits each carry the model's own rou
 
 
 @prop("model_merge_unload", _merge_cases, needs=("model", "merge"), applies=_whole, max_examples=2)
-def model_merge_unload(spec, be, drawn):
+def model_merge_unload(spec, be: FullBackend, drawn):
     """On a tiny Llama / GPT-2 in float32 or bfloat16 with every adapter tensor of every adapted layer perturbed,
     merging all adapters into the weights and unloading (merge_and_unload) leaves no adapter module or hook and
     gives the hooked model's logits: the merged logits are as close to the float64 hooked logits (a float64 twin
@@ -509,7 +509,7 @@ def model_merge_unload(spec, be, drawn):
     return max(_merge_unload(spec, be, case, "llama", dtype), _merge_unload(spec, be, case, arch, other))
 
 
-def _merge_unload(spec, be, case, arch, dtype):
+def _merge_unload(spec, be: FullBackend, case, arch, dtype):
     from .whole_model import HIDDEN, model_roles
 
     batch = token_calibration(n=1, seed=case.seed)[0]

@@ -19,8 +19,9 @@ a misreading (DeLoRA's norm axis, HRA's order, EVA's centring), only an independ
   PEFT lacks, and for any other spec that gives one.
 - `model_oracle`: a tiny Llama- or GPT-2-style model with the spec's roles adapted, against the same model with
   each adapted layer replaced by the spec's float64 oracle (any backend: impl, or PEFT on its own models).
-- `unmerge_restores`, `disable_restores`: PEFT's extra API (merge_adapter / unmerge_adapter, disable_adapter),
-  for backends that have it.
+- `unmerge_restores`, `disable_restores`: a reversible merge and a disable context (capabilities `unmerge` and
+  `disable` of harness.backends.protocol: PEFT's merge_adapter / unmerge_adapter, disable_adapter), for backends
+  that have them.
 
 Tolerances come from harness.tolerance (outputs relative to the adapter's own contribution, gradients relative to the
 terms they sum), never tuned per variant.
@@ -31,6 +32,7 @@ import torch
 from hypothesis import strategies as st
 
 from . import tolerance as tol
+from .backends.protocol import FullBackend
 from .backends.peft_maps import peft_map
 from .models import single, tiny
 from .probes import _dt, base_bias, cfg_of, gradient_scales, loss_weights, perturb, perturb_layers, prop, require, setup
@@ -46,7 +48,7 @@ NOISE = 0.02
 MEAN_NORM = 3.0
 
 
-def _peft_reason(spec, be, init_only: bool = False) -> str | None:
+def _peft_reason(spec, be: FullBackend, init_only: bool = False) -> str | None:
     """Why the PEFT comparison does not apply (None when it does)."""
     if peft_map(spec) is None:
         return "PEFT has no counterpart of this variant (harness/backends/peft_maps.py maps none)"
@@ -68,7 +70,7 @@ def _reference():
 NOISE_FACTOR = 4.0  # a gradient may differ from the reference's by this many times the reference's own noise
 
 
-def _forward_backward(be, model, x0: torch.Tensor, case: Case):
+def _forward_backward(be: FullBackend, model, x0: torch.Tensor, case: Case):
     """Output and gradients (every trainable tensor by spec name, and 'input') under the case's linear loss."""
     for t in be.tensors(model).values():
         if t.requires_grad:
@@ -105,7 +107,7 @@ def mirror(tensors: dict, ref, ref_model, base_weight: torch.Tensor | None = Non
             ref.write_base_weight(ref_model, base_weight.detach())
 
 
-def _mirror(be, model, ref, ref_model, rewrites_base: bool) -> None:
+def _mirror(be: FullBackend, model, ref, ref_model, rewrites_base: bool) -> None:
     """Copy every adapter tensor (and a rewritten base weight) of the backend's model into the reference's."""
     mirror(be.tensors(model), ref, ref_model, be.base_weight(model) if rewrites_base else None)
 
@@ -136,7 +138,7 @@ def _compare(y, grads, y_ref, grads_ref, y_base, dtype, factor: float, what: str
 
 
 @prop("reference_equivalence", _dt(torch.float32, torch.float64), applies=_peft_reason)
-def reference_equivalence(spec, be, case):
+def reference_equivalence(spec, be: FullBackend, case):
     """On random non-init tensors copied into PEFT's own layer, the output and the gradients of every trainable
     tensor and of the input equal PEFT's (fp32 and fp64)."""
     ref = _reference()
@@ -150,7 +152,7 @@ def reference_equivalence(spec, be, case):
                     scales=_term_scales(ref, r.model, r.x, case))
 
 
-def _term_scales(be, model, x0: torch.Tensor, case: Case) -> dict[str, float]:
+def _term_scales(be: FullBackend, model, x0: torch.Tensor, case: Case) -> dict[str, float]:
     """gradient_scales on the backend's graph: per trainable tensor (by spec name; a Mapped view's scale is its
     source's, max-abs being layout-free) and the input."""
     x = x0.detach().clone().requires_grad_(True)
@@ -160,7 +162,7 @@ def _term_scales(be, model, x0: torch.Tensor, case: Case) -> dict[str, float]:
     return gradient_scales(y.double(), {**live, "input": x}, c)
 
 
-def _peft_quantized_reason(spec, be) -> str | None:
+def _peft_quantized_reason(spec, be: FullBackend) -> str | None:
     """Why the quantized comparison does not apply: the variant refuses quantized layers, PEFT is not the
     reference here, or PEFT fails to adapt (or run) both a 4-bit and an 8-bit layer (probed on a small one)."""
     if spec.quantized != "works":
@@ -184,7 +186,7 @@ def _peft_quantized_reason(spec, be) -> str | None:
 
 
 @prop("reference_quantized", _dt(torch.float32), max_examples=6, needs=("quantized",), applies=_peft_quantized_reason)
-def reference_quantized(spec, be, case):
+def reference_quantized(spec, be: FullBackend, case):
     """On the same bitsandbytes 4-bit and 8-bit layer, before and after a first forward, the output with random
     non-init tensors equals PEFT's with the same tensors, wherever PEFT adapts and runs that layer without an
     error (PEFT's errors on quantized layers are the PEFT backend's `quantized` property to report)."""
@@ -267,7 +269,7 @@ def gapped_components(X: torch.Tensor, r: int) -> tuple[list[int], int]:
     return single, block
 
 
-def _init_state(spec, be, case: Case, cal) -> dict[str, torch.Tensor]:
+def _init_state(spec, be: FullBackend, case: Case, cal) -> dict[str, torch.Tensor]:
     s = setup(spec, be, case, attach=False)
     torch.manual_seed(case.seed)
     be.attach(s.model, spec, case, cal)
@@ -310,7 +312,7 @@ def _describe(p: tuple) -> str:
 
 
 @prop("reference_init", _dt(torch.float32), applies=lambda spec, be: _peft_reason(spec, be, init_only=True))
-def reference_init(spec, be, case):
+def reference_init(spec, be: FullBackend, case):
     """The init equals PEFT's on the same base weight (and the same calibration activations, with a declared
     spectral gap): the deterministic parts the spec's init formula names (up to sign where the spec says so; for
     data-driven inits only the gapped components) and every tensor PEFT starts constant, in value; the random
@@ -385,7 +387,7 @@ def _compare_quantities(pairs: dict, W: torch.Tensor, dtype, factor: float) -> f
 
 @prop("dense_equivalence", _dt(torch.float64, torch.float32),
       applies=lambda spec, be: None if spec.dense is not None else "the spec gives no second (dense) formulation")
-def dense_equivalence(spec, be, case):
+def dense_equivalence(spec, be: FullBackend, case):
     """On random non-init tensors, the output and the gradients of every trainable tensor and of the input equal
     those of the spec's dense formulation: the effective matrix built explicitly and applied as one matmul."""
     s = setup(spec, be, case)
@@ -413,14 +415,10 @@ def dense_equivalence(spec, be, case):
 # ----------------------------------------------------------------------------------------------- PEFT's extra API
 
 
-def _has(method: str, what: str):
-    return lambda spec, be: None if hasattr(be, method) else f"the backend has no {what}"
-
-
 @prop("unmerge_restores", lambda spec, device: st.tuples(
         cases(spec, dtypes=(torch.float32,), bias=True, device=device), st.sampled_from(["linear", "conv1d"])),
-      applies=_has("unmerge_adapter", "merge_adapter / unmerge_adapter (impl's merge is final)"), max_examples=10)
-def unmerge_restores(spec, be, drawn):
+      needs=("unmerge",), max_examples=10)
+def unmerge_restores(spec, be: FullBackend, drawn):
     """With every adapter tensor perturbed, on Linear and Conv1D layers: merge_adapter gives the adapted output,
     and unmerge_adapter restores the base weights (and the adapted output) within tolerance."""
     case, lay = drawn if isinstance(drawn, tuple) else (drawn, "linear")
@@ -454,8 +452,8 @@ def unmerge_restores(spec, be, drawn):
     return max(worst, err, err2)
 
 
-@prop("disable_restores", _dt(torch.float32, torch.bfloat16), applies=_has("disabled", "disable-adapter context"))
-def disable_restores(spec, be, case):
+@prop("disable_restores", _dt(torch.float32, torch.bfloat16), needs=("disable",))
+def disable_restores(spec, be: FullBackend, case):
     """With every trainable perturbed, the output inside the disable-adapter context is bit-exactly the base
     model's, and after leaving it bit-exactly the adapted output again."""
     s = setup(spec, be, case)
@@ -521,7 +519,7 @@ def _roles(spec, arch: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(roles), tuple(names)
 
 
-def _float32_rounding(be, model, m32, batch: dict, c: torch.Tensor, grads: dict) -> dict[str, float]:
+def _float32_rounding(be: FullBackend, model, m32, batch: dict, c: torch.Tensor, grads: dict) -> dict[str, float]:
     """Per gradient, the float64 rounding error the computation itself implies: the same adapted model and loss
     run in float32 (`m32`: the model attached alike in float32; the float64 state is copied into it), its
     difference from the float64 gradients scaled by eps(float64) / eps(float32)."""
@@ -548,7 +546,7 @@ def _model_cases(draw, spec, device):
       applies=lambda spec, be: ("the spec runs on square layers only; a tiny model's layers are not square"
                                 if spec.square_only else None),
       max_examples=4)
-def model_oracle(spec, be, drawn):
+def model_oracle(spec, be: FullBackend, drawn):
     """On a tiny Llama- or GPT-2-style model (float64) with the spec's roles adapted and every adapter tensor
     perturbed, the logits and the gradients of every layer's trainable tensors equal those of the same model with
     each adapted layer replaced by the spec's float64 oracle on that layer's tensors and current base weight."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from .backends.protocol import rejects
+from .backends.protocol import Deviations, FullBackend, PropertyNA, Supports, has, rejects
 from .probes import PROPERTIES, Falsified, Property
 from spec.schema import Spec
 from .strategies import Case
@@ -79,20 +79,64 @@ def _is_library(filename: str) -> bool:
     return f.startswith(_LIBRARY_DIRS + (_HARNESS_DIR,)) or "site-packages" in f or f.startswith("<")
 
 
-def crash_site(exc: BaseException, own_files: set[str] = frozenset()) -> str | None:
-    """The innermost traceback frame of the code under test, as "file:line in function: source".
+# Packages the harness itself runs on: never the library under test (a crash inside torch is reported at the
+# library's line that called it).
+FRAMEWORK = ("torch", "hypothesis", "_pytest", "pluggy", "numpy", "safetensors")
 
-    Prefers frames in `own_files` (the files that define the variant and its spec); otherwise the innermost
-    frame outside Python's library, installed packages and the harness. None when every frame is library code.
+
+def _is_framework(filename: str) -> bool:
+    """Python's own library, this harness, or a package of FRAMEWORK: code that is not the library under test."""
+    f = Path(filename).resolve()
+    parts = f.parts
+    if "site-packages" in parts or "dist-packages" in parts:
+        i = max(i for i, p in enumerate(parts) if p in ("site-packages", "dist-packages"))
+        return i + 1 < len(parts) and parts[i + 1] in FRAMEWORK
+    return str(f).startswith(_LIBRARY_DIRS + (_HARNESS_DIR,)) or filename.startswith("<")
+
+
+def _site(f: traceback.FrameSummary) -> str:
+    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def crash_site(exc: BaseException, own_files: set[str] | frozenset[str] = frozenset(),
+               backend_files: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """The innermost traceback frame of the code under test, as "file:line in function: source", followed by
+    " (called from <the backend's frame>)" when a backend method led to it.
+
+    Prefers frames in `own_files` (the files that define the variant and its spec); else, past the innermost
+    frame in `backend_files` (the backend's module), the innermost frame of the library under test (outside the
+    harness, Python's library and FRAMEWORK), or that backend frame itself when the backend raised; else the
+    innermost frame outside Python's library, installed packages and the harness. None when every frame is
+    library code.
     """
     frames = traceback.extract_tb(exc.__traceback__)
+    res = [str(Path(f.filename).resolve()) for f in frames]
     own = {str(Path(f).resolve()) for f in own_files}
-    mine = [f for f in frames if str(Path(f.filename).resolve()) in own] or \
-        [f for f in frames if not _is_library(f.filename)]
+    backend = [i for i, r in enumerate(res) if r in {str(Path(f).resolve()) for f in backend_files}]
+    mine = [i for i, r in enumerate(res) if r in own]
+    if not mine and backend:
+        k = backend[-1]
+        mine = [i for i in range(k + 1, len(frames)) if not _is_framework(frames[i].filename)] or [k]
+    if not mine:
+        mine = [i for i, f in enumerate(frames) if not _is_library(f.filename)]
     if not mine:
         return None
-    f = mine[-1]
-    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    i = mine[-1]
+    caller = [j for j in backend if j < i]
+    return _site(frames[i]) + (f" (called from {_site(frames[caller[-1]])})" if caller else "")
+
+
+def backend_files(backend: object) -> set[str]:
+    """The source files of the backend's class and its bases (its module: where its methods call the library)."""
+    import inspect
+
+    out = set()
+    for cls in type(backend).__mro__[:-1]:
+        try:
+            out.add(inspect.getfile(cls))
+        except (TypeError, OSError):
+            pass
+    return out
 
 
 def variant_files(spec: Spec) -> set[str]:
@@ -110,10 +154,10 @@ def variant_files(spec: Spec) -> set[str]:
     return files
 
 
-def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", device: str = "cpu") -> Result:
+def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str = "verify", device: str = "cpu") -> Result:
     """Run one property on one spec; never raises for a property failure."""
-    property_na = getattr(backend, "property_na", None)
-    na = backend.applies(spec) or (property_na and property_na(spec, prop.name)) or prop.applies(spec, backend)
+    na = (backend.applies(spec) or (has(backend, PropertyNA) and backend.property_na(spec, prop.name))
+          or prop.applies(spec, backend))
     if na:
         return Result(spec.name, prop.name, "na", detail=na)
     base = settings.get_profile(profile)
@@ -122,7 +166,7 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     if declared_deviation(spec, prop.name, backend) is not None:  # a declared difference needs no minimal example:
         base = settings(base, phases=[p for p in base.phases if p != Phase.shrink])  # skip the (costly) shrinking
 
-    if hasattr(backend, "supports"):  # cases the backend cannot take are not drawn (the backend says why)
+    if has(backend, Supports):  # cases the backend cannot take are not drawn (the backend says why)
 
         def admitted(drawn) -> bool:
             why = rejects(backend, spec, drawn)
@@ -159,7 +203,7 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         kind = "assertion" if isinstance(e, (Falsified, AssertionError)) else "crash"
         detail = str(e) if kind == "assertion" else f"{type(e).__name__}: {e}"
         if kind == "crash":
-            where = crash_site(e, variant_files(spec))
+            where = crash_site(e, variant_files(spec), backend_files(backend))
             detail += f" [at {where}]" if where else ""
         size = getattr(e, "size", None)
         if size is not None:
@@ -186,10 +230,10 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     return res
 
 
-def declared_deviation(spec: Spec, prop: str, backend):
+def declared_deviation(spec: Spec, prop: str, backend: FullBackend):
     """The spec's deviation for (property, backend), else a backend-wide one (a design choice of the backend)."""
     dev = spec.deviation(prop, backend.name)
-    if dev is None and hasattr(backend, "deviation"):
+    if dev is None and has(backend, Deviations):
         dev = backend.deviation(spec, prop)
     return dev
 
@@ -206,7 +250,7 @@ def case_of(fields: dict, device: str = "cpu") -> Case:
     return Case(device=device, **f)
 
 
-def measure_deviation(prop: Property, spec: Spec, backend, dev, device: str) -> tuple[float | None, str]:
+def measure_deviation(prop: Property, spec: Spec, backend: FullBackend, dev, device: str) -> tuple[float | None, str]:
     """Run the property once on the deviation's fixed case: (measured size or None, what happened)."""
     try:
         w = prop.check(spec, backend, case_of(dev.case, device))

@@ -5,7 +5,7 @@ snapshots, gradient scales and the Probe that a spec's claims measure.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from hypothesis import strategies as st
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from spec.schema import Spec
 
 from . import tolerance as tol
-from .backends.protocol import Mapped, lacks
+from .backends.protocol import BaseBias, FullBackend, Mapped, has, lacks
 from .models import single
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
@@ -36,9 +36,9 @@ def require(cond: bool, msg: str, size: float | None = None) -> None:
 class Property:
     name: str
     doc: str
-    check: Callable[[Spec, object, Case], float | None]
+    check: Callable[[Spec, FullBackend, Any], float | None]
     strategy: Callable[[Spec, str], st.SearchStrategy]
-    applies: Callable[[Spec, object], str | None] = lambda spec, be: None
+    applies: Callable[[Spec, FullBackend], str | None] = lambda spec, be: None
     max_examples: int | None = None  # cap for properties with little to draw
     needs: tuple[str, ...] = ()  # backend capabilities (harness.backends.protocol.CAPABILITIES); missing -> na
 
@@ -46,7 +46,10 @@ class Property:
 PROPERTIES: dict[str, Property] = {}
 
 
-def prop(name: str, strategy, applies=None, max_examples=None, needs: tuple[str, ...] = ()):
+def prop(name: str, strategy: Callable[[Spec, str], st.SearchStrategy],
+         applies: Callable[[Spec, FullBackend], str | None] | None = None, max_examples: int | None = None,
+         needs: tuple[str, ...] = ()) -> Callable[[Callable[[Spec, FullBackend, Any], float | None]],
+                                                  Callable[[Spec, FullBackend, Any], float | None]]:
     """Register a property; `needs` names the backend capabilities it uses (a backend lacking one makes it na,
     with the backend's reason)."""
     own = applies or (lambda spec, be: None)
@@ -76,7 +79,7 @@ class Setup:
     y0: torch.Tensor  # base output before attach
 
 
-def setup(spec: Spec, be, case: Case, layout: str = "linear", kind: str = "random", attach: bool = True,
+def setup(spec: Spec, be: FullBackend, case: Case, layout: str = "linear", kind: str = "random", attach: bool = True,
           with_data: bool = True, **over) -> Setup:
     """Build a single-layer model for the case, record its base output, attach the variant."""
     W, b = base_weight(case, kind)
@@ -127,22 +130,21 @@ def perturb_layers(spec: Spec, adapted: dict, case: Case) -> None:
                     t.copy_(new.to(t.dtype))
 
 
-def perturb(spec: Spec, be, model, case: Case, scale: float = 1.0) -> None:
+def perturb(spec: Spec, be: FullBackend, model, case: Case, scale: float = 1.0) -> None:
     """Move every trainable tensor away from its init (docs/conventions.md §8)."""
     perturb_tensors(spec, be.tensors(model), case.d_in, case.d_out, cfg_of(spec, be, case), case.gen(3), sigma=0.5 * scale)
 
 
-def cfg_of(spec: Spec, be, case: Case, **over):
+def cfg_of(spec: Spec, be: FullBackend, case: Case, **over):
     """The config the spec's formulas read, as the backend builds it for the case (and the overrides)."""
     return be.spec_config(spec, case, **over)
 
 
-def base_bias(be, model):
+def base_bias(be: FullBackend, model):
     """The base layer's bias Parameter (None when it has none): the backend's optional `base_bias(model)`, else
     `model.layer.bias` (a wrapper that does not expose its base layer's bias, e.g. PEFT before 0.10, says it
     through base_bias)."""
-    own = getattr(be, "base_bias", None)
-    return own(model) if own is not None else getattr(model.layer, "bias", None)
+    return be.base_bias(model) if has(be, BaseBias) else getattr(model.layer, "bias", None)
 
 
 def oracle_on(spec: Spec, W, b, T: dict, x64: torch.Tensor, cfg, knobs, xd=None, grad: bool = False):
@@ -153,7 +155,7 @@ def oracle_on(spec: Spec, W, b, T: dict, x64: torch.Tensor, cfg, knobs, xd=None,
     return spec.oracle(W.detach().double().cpu(), b, T, x64, cfg, knobs, xd=xd), T
 
 
-def oracle_output(spec: Spec, be, s: Setup, case: Case, x64: torch.Tensor, xd=None, grad: bool = False, **over):
+def oracle_output(spec: Spec, be: FullBackend, s: Setup, case: Case, x64: torch.Tensor, xd=None, grad: bool = False, **over):
     """The spec's float64 oracle on the backend's live tensors, base weight and knobs."""
     return oracle_on(spec, be.base_weight(s.model), base_bias(be, s.model), be.tensors(s.model), x64,
                      cfg_of(spec, be, case, **over), be.knobs(s.model), xd=xd, grad=grad)
@@ -185,7 +187,7 @@ def grad_flags(model) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in model.named_parameters()}
 
 
-def untouched(be, s_model, before_state, before_flags, what: str) -> None:
+def untouched(be: FullBackend, s_model, before_state, before_flags, what: str) -> None:
     require(same_state(snapshot(s_model), before_state), f"{what}: the model's state dict changed")
     require(not be.hooks_left(s_model), f"{what}: hooks or adapters left on {be.hooks_left(s_model)}")
     require(grad_flags(s_model) == before_flags, f"{what}: requires_grad flags changed")
@@ -212,7 +214,7 @@ def gradient_scales(y_ref: torch.Tensor, inputs: dict[str, torch.Tensor], c: tor
 class Probe:
     """What a claim may measure on the implementation: its tensors, knobs and dense input->output map."""
 
-    def __init__(self, spec, be, s: Setup, case: Case):
+    def __init__(self, spec, be: FullBackend, s: Setup, case: Case):
         self.spec, self.be, self.s, self.case = spec, be, s, case
         self.cfg = cfg_of(spec, be, case)
 
@@ -275,7 +277,7 @@ def drawn_knob(default: float, identity: float, g: torch.Generator) -> float:
     return identity + u * ((default - identity) or 1.0)
 
 
-def set_drawn_knobs(spec: Spec, be, model, case: Case) -> dict[str, float]:
+def set_drawn_knobs(spec: Spec, be: FullBackend, model, case: Case) -> dict[str, float]:
     """Set every knob the spec declares to a drawn non-default value on the live model; return them."""
     if be.unsupported(spec, "knobs"):
         return {}
@@ -287,7 +289,7 @@ def set_drawn_knobs(spec: Spec, be, model, case: Case) -> dict[str, float]:
     return values
 
 
-def layouts(spec: Spec, be) -> tuple[str, ...]:
+def layouts(spec: Spec, be: FullBackend) -> tuple[str, ...]:
     """The layouts a restore or round-trip property runs on: Linear and transformers' transposed Conv1D, unless
     the spec declares (for this backend) that the variant does not run on Conv1D."""
     dev = spec.deviation("layout", be.name)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from . import tolerance as tol
+from .backends.protocol import FullBackend, checkpoint_suffix
 from .models import single
 from .probes import (Falsified, Probe, Setup, _dt, base_bias, base_out, cfg_of, gradient_scales, grad_flags, layouts,
                      loss_weights, oracle_output, owner, perturb, prop, require, set_drawn_knobs, setup,
@@ -25,7 +26,7 @@ from .strategies import Case, base_weight, calibration, calibration_tokens, case
 
 
 @prop("identity_at_init", _dt(torch.float32, torch.bfloat16, torch.float64))
-def identity_at_init(spec, be, case):
+def identity_at_init(spec, be: FullBackend, case):
     """The adapted output at init equals the base output in the spec's identity class (bitwise, within a
     dtype-derived tolerance, or off by at most the declared start size, per token relative to ‖W x‖)."""
     s = setup(spec, be, case)
@@ -54,7 +55,7 @@ def identity_at_init(spec, be, case):
 
 @prop("knob_identity", _dt(torch.float32, torch.float64), needs=("knobs",),
       applies=lambda spec, be: None if spec.knobs else "the spec declares no runtime knob")
-def knob_identity(spec, be, case):
+def knob_identity(spec, be: FullBackend, case):
     """With a knob set to its identity value on the live model after attach, the output equals the layer
     with every trainable at its identity (init) value, for any values of the trainables (the base output, for
     a declared non-identity start)."""
@@ -90,7 +91,7 @@ def knob_identity(spec, be, case):
 
 
 @prop("oracle", _dt(torch.float64, torch.float32, torch.bfloat16))
-def oracle(spec, be, case):
+def oracle(spec, be: FullBackend, case):
     """On random non-init adapter tensors, the output and the gradients of every trainable tensor and of the
     input equal the spec's float64 oracle (written from the paper, sharing no code with the implementation).
     Gradients are compared at the scale of the terms they sum (see gradient_scales)."""
@@ -123,7 +124,7 @@ def oracle(spec, be, case):
 
 @prop("init_formula", _dt(torch.float32),
       applies=lambda spec, be: None if spec.init_oracle else "the init has no deterministic part")
-def init_formula(spec, be, case):
+def init_formula(spec, be: FullBackend, case):
     """The init equals the spec's float64 init formula wherever it is deterministic (up to sign where the
     spec says so)."""
     s = setup(spec, be, case)
@@ -163,7 +164,7 @@ def compare_init(spec, expected: dict, actual: dict, W: torch.Tensor, dtype, fac
 
 
 @prop("config_constraints", _dt(torch.float32), max_examples=1, needs=("config_checks",))
-def config_constraints(spec, be, case):
+def config_constraints(spec, be: FullBackend, case):
     """Every config constraint the spec declares is enforced at config time with an error naming the field."""
     for c in spec.constraints:
         try:
@@ -184,7 +185,7 @@ def config_constraints(spec, be, case):
 # ----------------------------------------------------------------------------------------------- gradients
 
 
-def _grads(be, s: Setup, case: Case) -> dict[str, torch.Tensor | None]:
+def _grads(be: FullBackend, s: Setup, case: Case) -> dict[str, torch.Tensor | None]:
     for t in be.tensors(s.model).values():
         t.grad = None
     y = s.model(s.x)
@@ -193,7 +194,7 @@ def _grads(be, s: Setup, case: Case) -> dict[str, torch.Tensor | None]:
 
 
 @prop("gradient_pattern", lambda spec, device: cases(spec, device=device, defaults_only=True))
-def gradient_pattern(spec, be, case):
+def gradient_pattern(spec, be: FullBackend, case):
     """With the default config: exactly the tensors the spec declares have zero gradient at init, every other
     trainable has a non-zero one, and all are non-zero once every tensor is perturbed."""
     s = setup(spec, be, case)
@@ -216,7 +217,7 @@ def gradient_pattern(spec, be, case):
 
 
 @prop("training_step", _dt(torch.float32, torch.bfloat16))
-def training_step(spec, be, case):
+def training_step(spec, be: FullBackend, case):
     """From the perturbed state, one AdamW step (weight_decay 0) in the declared param_dtype changes every
     trainable tensor and leaves every base parameter unchanged and without gradient."""
     s = setup(spec, be, case)
@@ -246,37 +247,44 @@ def training_step(spec, be, case):
 
 
 @prop("trainable_set", _dt(torch.float32), max_examples=8)
-def trainable_set(spec, be, case):
+def trainable_set(spec, be: FullBackend, case):
     """Base parameters are frozen; the trainable tensors are exactly the spec's, with the spec's shapes, and
-    their count equals the spec's formula; frozen adapter tensors are persistent buffers, not Parameters."""
+    their count equals the spec's formula; frozen adapter tensors are persistent buffers, not Parameters. Every
+    problem found is reported in one message, the number of problems first and the parameter count's first."""
     s = setup(spec, be, case)
     y = s.model(s.x)  # a forward and backward first: a base parameter a forward unfroze is caught too
     y.float().sum().backward()
-    leaks = [n for n, p in s.model.named_parameters() if p.grad is not None and not any(p is owner(t) for t in be.tensors(s.model).values())]
-    require(not leaks, f"base parameters received gradients: {leaks}")
     live = be.tensors(s.model)
+    problems: list[str] = []
+    mine = {id(owner(t)) for t in live.values()}
     cfg = cfg_of(spec, be, case)
     present = spec.present(case.d_in, case.d_out, cfg)
-    require(set(live) == {t.name for t in present},
-            f"adapter tensors {sorted(live)} != spec's {sorted(t.name for t in present)}")
-    param_ids = {id(p) for p in s.model.parameters()}
-    state = s.model.state_dict(keep_vars=True)
-    state_ids = {id(v) for v in state.values()}
-    for ts in present:
-        shape = spec.shape_of(ts, case.d_in, case.d_out, cfg)
-        require(tuple(live[ts.name].shape) == shape, f"'{ts.name}' has shape {tuple(live[ts.name].shape)}, spec says {ts.shape} = {shape}")
-        t = owner(live[ts.name])  # the library's own Parameter or buffer (a view in the spec's layout sees through)
-        if ts.trainable:
-            require(isinstance(t, torch.nn.Parameter) and t.requires_grad, f"'{ts.name}' should be a trainable Parameter")
-        else:
-            require(id(t) not in param_ids and not t.requires_grad, f"frozen '{ts.name}' is a Parameter, not a buffer")
-            require(id(t) in state_ids, f"frozen '{ts.name}' is not in the state dict (not persistent)")
     trainable = [p for p in s.model.parameters() if p.requires_grad]
-    adapter_ids = {id(owner(live[t.name])) for t in present if t.trainable}
-    require(all(id(p) in adapter_ids for p in trainable), "a base parameter is left trainable")
-    n = sum(p.numel() for p in trainable)
-    expected = spec.count(case.d_in, case.d_out, cfg)
-    require(n == expected, f"{n} trainable parameters, the spec's formula {spec.param_count} gives {expected}")
+    n, expected = sum(p.numel() for p in trainable), spec.count(case.d_in, case.d_out, cfg)
+    if n != expected:
+        problems.append(f"{n} trainable parameters, the spec's formula {spec.param_count} gives {expected}")
+    leaks = [name for name, p in s.model.named_parameters() if p.grad is not None and id(p) not in mine]
+    if leaks:
+        problems.append(f"base parameters received gradients: {leaks}")
+    if set(live) != {t.name for t in present}:
+        problems.append(f"adapter tensors {sorted(live)} != spec's {sorted(t.name for t in present)}")
+    param_ids = {id(p) for p in s.model.parameters()}
+    state_ids = {id(v) for v in s.model.state_dict(keep_vars=True).values()}
+    for ts in (ts for ts in present if ts.name in live):
+        shape = spec.shape_of(ts, case.d_in, case.d_out, cfg)
+        if tuple(live[ts.name].shape) != shape:
+            problems.append(f"'{ts.name}' has shape {tuple(live[ts.name].shape)}, spec says {ts.shape} = {shape}")
+        t = owner(live[ts.name])  # the library's own Parameter or buffer (a view in the spec's layout sees through)
+        if ts.trainable and not (isinstance(t, torch.nn.Parameter) and t.requires_grad):
+            problems.append(f"'{ts.name}' should be a trainable Parameter")
+        if not ts.trainable and (id(t) in param_ids or t.requires_grad):
+            problems.append(f"frozen '{ts.name}' is a Parameter, not a buffer")
+        if not ts.trainable and id(t) not in state_ids:
+            problems.append(f"frozen '{ts.name}' is not in the state dict (not persistent)")
+    adapter_ids = {id(owner(live[t.name])) for t in present if t.trainable and t.name in live}
+    if not all(id(p) in adapter_ids for p in trainable):
+        problems.append("a base parameter is left trainable")
+    require(not problems, f"{len(problems)} problem{'s' if len(problems) > 1 else ''}: " + "; ".join(problems))
     return None
 
 
@@ -285,7 +293,7 @@ def trainable_set(spec, be, case):
 
 @prop("bias_invariance", lambda spec, device: cases(spec, device=device, bias=True),
       applies=lambda spec, be: None if spec.bias == "passthrough" else f"declared: {spec.bias_note or 'the bias is scaled'}")
-def bias_invariance(spec, be, case):
+def bias_invariance(spec, be: FullBackend, case):
     """After perturbing, the output with bias equals the output without bias plus the bias."""
     s = setup(spec, be, case)
     perturb(spec, be, s.model, case)
@@ -343,7 +351,7 @@ def _check_claim(claim, obj, dtype) -> float:
 
 @prop("spectrum", _dt(torch.float64, torch.float32),
       applies=lambda spec, be: None if spec.claims else "the spec makes no spectral claim")
-def spectrum(spec, be, case):
+def spectrum(spec, be: FullBackend, case):
     """Each spectral claim of the spec (non-negative gains, bounded derivatives, eigenvalues in [0, 1],
     orthogonal rotations with det +1, norm preservation, kept neuron Gram matrices) holds on the implementation, from saturated inputs."""
     worst = 0.0
@@ -358,7 +366,7 @@ def spectrum(spec, be, case):
 
 
 @prop("dropout", _dt(torch.float32), needs=("dropout",))
-def dropout(spec, be, case):
+def dropout(spec, be: FullBackend, case):
     """Dropout is honoured (train output equals the hand computation with the same mask under a shared seed;
     eval is deterministic and drops nothing) or rejected at config time, as the spec declares."""
     p = 0.3
@@ -393,7 +401,7 @@ def dropout(spec, be, case):
 
 @prop("dropout_live", _dt(torch.float32), max_examples=8,
       applies=lambda spec, be: None if spec.dropout == "honoured" else "the spec declares dropout rejected")
-def dropout_live(spec, be, case):
+def dropout_live(spec, be: FullBackend, case):
     """With dropout 0.5 and perturbed trainables, train-mode outputs under two random states differ from each other
     and from the eval-mode output, and eval mode equals the same adapter built with dropout 0 (a check independent of
     the hand-computed mask)."""
@@ -422,7 +430,7 @@ def dropout_live(spec, be, case):
 
 @prop("detach_restores", lambda spec, device: square_or_not(spec, (torch.float32, torch.bfloat16), device),
       needs=("detach",))
-def detach_restores(spec, be, case):
+def detach_restores(spec, be: FullBackend, case):
     """On each layout (Linear, Conv1D): attach, perturb, set every knob to a drawn non-default value, forward,
     detach: the base output, state dict and requires_grad flags are bit-exactly what they were, and no hook or
     adapter is left."""
@@ -444,7 +452,7 @@ def detach_restores(spec, be, case):
 
 
 @prop("merge", _dt(torch.float32, torch.bfloat16), needs=("merge",))
-def merge(spec, be, case):
+def merge(spec, be: FullBackend, case):
     """After perturbing and setting every knob to a drawn non-default value, merge folds the adapter into dense
     weights: the output equals the hooked output, every base weight keeps its dtype, and no hook is left."""
     s = setup(spec, be, case)
@@ -465,8 +473,8 @@ def merge(spec, be, case):
     return err
 
 
-@prop("merge_oracle", _dt(torch.float32))
-def merge_oracle(spec, be, case):
+@prop("merge_oracle", _dt(torch.float32), needs=("merge",))
+def merge_oracle(spec, be: FullBackend, case):
     """After perturbing and setting every knob to a drawn non-default value, the merged dense weight and bias equal
     the spec's float64 oracle's dense map (its outputs on the unit inputs, less its output at 0): a check of merge
     independent of the hooked forward."""
@@ -513,7 +521,7 @@ def _fresh(s: Setup, case: Case, W=None, layout: str = "linear"):
 
 @prop("checkpoint_roundtrip", lambda spec, device: square_or_not(spec, (torch.float32, torch.bfloat16), device),
       needs=("checkpoint",))
-def checkpoint_roundtrip(spec, be, case):
+def checkpoint_roundtrip(spec, be: FullBackend, case):
     """On each layout (Linear, Conv1D), with every knob at a drawn non-default value: save -> load -> save -> load
     into freshly built models, with no calibration data on load, reproduces the outputs and knobs bit-exactly and
     the second file equals the first; a model with other base weights is refused and left untouched."""
@@ -522,7 +530,7 @@ def checkpoint_roundtrip(spec, be, case):
     return 0.0
 
 
-def _roundtrip(spec, be, case: Case, lay: str) -> None:
+def _roundtrip(spec, be: FullBackend, case: Case, lay: str) -> None:
     s = setup(spec, be, case, layout=lay)
     perturb(spec, be, s.model, case)
     knobs = set_drawn_knobs(spec, be, s.model, case)
@@ -531,7 +539,7 @@ def _roundtrip(spec, be, case: Case, lay: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         # one file name in two folders: a format may record its own name (torch.save's archive folder); the
         # suffix is the one the backend's format expects
-        name = "adapter" + getattr(be, "checkpoint_suffix", ".safetensors")
+        name = "adapter" + checkpoint_suffix(be)
         f1, f2 = Path(d, "1", name), Path(d, "2", name)
         f1.parent.mkdir(), f2.parent.mkdir()
         be.save(s.model, f1)
@@ -566,7 +574,7 @@ def _roundtrip(spec, be, case: Case, lay: str) -> None:
 
 @prop("layout", lambda spec, device: cases(spec, dtypes=(torch.float32, torch.float64), bias=True, device=device),
       needs=("conv1d", "merge"))
-def layout(spec, be, case):
+def layout(spec, be: FullBackend, case):
     """The variant on a Linear and on a transposed-storage Conv1D holding the same weight, with every knob at the
     same drawn non-default value, gives the same outputs, gradients (adapter tensors and input, at the scale of the terms they sum) and merged weight."""
     out = {}
@@ -603,7 +611,7 @@ def layout(spec, be, case):
 
 
 @prop("degenerate_weights", _dt(torch.float32))
-def degenerate_weights(spec, be, case):
+def degenerate_weights(spec, be: FullBackend, case):
     """Degenerate but legal base weights (a zero row, a zero column, rank one) give finite outputs and
     gradients at init and after perturbing: a division by a norm needs a floor."""
     for kind in ("zero_row", "zero_col", "rank1"):
@@ -627,7 +635,7 @@ SATURATION = (1e3, 1e-6)  # trainable scales far past any clamp, gain or floor o
 
 
 @prop("saturated_trainables", _dt(torch.float32))
-def saturated_trainables(spec, be, case):
+def saturated_trainables(spec, be: FullBackend, case):
     """Extreme but legal trainable values (every trainable at random values of both signs of size 1e3, then of
     size 1e-6: past every clamp's bound and under every norm floor) give finite outputs and finite gradients of
     every trainable and of the input: a gain written with an exp that overflows, or a division by a norm without a
@@ -659,7 +667,7 @@ def saturated_trainables(spec, be, case):
 INIT_WIDTH, SAMPLES, MAX_ATTACHES, Z = (48, 64), 4096, 128, 6.0
 
 
-def _random_inits(spec, be, case) -> dict[str, tuple[str, float]]:
+def _random_inits(spec, be: FullBackend, case) -> dict[str, tuple[str, float]]:
     d_out, d_in = INIT_WIDTH
     cfg = cfg_of(spec, be, case)
     env = spec.env(d_in, d_out, cfg)
@@ -692,7 +700,7 @@ def moments_agree(x: torch.Tensor, kind: str, scale: float) -> str:
 @prop("init_distribution", lambda spec, device: cases(spec, device=device, defaults_only=True),
       applies=lambda spec, be: None if any(t.random for t in spec.tensors) else "the spec declares no random init",
       max_examples=3)
-def init_distribution(spec, be, case):
+def init_distribution(spec, be: FullBackend, case):
     """Each random init the spec declares (kaiming-uniform: U(−1/sqrt(fan_in), 1/sqrt(fan_in)); N(0, σ²)) holds on
     a wide layer: samples pooled over seeded attaches stay within a uniform's bound and match the declared mean and
     variance within six standard errors (a correct init fails with a chance below 1e-8; a wrong scale by a factor
@@ -715,9 +723,8 @@ def init_distribution(spec, be, case):
     return None
 
 
-@prop("config_roundtrip", _dt(torch.float32), max_examples=6, needs=("checkpoint",),
-      applies=lambda spec, be: None if hasattr(be, "config_fields") else "the backend exposes no config record")
-def config_roundtrip(spec, be, case):
+@prop("config_roundtrip", _dt(torch.float32), max_examples=6, needs=("checkpoint", "config_record"))
+def config_roundtrip(spec, be: FullBackend, case):
     """With non-default dtype, param_dtype and dropout drawn (and the spec's drawn fields, perturbed trainables and
     knobs at drawn non-default values), the config a checkpoint loads into a fresh model equals the saved one, field
     by field (a field dropped on save would reload as its default), and so does the eval output, bit-exactly."""
@@ -732,7 +739,7 @@ def config_roundtrip(spec, be, case):
     s.model.eval()
     saved = be.config_fields(s.model)
     with tempfile.TemporaryDirectory() as d:
-        f = Path(d, "adapter" + getattr(be, "checkpoint_suffix", ".safetensors"))
+        f = Path(d, "adapter" + checkpoint_suffix(be))
         be.save(s.model, f)
         m2 = _fresh(s, case)
         try:
@@ -765,7 +772,7 @@ def _data_cases(draw, spec, device):
     return c.with_(d_in=d_in, d_out=d_out, fields={**c.fields, "r": r})
 
 
-def _state_after(spec, be, case, cal):
+def _state_after(spec, be: FullBackend, case, cal):
     s = setup(spec, be, case, attach=False)
     torch.manual_seed(case.seed)
     be.attach(s.model, spec, case, cal)
@@ -776,7 +783,7 @@ def _state_after(spec, be, case, cal):
 
 @prop("data_path", lambda spec, device: _data_cases(spec, device), needs=("data",),
       applies=lambda spec, be: None if spec.data != "none" else "the variant uses no calibration data")
-def data_path(spec, be, case):
+def data_path(spec, be: FullBackend, case):
     """The data path is live (other anisotropic data give another init), padding masked out by the attention
     mask does not change it, and missing data or fewer tokens than r is a clear error leaving the model
     bit-identical."""
@@ -815,7 +822,7 @@ def data_path(spec, be, case):
 
 
 @prop("quantized", _dt(torch.float32), max_examples=6, needs=("quantized",))
-def quantized(spec, be, case):
+def quantized(spec, be: FullBackend, case):
     """On bitsandbytes 4-bit and 8-bit layers the variant works as declared (equal, before and after a first
     forward, to the same adapter around F.linear(x, W_deq, b) at fp32 tolerance) or raises its clear error
     at attach, leaving the model untouched."""

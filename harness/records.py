@@ -88,9 +88,9 @@ def declarations(spec: Spec, root: Path) -> tuple[list[str], dict[str, int]]:
     for c in spec.constraints:
         add(None, *_indent(f"  - {c.text} (violated by {dict(c.bad)})", ""))
     add("claims", "claims:" + ("" if spec.claims else " none"))
-    for c in spec.claims:
-        bound = f", bound {c.bound:g}" if c.kind == "bounded" else ""
-        add(f"claim:{c.name}", *_indent(f"  - claim {c.name} [{c.kind}{bound}]: ", c.text))
+    for cl in spec.claims:
+        bound = f", bound {cl.bound:g}" if cl.kind == "bounded" else ""
+        add(f"claim:{cl.name}", *_indent(f"  - claim {cl.name} [{cl.kind}{bound}]: ", cl.text))
     add("references", "references:" + ("" if spec.references else " none"))
     for r in spec.references:
         add(None, f"  - {r.label}: {r.url}")

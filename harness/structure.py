@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .backends.protocol import FullBackend
 from .models import make_layer
 from .probes import Falsified, _dt, cfg_of, grad_flags, perturb_tensors, prop, require, setup, snapshot, untouched
 from .strategies import base_weight, calibration, inputs
@@ -19,11 +20,11 @@ from .strategies import base_weight, calibration, inputs
 LAYERS = ("a", "b", "c")  # a and b: the case's shape; c: one more output (another shape)
 
 
-def _impl_only(spec, be) -> str | None:
+def _impl_only(spec, be: FullBackend) -> str | None:
     return None if be.name == "impl" else f"a contract of impl's runtime, not of the {be.name} backend"
 
 
-def _first_config(spec, be, case, ranks) -> int | None:
+def _first_config(spec, be: FullBackend, case, ranks) -> int | None:
     """The first rank in `ranks` whose config the variant accepts (a variant may also need an even r, or a
     multiple of a block size)."""
     for r in ranks:
@@ -40,7 +41,7 @@ def _first_config(spec, be, case, ranks) -> int | None:
 @prop("rank_limit", _dt(torch.float32), max_examples=6,
       applies=lambda spec, be: _impl_only(spec, be) or (None if spec.max_rank is not None
                                                          else "the spec declares no rank limit"))
-def rank_limit(spec, be, case):
+def rank_limit(spec, be: FullBackend, case):
     """attach accepts r up to the spec's declared rank limit (`max_rank`, by default min(d_in, d_out)) and
     refuses a larger r with an error naming r and the layer, leaving the model untouched."""
     limit = spec.rank_limit(case.d_in, case.d_out)
@@ -83,7 +84,7 @@ def _layers(case) -> Layers:
                    "c": make_layer(W2, b2, case.dtype)})
 
 
-def _attach(spec, be, case, model):
+def _attach(spec, be: FullBackend, case, model):
     cal = calibration(case, base_weight(case)[0], case.fields["r"]) if spec.data != "none" else None
     torch.manual_seed(case.seed)
     return be.attach(model, spec, case, cal, target_names=(r"^(a|b|c)$",))
@@ -102,7 +103,7 @@ def _stored_bytes(path: Path) -> int:
 
 
 @prop("tensor_sharing", _dt(torch.float32), max_examples=6, applies=_impl_only)
-def tensor_sharing(spec, be, case):
+def tensor_sharing(spec, be: FullBackend, case):
     """On a model with two layers of one shape and one of another: exactly the tensors the spec declares
     shared are one tensor across the same-shaped layers (and another one on the other shape); every other
     adapter tensor is the layer's own. The checkpoint stores each distinct tensor once (its tensor bytes equal

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from . import tolerance as tol
 from .models import calibration as token_calibration
 from .models import single, tiny
-from .backends.protocol import lacks
+from .backends.protocol import FullBackend, lacks
 from .probes import drawn_knob, grad_flags, perturb_layers, prop, require, same_state, snapshot
 from .properties import compare_init
 from .strategies import cases
@@ -89,12 +89,9 @@ def _selections(draw, spec, device):
     return c, arch, selection
 
 
-def _needs(*methods):
-    def applies(spec, be):
-        missing = [m for m in methods if not hasattr(be, m)]
-        if missing:
-            return f"the backend has no {', '.join(missing)} (whole-model attach)"
-        lacking = lacks(be, spec, "model")
+def _needs(*capabilities):
+    def applies(spec, be: FullBackend):
+        lacking = lacks(be, spec, *capabilities)
         if lacking:
             return lacking
         return "the spec runs on square layers only; a tiny model's layers are not square" if spec.square_only else None
@@ -111,8 +108,8 @@ def _logits(model, batch, grad: bool = False):
         return model(**batch).logits
 
 
-@prop("model_targeting", _selections, applies=_needs("attach_targets", "adapted_layers", "detach"), max_examples=3)
-def model_targeting(spec, be, drawn):
+@prop("model_targeting", _selections, applies=_needs("model", "targets", "detach"), max_examples=3)
+def model_targeting(spec, be: FullBackend, drawn):
     """On the tiny Llama, Qwen and GPT-2 models, the adapted modules are exactly the expected set for the drawn
     selection (roles x layer indices x exclude_names x target_names) and for each role alone; a selection that
     matches nothing is a clear error leaving the model untouched."""
@@ -146,7 +143,7 @@ def _freeze_some(model, case) -> None:
             p.requires_grad_(False)
 
 
-def _attach(spec, be, case, arch, model, **over):
+def _attach(spec, be: FullBackend, case, arch, model, **over):
     roles, suffixes = model_roles(spec, arch)
     torch.manual_seed(case.seed)
     be.attach_model(model, spec, case, roles, suffixes, _calibration(spec), **over)
@@ -155,8 +152,8 @@ def _attach(spec, be, case, arch, model, **over):
     return adapted
 
 
-@prop("model_freezing", _model_cases, applies=_needs("attach_model", "adapted_layers", "detach"), max_examples=3)
-def model_freezing(spec, be, drawn):
+@prop("model_freezing", _model_cases, applies=_needs("model", "detach"), max_examples=3)
+def model_freezing(spec, be: FullBackend, drawn):
     """On a tiny model with some base parameters frozen before attach: after attach every base parameter is
     frozen; after a training step every base parameter is unchanged and has no gradient while every adapter
     tensor moved; detach restores each requires_grad flag exactly as it was."""
@@ -194,8 +191,8 @@ def model_freezing(spec, be, drawn):
 
 @prop("model_knobs", _model_cases,
       applies=lambda spec, be: ("the spec declares no runtime knob" if not spec.knobs
-                                else _needs("attach_model", "adapted_layers", "set_knob")(spec, be)), max_examples=3)
-def model_knobs(spec, be, drawn):
+                                else _needs("model", "knobs")(spec, be)), max_examples=3)
+def model_knobs(spec, be: FullBackend, drawn):
     """On a tiny model, a knob set on the live model reaches every adapted layer (each reports the drawn value),
     and with every knob at its identity value the logits with every trainable perturbed equal the logits with
     every trainable at its init, on every layer at once."""
@@ -237,8 +234,8 @@ def _inputs_of(model, names, batches) -> dict[str, list[torch.Tensor]]:
 
 @prop("model_data_init", _model_cases,
       applies=lambda spec, be: ("the variant uses no calibration data" if spec.data == "none"
-                                else _needs("attach_model", "adapted_layers")(spec, be)), max_examples=3)
-def model_data_init(spec, be, drawn):
+                                else _needs("model")(spec, be)), max_examples=3)
+def model_data_init(spec, be: FullBackend, drawn):
     """On a tiny model, each adapted layer's data-driven init equals the init of that layer alone calibrated on
     the inputs it receives in the UNADAPTED model (deterministic tensors and the rewritten base weight): no layer
     is calibrated on activations that an already-adapted earlier layer produced."""

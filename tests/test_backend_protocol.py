@@ -114,6 +114,8 @@ def test_fields_and_backend_modules(tmp_path):
 
 
 def _verify(tmp_path, library: str):
+    """verify through the worked example on the properties the planted bug touches (every property on tinylib,
+    pass or n/a, is tests/test_backend_conformance.py's)."""
     lib = tmp_path / "lib"
     lib.mkdir(exist_ok=True)
     (lib / "tinylib.py").write_text(library)

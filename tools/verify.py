@@ -3,7 +3,8 @@
 Options: --variants lora,dora  --properties oracle,merge  --variant-module path/or.module
 --backend impl|peft|lora-lite  --backend-module path/or.module (a user's backend)  --ref COMMIT  --repo PATH_OR_URL
 (lora-lite's source)  --device cpu|cuda  --profile verify|ci|dev  --json PATH  -n WORKERS  --log-level LEVEL. Exits
-non-zero on any failure. The previous run's JSON is kept as <name>.prev.json and the summary says what changed since
+non-zero on any failure; exit status 6 (harness.backends.protocol.BACKEND_INVALID): a --backend-module's backend
+breaks the protocol (checked before anything runs; one line per problem on stderr). The previous run's JSON is kept as <name>.prev.json and the summary says what changed since
 it. Logging from the libraries under test is shown from --log-level (default ERROR) up.
 """
 from __future__ import annotations
@@ -65,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if a.fetch_only:
         return 0
+    if a.backend_module:
+        from harness.backends import check_backend_modules
+        from harness.backends.protocol import BACKEND_INVALID
+
+        problems = check_backend_modules(a.backend_module, a.backend)
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            return BACKEND_INVALID
     show_logging_from(a.log_level)
     args = [str(ROOT / "harness" / "verify_test.py"), "-p", "harness.plugin", "-q", "--no-header", "-p", "no:randomly",
             "-p", "no:warnings", f"--log-level={a.log_level}", f"--rootdir={ROOT}", "--device", a.device]

@@ -8,6 +8,8 @@ our `impl`, PEFT's own implementations (harness.backends.peft), lora-lite at any
 from __future__ import annotations
 
 import importlib
+import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from impl import layers
 from spec.schema import Spec
 from ..models import Single, make_layer, single  # noqa: F401  (re-exported for backends)
 from ..strategies import Case
-from .protocol import Errors, import_module
+from .protocol import Errors, check_backend, import_module
 
 
 class ImplBackend:
@@ -119,11 +121,11 @@ class ImplBackend:
         return left
 
 
-BACKENDS: dict[str, type] = {"impl": ImplBackend}
+BACKENDS: dict[str, type[Any]] = {"impl": ImplBackend}
 LAZY = {"peft": ".peft", "lora-lite": ".lora_lite"}  # built-in backends imported on first use
 
 
-def register(cls: type) -> type:
+def register(cls: type[Any]) -> type[Any]:
     """Add a backend class under its `name` (a class decorator for users' backend modules)."""
     if not isinstance(getattr(cls, "name", None), str) or not cls.name:
         raise ValueError(f"backend class {cls!r} has no `name`")
@@ -134,14 +136,34 @@ def register(cls: type) -> type:
 
 
 def load_backend_module(path_or_module: str) -> list[str]:
-    """Import a user's backend module; return the names of the backends it registered."""
-    before = set(BACKENDS)
-    import_module(path_or_module)
-    new = sorted(set(BACKENDS) - before)
+    """Import a user's backend module (once per process); return the names of the backends it registered."""
+    mod = import_module(path_or_module)
+    new = sorted(n for n, cls in BACKENDS.items() if cls.__module__ == mod.__name__)
     if not new:
         raise ValueError(f"backend module {path_or_module} registered no backend (decorate its class with "
                          "harness.backends.register)")
     return new
+
+
+def check_backend_modules(modules: list[str], name: str | None = None, **options) -> list[str]:
+    """Import the backend modules and check the backend they registered (or `name`) against the protocol
+    (protocol.check_backend), before anything runs: one line per problem, [] when none."""
+    loaded: list[str] = []
+    for m in modules:
+        try:
+            loaded += load_backend_module(m)
+        except Exception as e:  # noqa: BLE001 - a module that cannot be imported is one line, not a traceback
+            return [f"--backend-module {m}: {type(e).__name__}: {e}"]
+    names = [name] if name else loaded
+    out = []
+    for n in names:
+        try:
+            be = make(n, **options)
+        except Exception as e:  # noqa: BLE001
+            out.append(f"backend '{n}': cannot be built: {type(e).__name__}: {e}")
+            continue
+        out += [f"backend '{n}' ({inspect.getfile(type(be))}): {p}" for p in check_backend(be)]
+    return out
 
 
 def make(name: str, **options):
