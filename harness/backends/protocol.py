@@ -230,3 +230,36 @@ def import_module(path_or_module: str):
         mod_spec.loader.exec_module(mod)
         return mod
     return importlib.import_module(path_or_module)
+
+
+# ----------------------------------------------------------------------------------------------- declarations
+# Optional members a backend may declare about its library's behaviour. Absent means "not declared": the harness
+# then reads what it needs from the tensors themselves, and stays honest without them (every reference is
+# computed from the engine's own copy of the base weight and bias, taken from the plain layer before attach).
+
+PRECISIONS = ("float32", "model", "autocast")
+
+
+def mode_switch_merges(be) -> bool | None:
+    """The backend's optional `mode_switch_merges: bool`: True when its library folds the adapter into the base
+    weight on `eval()` and unfolds it on `train()` (loralib's `merge_weights=True`); False when a mode switch never
+    changes a weight; None when the backend declares nothing. The `oracle` property checks the eval-mode output and
+    the train-mode output after an eval()/train() round trip against the float64 oracle in every case; where the
+    backend declares False it also requires the state dict to be unchanged by the switches."""
+    value = getattr(be, "mode_switch_merges", None)
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{be.name}.mode_switch_merges must be a bool (or absent), not {value!r}")
+    return value
+
+
+def trainable_precision(be) -> str | None:
+    """The backend's optional `trainable_precision`: how its library holds trainable tensors. "float32": in
+    float32 whatever the model's dtype (PEFT's autocast_adapter_dtype, impl's param_dtype default); "model": in
+    the model's dtype (bf16 adapters on a bf16 model); "autocast": float32 tensors, forward and backward run under
+    torch.autocast in the model's dtype (as Trainer and Lightning run mixed precision). None: not declared; the
+    harness reads each tensor's dtype. `training_step` judges movement against each tensor's own dtype spacing in
+    every case, checks a declared precision against the tensors, and runs an "autocast" library under autocast."""
+    value = getattr(be, "trainable_precision", None)
+    if value is not None and value not in PRECISIONS:
+        raise ValueError(f"{be.name}.trainable_precision must be one of {PRECISIONS} (or absent), not {value!r}")
+    return value
