@@ -196,7 +196,7 @@ def defaults_case(spec: Spec, backend, device: str = "cpu") -> Case | None:
     drawn (only the default r, carried for the code that reads case.fields["r"]), float32, with bias, on a
     non-square (3r, 2r) layer (square for a square-only spec), both multiples of r. A default
     nobody draws (an alpha of 0, a dead init) is then seen. None when the backend has no default r or the layer
-    would exceed the drawn width."""
+    would be wider than twice the strategies' MAX_DIM."""
     import torch
 
     from .strategies import MAX_DIM
