@@ -122,5 +122,7 @@ def test_the_libraries_default_config_runs_as_one_case():
     res = _run(L.backend(defaults=L.DEAD_DEFAULTS), "gradient_pattern")
     assert _flagged(res, "'B' has an all-zero gradient at init") and "fields={'r': 8}" in res.example
     assert _run(L.backend(), "gradient_pattern").status == "pass"
+    drawn = Case(d_in=7, d_out=5, bias=True, dtype=torch.float32, seed=4, fields={"r": 3, "alpha": 5.0})
+    P.gradient_pattern(LORA, L.backend(defaults=L.DEAD_DEFAULTS), drawn)  # any drawn alpha hides it
     c = defaults_case(LORA, L.backend())
     assert (c.d_in, c.d_out, c.fields) == (24, 16, {"r": 8})
