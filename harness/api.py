@@ -29,8 +29,8 @@ from . import tolerance as tol
 from .backends.protocol import ADAPTER_NAME, FullBackend, lacks
 from .models import Single, make_layer, tiny
 from .models import calibration as token_calibration
-from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, layouts, oracle_on, perturb, perturb_layers,
-                     perturb_tensors, prop, require, same_state, setup, snapshot)
+from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, engine_base, layouts, oracle_on, perturb,
+                     perturb_layers, perturb_tensors, prop, require, same_state, setup, snapshot)
 from .strategies import base_weight, cases, inputs
 
 OTHER = "other"  # the second adapter's name
@@ -124,8 +124,7 @@ def _runtime_scale(spec, be: FullBackend, case):
     def check(what, alpha_factor, knobs):
         nonlocal worst
         cfg = cfg_of(spec, be, case, alpha=cfg0.alpha * alpha_factor) if alpha_factor != 1.0 else cfg0
-        y_ref = _oracle(spec, be.base_weight(s.model), base_bias(be, s.model), be.tensors(s.model),
-                        x64, cfg, knobs)
+        y_ref = _oracle(spec, *engine_base(be, s), be.tensors(s.model), x64, cfg, knobs)
         worst = max(worst, _close(f"after {what}: output differs from the oracle at that scale", _out(s.model, s.x),
                                   y_ref, base_out(s, x64), case.dtype, spec.identity_factor))
 
@@ -248,10 +247,10 @@ def _adapters_on_one_module(spec, be: FullBackend, case):
     cfgs = {ADAPTER_NAME: cfg_of(spec, be, case), OTHER: cfg_of(spec, be, case, **over)}
     for i, (name, cfg) in enumerate(cfgs.items()):
         perturb_tensors(spec, be.adapter_tensors(s.model, name), case.d_in, case.d_out, cfg, case.gen(30 + i))
+    W = be.base_weight(s.model).detach().double().clone()  # as attach left it, before any mode switch
+    bias = base_bias(be, s.model)
     s.model.eval()
     x64 = s.x.detach().double().cpu()
-    W = be.base_weight(s.model).detach().double().clone()
-    bias = base_bias(be, s.model)
     y_base = x64 @ W.T + (0 if bias is None else bias.detach().double())
     delta = {n: _oracle(spec, W, bias, be.adapter_tensors(s.model, n), x64, cfg) - y_base for n, cfg in cfgs.items()}
     both = y_base + delta[ADAPTER_NAME] + delta[OTHER]

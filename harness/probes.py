@@ -66,7 +66,14 @@ def prop(name: str, strategy: Callable[[Spec, str], st.SearchStrategy],
 
 
 def _dt(*dtypes):
-    return lambda spec, device: cases(spec, dtypes=dtypes, device=device)
+    return draws_case(lambda spec, device: cases(spec, dtypes=dtypes, device=device))
+
+
+def draws_case(strategy):
+    """Mark a property's strategy as drawing plain float32-capable `Case`s: the engine then also runs the
+    library's own default config as one case (harness.engine.defaults_case)."""
+    strategy.draws_case = True
+    return strategy
 
 
 @dataclass
@@ -77,6 +84,12 @@ class Setup:
     x: torch.Tensor
     cal: list | None
     y0: torch.Tensor  # base output before attach
+    # The engine's own copy of the base the adapter rides on (float64, CPU), taken from the plain layer before
+    # attach; for a spec that rewrites the base (a residual), read once right after attach, before any mode
+    # switch. Every reference (the oracle, a merge check) is computed from it, never from weights read back
+    # after eval()/train(): a library that merges on eval() cannot make a check compare it with itself.
+    W_base: torch.Tensor | None = None
+    b_base: torch.Tensor | None = None
 
 
 def setup(spec: Spec, be: FullBackend, case: Case, layout: str = "linear", kind: str = "random", attach: bool = True,
@@ -89,6 +102,8 @@ def setup(spec: Spec, be: FullBackend, case: Case, layout: str = "linear", kind:
     x = inputs(case).to(case.dtype).to(case.device)
     with torch.no_grad():
         y0 = model(x)
+    plain_bias = getattr(model.layer, "bias", None)  # the plain layer's (Conv1D always has one)
+    W_base, b_base = W.clone(), None if plain_bias is None else plain_bias.detach().double().cpu().clone()
     cal = calibration(case, W, case.fields["r"]) if spec.data != "none" and with_data else None
     if cal is not None:
         cal = [{k: v.to(case.device) for k, v in batch.items()} for batch in cal]
@@ -97,7 +112,9 @@ def setup(spec: Spec, be: FullBackend, case: Case, layout: str = "linear", kind:
         if case.dtype == torch.float64 and "param_dtype" not in over:
             over["param_dtype"] = torch.float64
         be.attach(model, spec, case, cal, **over)
-    return Setup(W, b, model, x, cal, y0)
+        if spec.rewrites_base:  # the residual attach wrote (checked against the spec's init formula elsewhere)
+            W_base = be.base_weight(model).detach().double().cpu().clone()
+    return Setup(W, b, model, x, cal, y0, W_base, b_base)
 
 
 def perturb_tensors(spec: Spec, tensors: dict[str, torch.Tensor], d_in: int, d_out: int, cfg, g: torch.Generator,
@@ -155,10 +172,19 @@ def oracle_on(spec: Spec, W, b, T: dict, x64: torch.Tensor, cfg, knobs, xd=None,
     return spec.oracle(W.detach().double().cpu(), b, T, x64, cfg, knobs, xd=xd), T
 
 
+def engine_base(be: FullBackend, s: Setup) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The base (W, b) a reference is computed from: the engine's own copy (Setup.W_base, b_base), never weights
+    read back from the library after a mode switch; a Setup built without one (a twin) reads the backend's."""
+    if s.W_base is not None:
+        return s.W_base, s.b_base
+    return be.base_weight(s.model), base_bias(be, s.model)
+
+
 def oracle_output(spec: Spec, be: FullBackend, s: Setup, case: Case, x64: torch.Tensor, xd=None, grad: bool = False, **over):
-    """The spec's float64 oracle on the backend's live tensors, base weight and knobs."""
-    return oracle_on(spec, be.base_weight(s.model), base_bias(be, s.model), be.tensors(s.model), x64,
-                     cfg_of(spec, be, case, **over), be.knobs(s.model), xd=xd, grad=grad)
+    """The spec's float64 oracle on the backend's live tensors and knobs, around the engine's copy of the base."""
+    W, b = engine_base(be, s)
+    return oracle_on(spec, W, b, be.tensors(s.model), x64, cfg_of(spec, be, case, **over), be.knobs(s.model),
+                     xd=xd, grad=grad)
 
 
 def base_out(s: Setup, x64):
@@ -225,7 +251,8 @@ class Probe:
         return self.be.knobs(self.s.model)
 
     def base_weight(self) -> torch.Tensor:
-        return self.be.base_weight(self.s.model).detach().double().cpu()
+        """The base the adapter rides on: the engine's copy (see Setup.W_base)."""
+        return engine_base(self.be, self.s)[0].detach().double().cpu()
 
     def set(self, name: str, value: torch.Tensor) -> None:
         t = self.be.tensors(self.s.model)[name]

@@ -70,10 +70,23 @@ def cases(draw, spec: Spec, dtypes=(torch.float32,), square: bool = False, bias=
         d_out=d_out,
         bias=draw(st.booleans(), label="bias") if bias is None else bias,
         dtype=draw(st.sampled_from(list(dtypes)), label="dtype"),
-        seed=draw(st.integers(0, 2**16), label="seed"),
+        seed=(seed := draw(st.integers(0, 2**16), label="seed")),
         fields=fields,
+        batch=leading_dims(seed),
         device=device,
     )
+
+
+def leading_dims(seed: int) -> tuple[int, ...]:
+    """The input's leading dimensions, a function of the drawn seed (one draw fewer keeps every other drawn value
+    of a derandomized run where it was): 3-D (2, 3, d_in) for seeds 0 mod 3 (the shrunk case), 2-D (N, d_in) with
+    N in 2..6, or 4-D (2, 1, 3, d_in). At most 6 rows, so no shape costs more than the 3-D one."""
+    kind = seed % 3
+    if kind == 0:
+        return (2, 3)
+    if kind == 1:
+        return (2 + seed // 3 % 5,)
+    return (2, 1, 3)
 
 
 def base_weight(case: Case, kind: str = "random") -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -480,9 +480,33 @@ class ResultsStem(Protocol):
         ...
 
 
+class ModeSwitchMerges(Protocol):
+    @property
+    def mode_switch_merges(self) -> bool:
+        """True when the library folds the adapter into the base weight on `eval()` and unfolds it on `train()`
+        (loralib's `merge_weights=True`); False when a mode switch never changes a weight. Absent: not declared
+        (the harness stays honest without it: every reference is computed from its own copy of the base). The
+        `oracle` property checks the eval-mode output and the train-mode output after an eval()/train() round
+        trip in every case; where the backend declares False it also requires the state dict to be unchanged."""
+        ...
+
+
+class TrainablePrecision(Protocol):
+    @property
+    def trainable_precision(self) -> str:
+        """How the library holds trainable tensors, one of PRECISIONS: "float32" whatever the model's dtype
+        (PEFT's autocast_adapter_dtype, impl's param_dtype default); "model": in the model's dtype (bf16 adapters
+        on a bf16 model); "autocast": float32 tensors, forward and backward under torch.autocast in the model's
+        dtype (as Trainer and Lightning run mixed precision). Absent: the harness reads each tensor's dtype.
+        `training_step` judges movement against each tensor's own dtype spacing, checks a declared precision
+        against the tensors, and runs an "autocast" library under autocast."""
+        ...
+
+
 OPTIONAL: Mapping[str, type] = MappingProxyType({
     "supports": Supports, "property_na": PropertyNA, "deviation": Deviations, "base_bias": BaseBias,
-    "checkpoint_suffix": CheckpointSuffix, "source_class": SourceClass, "results_stem": ResultsStem})
+    "checkpoint_suffix": CheckpointSuffix, "source_class": SourceClass, "results_stem": ResultsStem,
+    "mode_switch_merges": ModeSwitchMerges, "trainable_precision": TrainablePrecision})
 # The protocol declaring each capability's methods (the signatures check_backend compares).
 PROTOCOL_OF: Mapping[str, type] = MappingProxyType({
     "detach": Detach, "merge": Merge, "knobs": Knobs, "checkpoint": Checkpoint, "model": WholeModel,
@@ -757,3 +781,27 @@ def import_module(path_or_module: str):
         mod_spec.loader.exec_module(mod)
         return mod
     return importlib.import_module(path_or_module)
+
+
+# ----------------------------------------------------------------------------------------------- declarations
+# Optional members a backend may declare about its library's behaviour. Absent means "not declared": the harness
+# then reads what it needs from the tensors themselves, and stays honest without them (every reference is
+# computed from the engine's own copy of the base weight and bias, taken from the plain layer before attach).
+
+PRECISIONS = ("float32", "model", "autocast")
+
+
+def mode_switch_merges(be: Backend) -> bool | None:
+    """The backend's declared ModeSwitchMerges (None: not declared), checked to be a bool."""
+    value = be.mode_switch_merges if has(be, ModeSwitchMerges) else None
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{be.name}.mode_switch_merges must be a bool (or absent), not {value!r}")
+    return value
+
+
+def trainable_precision(be: Backend) -> str | None:
+    """The backend's declared TrainablePrecision (None: not declared), checked to be one of PRECISIONS."""
+    value = be.trainable_precision if has(be, TrainablePrecision) else None
+    if value is not None and value not in PRECISIONS:
+        raise ValueError(f"{be.name}.trainable_precision must be one of {PRECISIONS} (or absent), not {value!r}")
+    return value
