@@ -637,9 +637,10 @@ def check_backend(be: object) -> list[str]:
             continue
         fn = _members(proto)[member]
         value = getattr(be, member)
-        if fn is None:
-            if not isinstance(value, str):
-                out.append(f"{member} is {value!r}, not a str")
+        if fn is None:  # a declared attribute: its type is the property's return annotation (str or bool)
+            want = {"str": str, "bool": bool}[getattr(proto, member).fget.__annotations__["return"]]
+            if not isinstance(value, want):
+                out.append(f"{member} is {value!r}, not a {want.__name__}")
         elif not callable(value):
             out.append(f"'{member}' is not callable")
         elif (why := signature_problem(value, fn)) is not None:
