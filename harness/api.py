@@ -27,7 +27,7 @@ from torch import nn
 
 from . import tolerance as tol
 from .backends.protocol import ADAPTER_NAME, lacks
-from .models import Single, make_layer, tiny
+from .models import ARCHS, Single, make_layer, tiny
 from .models import calibration as token_calibration
 from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, layouts, oracle_on, perturb, perturb_layers,
                      perturb_tensors, prop, require, same_state, setup, snapshot)
@@ -478,9 +478,9 @@ def layer_kinds(spec, be, case):
 
 
 def _merge_cases(spec, device):
-    """A case and the dtype of the tiny Llama; the tiny GPT-2 of the same example runs in the other dtype, so each
-    example covers both architectures and both dtypes."""
-    return st.tuples(cases(spec, dtypes=(torch.float32,), device=device),
+    """A case for each architecture (harness.models.ARCHS) and the dtype of the tiny Llama; the tiny Qwen and GPT-2
+    of the same example run in the other dtype, so each example covers every architecture and both dtypes."""
+    return st.tuples(st.tuples(*(cases(spec, dtypes=(torch.float32,), device=device) for _ in ARCHS)),
                      st.sampled_from([torch.float32, torch.bfloat16]))
 
 
@@ -493,20 +493,21 @@ def _whole(spec, be):
 ROUNDING_MARGIN = 3.0  # merged and hooked logits each carry the model's own rounding; their gap up to 3x of it
 
 
-@prop("model_merge_unload", _merge_cases, needs=("model", "merge"), applies=_whole, max_examples=2)
+@prop("model_merge_unload", _merge_cases, needs=("model", "merge"), applies=_whole, max_examples=1)
 def model_merge_unload(spec, be, drawn):
-    """On a tiny Llama / GPT-2 in float32 or bfloat16 with every adapter tensor of every adapted layer perturbed,
+    """On a tiny Llama, Qwen and GPT-2 in float32 or bfloat16 with every adapter tensor of every adapted layer perturbed,
     merging all adapters into the weights and unloading (merge_and_unload) leaves no adapter module or hook and
     gives the hooked model's logits: the merged logits are as close to the float64 hooked logits (a float64 twin
     holding the same state) as the dtype's tolerance allows, or as ROUNDING_MARGIN times the hooked model's own
     rounding error (a whole model amplifies rounding through its norms and attention: the hooked model in the
     same dtype shows how much)."""
-    case, dtype = drawn
+    per_arch, dtype = drawn
     other = torch.bfloat16 if dtype == torch.float32 else torch.float32
     # GPT-2's projections are transformers' Conv1D: where the spec declares (for this backend) that the variant
     # does not run on Conv1D, the Llama runs in both dtypes
     arch = "gpt2" if "conv1d" in layouts(spec, be) else "llama"
-    return max(_merge_unload(spec, be, case, "llama", dtype), _merge_unload(spec, be, case, arch, other))
+    runs = (("llama", dtype), ("qwen", other), (arch, other))
+    return max(_merge_unload(spec, be, case, a, dt) for case, (a, dt) in zip(per_arch, runs))
 
 
 def _merge_unload(spec, be, case, arch, dtype):
