@@ -356,7 +356,7 @@ def adapter_lifecycle(spec, be, case):
 
 # ----------------------------------------------------------------------------------------------- layer kinds
 
-KINDS = ("embedding", "conv2d", "lora_bias")
+KINDS = ("embedding", "scaled_embedding", "conv2d", "lora_bias")
 
 
 def _kinds(spec, be):
@@ -387,6 +387,25 @@ def _merge_round(spec, be, model, x, y_hooked, params, case, what):
     return worst
 
 
+def _at_init(spec, what, y, y0, dtype):
+    """An adapted layer's output at init (before any perturbation) against the base layer's, in the spec's
+    identity class: bitwise, within the dtype's tolerance, or off by at most the declared start size (per token,
+    relative to the base output)."""
+    diff = tol.maxabs(y.double() - y0.double())
+    if spec.identity == "bitwise":
+        require(torch.equal(y, y0), f"{what}: not bitwise identical to the base at init (max |y - y_base| = "
+                                    f"{diff:.3g})")
+        return 0.0
+    if spec.identity == "tolerance":
+        return _close(f"{what}: not the identity at init", y, y0.double(), None, dtype, spec.identity_factor)
+    rel = float((y.double() - y0.double()).norm(dim=-1).max()) / (float(y0.double().norm(dim=-1).max()) + 1e-300)
+    slack = tol.bound(y0, None, dtype, spec.identity_factor) * y0.shape[-1] ** 0.5
+    ok, scaled = tol.within(rel, spec.init_shrink + slack)
+    require(ok, f"{what}: off the base at init by {rel:.3g} (per token, relative), above the declared start size "
+                f"{spec.init_shrink:g}", scaled)
+    return scaled
+
+
 def _embedding(spec, be, case, scaled: bool):
     from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
 
@@ -397,19 +416,21 @@ def _embedding(spec, be, case, scaled: bool):
     with torch.no_grad():
         emb.weight.copy_(W.T.to(case.dtype))
     model = Single(emb.to(case.dtype))
+    ids = torch.randint(V, (2, 5), generator=case.gen(24))
+    what = f"{'scaled (x%.3g) ' % c if scaled else ''}Embedding"
+    y0 = _out(model, ids)
     torch.manual_seed(case.seed)
     be.attach_kind(model, spec, case)
+    init = _at_init(spec, what, _out(model, ids), y0, case.dtype)  # the adapter's own init, before any perturbation
     cfg = cfg_of(spec, be, case)
     perturb_tensors(spec, _spec_layout(spec, be, model, V, D, cfg), V, D, cfg, case.gen(3))
-    ids = torch.randint(V, (2, 5), generator=case.gen(24))
     onehot = F.one_hot(ids, V).double()
     E = emb.weight.detach().double()
     y_ref = _oracle(spec, E.T, None, _spec_layout(spec, be, model, V, D, cfg), onehot, cfg) * (c if scaled else 1.0)
     y = _out(model, ids)
-    what = f"{'scaled (x%.3g) ' % c if scaled else ''}Embedding"
     y_base = onehot @ E * (c if scaled else 1.0)
-    err = _close(f"{what}: output differs from the oracle on one-hot inputs", y, y_ref, y_base, case.dtype,
-                 spec.identity_factor)
+    err = max(init, _close(f"{what}: output differs from the oracle on one-hot inputs", y, y_ref, y_base,
+                           case.dtype, spec.identity_factor))
     return max(err, _merge_round(spec, be, model, ids, y_ref, lambda: {"weight": emb.weight}, case, what))
 
 
@@ -459,14 +480,17 @@ def _lora_bias(spec, be, case):
 
 @prop("layer_kinds", _f32, applies=_kinds, max_examples=4)
 def layer_kinds(spec, be, case):
-    """On each layer kind the backend adapts for the spec, with every trainable perturbed: an Embedding (and
-    transformers' scaled embedding, its adapter output scaled alike) equals the spec's oracle on one-hot inputs
-    with W = the embedding matrix transposed; a Conv2d with bias equals the oracle on the unfolded patches with W
+    """On each layer kind the backend adapts for the spec: a plain Embedding and transformers' scaled embedding
+    (its adapter output scaled alike), each a capability of its own, equal the base embedding at init (the spec's
+    identity class, before any perturbation) and, with every trainable perturbed, the spec's oracle on one-hot
+    inputs with W = the embedding matrix transposed; a Conv2d with bias equals the oracle on the unfolded patches with W
     = the flattened kernel; on each, and on a Linear with an adapter-output bias (lora_bias), merge gives the
     hooked output and unmerge restores the base weight and bias."""
     worst = 0.0
     if lacks(be, spec, "embedding") is None:
-        worst = max(worst, _embedding(spec, be, case, scaled=False), _embedding(spec, be, case, scaled=True))
+        worst = max(worst, _embedding(spec, be, case, scaled=False))
+    if lacks(be, spec, "scaled_embedding") is None:
+        worst = max(worst, _embedding(spec, be, case, scaled=True))
     if lacks(be, spec, "conv2d") is None:
         worst = max(worst, _conv2d(spec, be, case))
     if lacks(be, spec, "lora_bias") is None:
