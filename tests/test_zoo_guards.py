@@ -14,6 +14,7 @@ escape; under the normal harness it is caught by the property that names its bug
 | tolerance.ACCUMULATION[float64]                | lora.fp64_through_fp32               | oracle           |
 | tolerance.ACCUMULATION[bfloat16]               | lora.bf16_through_fp8                | oracle           |
 | tolerance.BACKWARD (gradients)                 | lora.gradient_of_a_off               | oracle           |
+| strategies.base_weight: degenerate kinds       | dora.norm_unfloored                  | degenerate_weights |
 | whole_model: every architecture, GPT-2's roles | lora.gpt2_projections_swapped        | model_targeting  |
 | whole_model: exclusions by path                | lora.exclusions_on_leaf_names        | model_targeting  |
 | whole_model: every bool field both ways        | antipasto_ablate.calibrate_through_adapters | model_data_init |
@@ -126,6 +127,8 @@ GUARDS = {
     "float64 tolerance": ("lora.fp64_through_fp32", lambda: _looser(torch.float64, 1e10)),
     "bfloat16 tolerance": ("lora.bf16_through_fp8", lambda: _looser(torch.bfloat16, 10.0)),
     "gradient tolerance": ("lora.gradient_of_a_off", lambda: mock.patch.object(tol, "BACKWARD", tol.BACKWARD * 1e13)),
+    "degenerate base weights": ("dora.norm_unfloored", lambda: _everywhere(
+        "base_weight", lambda case, kind="random", _real=strategies.base_weight: _real(case))),
     "every architecture": ("lora.gpt2_projections_swapped", lambda: _one_arch("llama")),
     "exclusions by path": ("lora.exclusions_on_leaf_names", _path_exclusions_dropped),
     "bool fields both ways": ("antipasto_ablate.calibrate_through_adapters", _bools_left_as_drawn),

@@ -10,7 +10,8 @@ every part to its mutant (these, and older mutants that one part alone catches).
 - only within float32's tolerance: the float32 adapter path rounded through float16;
 - only within float64's tolerance: the float64 adapter path computed in float32;
 - only within bfloat16's tolerance: the bfloat16 adapter input rounded through float8;
-- only in gradients: the gradient of A off by 1 % (the forward exact).
+- only in gradients: the gradient of A off by 1 % (the forward exact);
+- only on a degenerate base weight (a zero row): DoRA's row norm not floored.
 """
 import contextlib
 from unittest import mock
@@ -18,6 +19,8 @@ from unittest import mock
 import torch
 
 from impl import runtime
+from impl.variants import dora
+from impl.variants.dora import DoRA
 from impl.variants.lora import LoRA, lora_add, lora_scale
 from impl.variants.pissa import PiSSA
 
@@ -47,6 +50,13 @@ def detach_square_conv1d_dense():
         real(model, ads, handles, requires_grad, restore_weights)
 
     with mock.patch.object(runtime, "_undo", undo):
+        yield
+
+
+@contextlib.contextmanager
+def dora_norm_unfloored():
+    """DoRA's row norm not floored: a zero row of W divides 0 by 0 at init."""
+    with mock.patch.object(dora, "norm_floor", lambda dtype: 0.0):
         yield
 
 
@@ -115,5 +125,7 @@ MUTANTS = [
            "the float64 adapter input rounded through float32"),
     Mutant("lora.bf16_through_fp8", Bfloat16ThroughFloat8, "oracle",
            "the bfloat16 adapter input rounded through float8 (e5m2)"),
+    Mutant("dora.norm_unfloored", DoRA, "degenerate_weights", "the row norm not floored: a zero row of W gives 0 / 0",
+           patch=dora_norm_unfloored),
     Mutant("lora.gradient_of_a_off", GradientOfAOff, "oracle", "A's gradient 1.01 times the true one (forward exact)"),
 ]
