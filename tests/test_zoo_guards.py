@@ -15,6 +15,7 @@ escape; under the normal harness it is caught by the property that names its bug
 | tolerance.ACCUMULATION[bfloat16]               | lora.bf16_through_fp8                | oracle           |
 | tolerance.BACKWARD (gradients)                 | lora.gradient_of_a_off               | oracle           |
 | strategies.base_weight: degenerate kinds       | dora.norm_unfloored                  | degenerate_weights |
+| probes.drawn_knob: knobs off their default     | antipasto.merge_coeff_from_config    | merge            |
 | whole_model: every architecture, GPT-2's roles | lora.gpt2_projections_swapped        | model_targeting  |
 | whole_model: exclusions by path                | lora.exclusions_on_leaf_names        | model_targeting  |
 | whole_model: every bool field both ways        | antipasto_ablate.calibrate_through_adapters | model_data_init |
@@ -31,7 +32,7 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
-from harness import PROPERTIES, strategies
+from harness import PROPERTIES, probes, strategies
 from harness import tolerance as tol
 from harness import whole_model
 from harness.zoo import all_mutants, detected, run_mutant
@@ -40,9 +41,9 @@ MUTANTS = {m.name: m for m in all_mutants()}
 
 
 @contextlib.contextmanager
-def _everywhere(name: str, new):
-    """Replace `name` in every harness module that holds the same object as harness.strategies does."""
-    real = getattr(strategies, name)
+def _everywhere(name: str, new, home=strategies):
+    """Replace `name` in every harness module that holds the same object as `home` does."""
+    real = getattr(home, name)
     with contextlib.ExitStack() as stack:
         for mod in [m for n, m in sys.modules.items() if n.startswith("harness") and m is not None]:
             if getattr(mod, name, None) is real:
@@ -129,6 +130,8 @@ GUARDS = {
     "gradient tolerance": ("lora.gradient_of_a_off", lambda: mock.patch.object(tol, "BACKWARD", tol.BACKWARD * 1e13)),
     "degenerate base weights": ("dora.norm_unfloored", lambda: _everywhere(
         "base_weight", lambda case, kind="random", _real=strategies.base_weight: _real(case))),
+    "knobs at drawn values": ("antipasto.merge_coeff_from_config", lambda: _everywhere(
+        "drawn_knob", lambda default, identity, g: default, home=probes)),
     "every architecture": ("lora.gpt2_projections_swapped", lambda: _one_arch("llama")),
     "exclusions by path": ("lora.exclusions_on_leaf_names", _path_exclusions_dropped),
     "bool fields both ways": ("antipasto_ablate.calibrate_through_adapters", _bools_left_as_drawn),
