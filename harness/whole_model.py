@@ -5,6 +5,12 @@ modules, restores `requires_grad` as "all True", applies a knob to one layer, ma
 calibrates a later layer on the activations of an already-adapted earlier one. These properties adapt the tiny
 Llama, Qwen and GPT-2 models of harness.models (2 blocks, hidden size 32; GPT-2's projections are transformers'
 transposed Conv1D) and keep their example counts small: each is a few whole-model attaches.
+
+What must always be covered is enumerated, and only the values within it are drawn: every example holds every
+architecture (harness.models.ARCHS, each with its own drawn case, every boolean config field taking both values
+across them), and model_targeting's every kind of selection (SELECTION_KINDS) on each. Three derandomized draws
+over architecture x roles x names x layers x exclusions left whole regions unchecked on every run (a GPT-2 role
+swap, exclusions matched against leaf names: harness/zoo/targeting.py).
 """
 from __future__ import annotations
 
