@@ -114,13 +114,20 @@ def role_trials(roles) -> list[dict]:
 @st.composite
 def _arch_selections(draw, arch):
     """Every kind of selection of SELECTION_KINDS for `arch`, with drawn values: the role trials over a drawn
-    order of the roles; target_names with one block's layers; every role with one leaf-name and one path
-    exclusion (the leaf chosen among modules the path leaves in); a selection that matches nothing."""
+    order of the roles; target_names with one block's layers, alone and with roles; every role with one leaf-name
+    and one path exclusion (the leaf chosen among modules the path leaves in); a selection that matches nothing."""
     roles = draw(st.permutations(sorted(set(MODULES[arch].values()))), label=f"{arch} role order")
     trials = role_trials(tuple(roles))
     block = draw(st.sampled_from(range(BLOCKS)), label=f"{arch} block")
-    trials.append({"target_names": (draw(st.sampled_from(_NAMES), label=f"{arch} target_names"),),
-                   "layers": (block,)})
+    name = draw(st.sampled_from(_NAMES), label=f"{arch} target_names")
+    trials.append({"target_names": (name,), "layers": (block,)})
+    # names and roles together select their intersection: a proper subset of the roles the names match, and one
+    # role they do not match (a union, or either field ignored, then adapts a module outside the expected set)
+    named = [r for r in roles if any(re.search(name, s) for s, role in MODULES[arch].items() if role == r)]
+    inside = draw(st.lists(st.sampled_from(named), min_size=1, max_size=max(1, len(named) - 1), unique=True),
+                  label=f"{arch} roles with target_names")
+    outside = [r for r in roles if r not in named][:1]
+    trials.append({"target_roles": tuple(inside) + tuple(outside), "target_names": (name,), "layers": (block,)})
     path = draw(st.sampled_from(_PATHS), label=f"{arch} path exclusion")
     leaves = sorted(s for s in MODULES[arch] if not re.search(path, "." + s + "."))
     leaf = draw(st.sampled_from(leaves), label=f"{arch} leaf exclusion").rpartition(".")[2]
@@ -163,7 +170,7 @@ def _logits(model, batch, grad: bool = False):
 def model_targeting(spec, be, drawn):
     """On each tiny model (Llama, Qwen, GPT-2), the adapted modules are exactly the expected set for every kind
     of selection (SELECTION_KINDS): role selections that tell every role apart (role_trials), target_names within
-    one block's layers, every role less one leaf-name and one path exclusion; a selection that matches nothing is
+    one block's layers (alone and with roles), every role less one leaf-name and one path exclusion; a selection that matches nothing is
     a clear error leaving the model untouched. Every example checks every kind on every architecture; only the
     values within each kind are drawn."""
     case, per_arch = drawn

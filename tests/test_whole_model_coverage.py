@@ -33,6 +33,7 @@ def test_every_example_holds_every_architecture_and_every_selection_kind(data):
         with_roles = [t for t in trials if set(t) == {"target_roles"}]
         assert set().union(*(t["target_roles"] for t in with_roles)) == roles
         assert any(t.get("target_names") and t.get("layers") for t in trials)
+        assert any(t.get("target_names") and t.get("target_roles") for t in trials)
         excl = [p for t in trials for p in t.get("exclude_names", ()) if p not in wm.DEFAULT_EXCLUDE]
         leaves = [p for p in excl if "\\." not in p]
         paths = [p for p in excl if "\\." in p]
