@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from . import tolerance as tol
 from .backends.peft_maps import peft_map
-from .models import ARCHS, single, tiny
+from .models import single, tiny
 from .probes import _dt, base_bias, cfg_of, gradient_scales, loss_weights, perturb, perturb_layers, prop, require, setup
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
@@ -481,11 +481,10 @@ ROLE_NAMES = {  # the module names an architectural role has in each tiny model 
     "gpt2": {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "qkv": "attn.c_attn", "o": "attn.c_proj",
              "up": "mlp.c_fc", "down": "mlp.c_proj"},
 }
-ROLE_NAMES["qwen"] = ROLE_NAMES["llama"]  # Qwen2 names its modules as Llama does (and adds q, k, v biases)
 
 
 def tiny_model(arch: str, seed: int) -> torch.nn.Module:
-    """A 2-layer Llama-, Qwen- or GPT-2-style causal LM in float64, hidden 32 (harness.models.tiny)."""
+    """A 2-layer Llama- or GPT-2-style causal LM in float64, hidden 32 (harness.models.tiny)."""
     return tiny(arch, seed, torch.float64, hidden=32, vocab=64)
 
 
@@ -538,26 +537,24 @@ def _float32_rounding(be, model, m32, batch: dict, c: torch.Tensor, grads: dict)
     return out
 
 
-def _model_cases(spec, device):
-    """One float64 case (its config fields: r <= 12 fits every layer of the tiny models) for each architecture
-    the harness builds (harness.models.ARCHS): every example covers every architecture."""
-    return st.tuples(*(st.tuples(cases(spec, dtypes=(torch.float64,), device=device), st.just(a)) for a in ARCHS))
+@st.composite
+def _model_cases(draw, spec, device):
+    """A float64 case (its config fields: r <= 12 fits every layer of the tiny models) and an architecture."""
+    c = draw(cases(spec, dtypes=(torch.float64,), device=device))
+    return c, draw(st.sampled_from(["llama", "gpt2"]), label="arch")
 
 
 @prop("model_oracle", lambda spec, device: _model_cases(spec, device), needs=("model",),
       applies=lambda spec, be: ("the spec runs on square layers only; a tiny model's layers are not square"
                                 if spec.square_only else None),
-      max_examples=1)
+      max_examples=4)
 def model_oracle(spec, be, drawn):
-    """On each tiny model (Llama, Qwen, GPT-2; float64) with the spec's roles adapted and every adapter tensor
+    """On a tiny Llama- or GPT-2-style model (float64) with the spec's roles adapted and every adapter tensor
     perturbed, the logits and the gradients of every layer's trainable tensors equal those of the same model with
     each adapted layer replaced by the spec's float64 oracle on that layer's tensors and current base weight."""
-    return max(_model_oracle(spec, be, case, arch) for case, arch in drawn)
-
-
-def _model_oracle(spec, be, case, arch):
     import copy as _copy
 
+    case, arch = drawn if isinstance(drawn, tuple) else (drawn, "llama")
     roles, names = _roles(spec, arch)
     base = tiny_model(arch, case.seed % 7)
     model = _copy.deepcopy(base)
