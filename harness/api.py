@@ -27,7 +27,7 @@ from torch import nn
 
 from . import tolerance as tol
 from .backends.protocol import ADAPTER_NAME, FullBackend, lacks
-from .models import Single, make_layer, tiny
+from .models import ARCHS, Single, make_layer, tiny
 from .models import calibration as token_calibration
 from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, engine_base, layouts, oracle_on, perturb,
                      perturb_layers, perturb_tensors, prop, require, same_state, setup, snapshot)
@@ -355,7 +355,7 @@ def adapter_lifecycle(spec, be: FullBackend, case):
 
 # ----------------------------------------------------------------------------------------------- layer kinds
 
-KINDS = ("embedding", "conv2d", "lora_bias")
+KINDS = ("embedding", "scaled_embedding", "conv2d", "lora_bias")
 
 
 def _kinds(spec, be: FullBackend):
@@ -386,6 +386,25 @@ def _merge_round(spec, be: FullBackend, model, x, y_hooked, params, case, what):
     return worst
 
 
+def _at_init(spec, what, y, y0, dtype):
+    """An adapted layer's output at init (before any perturbation) against the base layer's, in the spec's
+    identity class: bitwise, within the dtype's tolerance, or off by at most the declared start size (per token,
+    relative to the base output)."""
+    diff = tol.maxabs(y.double() - y0.double())
+    if spec.identity == "bitwise":
+        require(torch.equal(y, y0), f"{what}: not bitwise identical to the base at init (max |y - y_base| = "
+                                    f"{diff:.3g})")
+        return 0.0
+    if spec.identity == "tolerance":
+        return _close(f"{what}: not the identity at init", y, y0.double(), None, dtype, spec.identity_factor)
+    rel = float((y.double() - y0.double()).norm(dim=-1).max()) / (float(y0.double().norm(dim=-1).max()) + 1e-300)
+    slack = tol.bound(y0, None, dtype, spec.identity_factor) * y0.shape[-1] ** 0.5
+    ok, scaled = tol.within(rel, spec.init_shrink + slack)
+    require(ok, f"{what}: off the base at init by {rel:.3g} (per token, relative), above the declared start size "
+                f"{spec.init_shrink:g}", scaled)
+    return scaled
+
+
 def _embedding(spec, be: FullBackend, case, scaled: bool):
     from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
 
@@ -396,19 +415,21 @@ def _embedding(spec, be: FullBackend, case, scaled: bool):
     with torch.no_grad():
         emb.weight.copy_(W.T.to(case.dtype))
     model = Single(emb.to(case.dtype))
+    ids = torch.randint(V, (2, 5), generator=case.gen(24))
+    what = f"{'scaled (x%.3g) ' % c if scaled else ''}Embedding"
+    y0 = _out(model, ids)
     torch.manual_seed(case.seed)
     be.attach_kind(model, spec, case)
+    init = _at_init(spec, what, _out(model, ids), y0, case.dtype)  # the adapter's own init, before any perturbation
     cfg = cfg_of(spec, be, case)
     perturb_tensors(spec, _spec_layout(spec, be, model, V, D, cfg), V, D, cfg, case.gen(3))
-    ids = torch.randint(V, (2, 5), generator=case.gen(24))
     onehot = F.one_hot(ids, V).double()
     E = emb.weight.detach().double()
     y_ref = _oracle(spec, E.T, None, _spec_layout(spec, be, model, V, D, cfg), onehot, cfg) * (c if scaled else 1.0)
     y = _out(model, ids)
-    what = f"{'scaled (x%.3g) ' % c if scaled else ''}Embedding"
     y_base = onehot @ E * (c if scaled else 1.0)
-    err = _close(f"{what}: output differs from the oracle on one-hot inputs", y, y_ref, y_base, case.dtype,
-                 spec.identity_factor)
+    err = max(init, _close(f"{what}: output differs from the oracle on one-hot inputs", y, y_ref, y_base,
+                           case.dtype, spec.identity_factor))
     return max(err, _merge_round(spec, be, model, ids, y_ref, lambda: {"weight": emb.weight}, case, what))
 
 
@@ -458,14 +479,17 @@ def _lora_bias(spec, be: FullBackend, case):
 
 @prop("layer_kinds", _f32, applies=_kinds, max_examples=4)
 def layer_kinds(spec, be: FullBackend, case):
-    """On each layer kind the backend adapts for the spec, with every trainable perturbed: an Embedding (and
-    transformers' scaled embedding, its adapter output scaled alike) equals the spec's oracle on one-hot inputs
-    with W = the embedding matrix transposed; a Conv2d with bias equals the oracle on the unfolded patches with W
+    """On each layer kind the backend adapts for the spec: a plain Embedding and transformers' scaled embedding
+    (its adapter output scaled alike), each a capability of its own, equal the base embedding at init (the spec's
+    identity class, before any perturbation) and, with every trainable perturbed, the spec's oracle on one-hot
+    inputs with W = the embedding matrix transposed; a Conv2d with bias equals the oracle on the unfolded patches with W
     = the flattened kernel; on each, and on a Linear with an adapter-output bias (lora_bias), merge gives the
     hooked output and unmerge restores the base weight and bias."""
     worst = 0.0
     if lacks(be, spec, "embedding") is None:
-        worst = max(worst, _embedding(spec, be, case, scaled=False), _embedding(spec, be, case, scaled=True))
+        worst = max(worst, _embedding(spec, be, case, scaled=False))
+    if lacks(be, spec, "scaled_embedding") is None:
+        worst = max(worst, _embedding(spec, be, case, scaled=True))
     if lacks(be, spec, "conv2d") is None:
         worst = max(worst, _conv2d(spec, be, case))
     if lacks(be, spec, "lora_bias") is None:
@@ -477,9 +501,9 @@ def layer_kinds(spec, be: FullBackend, case):
 
 
 def _merge_cases(spec, device):
-    """A case and the dtype of the tiny Llama; the tiny GPT-2 of the same example runs in the other dtype, so each
-    example covers both architectures and both dtypes."""
-    return st.tuples(cases(spec, dtypes=(torch.float32,), device=device),
+    """A case for each architecture (harness.models.ARCHS) and the dtype of the tiny Llama; the tiny Qwen and GPT-2
+    of the same example run in the other dtype, so each example covers every architecture and both dtypes."""
+    return st.tuples(st.tuples(*(cases(spec, dtypes=(torch.float32,), device=device) for _ in ARCHS)),
                      st.sampled_from([torch.float32, torch.bfloat16]))
 
 
@@ -492,20 +516,21 @@ def _whole(spec, be: FullBackend):
 ROUNDING_MARGIN = 3.0  # merged and hooked logits each carry the model's own rounding; their gap up to 3x of it
 
 
-@prop("model_merge_unload", _merge_cases, needs=("model", "merge"), applies=_whole, max_examples=2)
+@prop("model_merge_unload", _merge_cases, needs=("model", "merge"), applies=_whole, max_examples=1)
 def model_merge_unload(spec, be: FullBackend, drawn):
-    """On a tiny Llama / GPT-2 in float32 or bfloat16 with every adapter tensor of every adapted layer perturbed,
+    """On a tiny Llama, Qwen and GPT-2 in float32 or bfloat16 with every adapter tensor of every adapted layer perturbed,
     merging all adapters into the weights and unloading (merge_and_unload) leaves no adapter module or hook and
     gives the hooked model's logits: the merged logits are as close to the float64 hooked logits (a float64 twin
     holding the same state) as the dtype's tolerance allows, or as ROUNDING_MARGIN times the hooked model's own
     rounding error (a whole model amplifies rounding through its norms and attention: the hooked model in the
     same dtype shows how much)."""
-    case, dtype = drawn
+    per_arch, dtype = drawn
     other = torch.bfloat16 if dtype == torch.float32 else torch.float32
     # GPT-2's projections are transformers' Conv1D: where the spec declares (for this backend) that the variant
     # does not run on Conv1D, the Llama runs in both dtypes
     arch = "gpt2" if "conv1d" in layouts(spec, be) else "llama"
-    return max(_merge_unload(spec, be, case, "llama", dtype), _merge_unload(spec, be, case, arch, other))
+    runs = (("llama", dtype), ("qwen", other), (arch, other))
+    return max(_merge_unload(spec, be, case, a, dt) for case, (a, dt) in zip(per_arch, runs))
 
 
 def _merge_unload(spec, be: FullBackend, case, arch, dtype):

@@ -5,6 +5,12 @@ modules, restores `requires_grad` as "all True", applies a knob to one layer, ma
 calibrates a later layer on the activations of an already-adapted earlier one. These properties adapt the tiny
 Llama, Qwen and GPT-2 models of harness.models (2 blocks, hidden size 32; GPT-2's projections are transformers'
 transposed Conv1D) and keep their example counts small: each is a few whole-model attaches.
+
+What must always be covered is enumerated, and only the values within it are drawn: every example holds every
+architecture (harness.models.ARCHS, each with its own drawn case, every boolean config field taking both values
+across them), and model_targeting's every kind of selection (SELECTION_KINDS) on each. Three derandomized draws
+over architecture x roles x names x layers x exclusions left whole regions unchecked on every run (a GPT-2 role
+swap, exclusions matched against leaf names: harness/zoo/targeting.py).
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from hypothesis import strategies as st
 
 from . import tolerance as tol
 from .models import calibration as token_calibration
-from .models import single, tiny
+from .models import ARCHS, single, tiny
 from .backends.protocol import FullBackend, lacks
 from .probes import drawn_knob, grad_flags, perturb_layers, prop, require, same_state, snapshot
 from .properties import compare_init
@@ -24,7 +30,6 @@ from .strategies import cases
 
 HIDDEN = 32
 BLOCKS = 2
-ARCHS = ("llama", "qwen", "gpt2")
 # Each architecture's adaptable block modules and their roles, written from the transformers model classes (not
 # from impl's targeting patterns): the expected target sets are computed from this table.
 _LLAMA = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
@@ -70,23 +75,73 @@ def model_roles(spec, arch: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 @st.composite
 def _model_cases(draw, spec, device):
-    c = draw(cases(spec, dtypes=(torch.float32,), device=device))
-    return c, draw(st.sampled_from(ARCHS), label="arch")
+    """One float32 case for each architecture the harness builds (harness.models.ARCHS), in that order: every
+    example covers every architecture, each with its own drawn config. Every boolean config field takes both
+    values in every example (the second architecture's case holds the negation of the first's): a field that
+    switches a data path on (antipasto_ablate's cov_orient) is never left at one value for a whole run."""
+    drawn = [draw(cases(spec, dtypes=(torch.float32,), device=device)) for _ in ARCHS]
+    flags = {k: not v for k, v in drawn[0].fields.items() if isinstance(v, bool) and k in drawn[1].fields}
+    drawn[1] = drawn[1].with_(fields={**drawn[1].fields, **flags})
+    return tuple(zip(drawn, ARCHS))
+
+
+def _each_arch(check, spec, be: FullBackend, drawn):
+    """Run check(spec, be, case, arch) on each (case, arch) of a _model_cases example; the worst scaled error."""
+    worst = None
+    for case, arch in drawn:
+        w = check(spec, be, case, arch)
+        worst = w if worst is None else max(worst, w if w is not None else worst)
+    return worst
+
+
+# The kinds of selection a targeting config can make (the fields of harness.backends.protocol's attach_targets):
+# every run checks each one on every architecture, drawing only the values within it.
+SELECTION_KINDS = ("target_roles", "target_names", "layers", "exclude_names by leaf name", "exclude_names by path",
+                   "nothing selected")
+_NAMES = ("mlp", "attn", r"(_proj|c_fc)$")  # each selects some modules of every block in every arch
+_PATHS = (r"\.0\.", r"\.1\.", r"mlp\.", r"attn\.")  # each spans a dot: matches a module's path, never a leaf
+
+
+def role_trials(roles) -> list[dict]:
+    """Selections that tell every role apart: role i (in the given order) gets the code i + 1, and selection k
+    holds the roles whose code has bit k set. A module given any other role (or none) than its own is then
+    adapted or left out by at least one selection where the expected set says otherwise, with ceil(log2(n + 1))
+    attaches instead of one per role."""
+    bits = len(roles).bit_length()
+    return [{"target_roles": tuple(r for i, r in enumerate(roles) if (i + 1) >> k & 1)} for k in range(bits)]
+
+
+@st.composite
+def _arch_selections(draw, arch):
+    """Every kind of selection of SELECTION_KINDS for `arch`, with drawn values: the role trials over a drawn
+    order of the roles; target_names with one block's layers, alone and with roles; every role with one leaf-name
+    and one path exclusion (the leaf chosen among modules the path leaves in); a selection that matches nothing."""
+    roles = draw(st.permutations(sorted(set(MODULES[arch].values()))), label=f"{arch} role order")
+    trials = role_trials(tuple(roles))
+    block = draw(st.sampled_from(range(BLOCKS)), label=f"{arch} block")
+    name = draw(st.sampled_from(_NAMES), label=f"{arch} target_names")
+    trials.append({"target_names": (name,), "layers": (block,)})
+    # names and roles together select their intersection: a proper subset of the roles the names match, and one
+    # role they do not match (a union, or either field ignored, then adapts a module outside the expected set)
+    named = [r for r in roles if any(re.search(name, s) for s, role in MODULES[arch].items() if role == r)]
+    inside = draw(st.lists(st.sampled_from(named), min_size=1, max_size=max(1, len(named) - 1), unique=True),
+                  label=f"{arch} roles with target_names")
+    outside = [r for r in roles if r not in named][:1]
+    trials.append({"target_roles": tuple(inside) + tuple(outside), "target_names": (name,), "layers": (block,)})
+    path = draw(st.sampled_from(_PATHS), label=f"{arch} path exclusion")
+    leaves = sorted(s for s in MODULES[arch] if not re.search(path, "." + s + "."))
+    leaf = draw(st.sampled_from(leaves), label=f"{arch} leaf exclusion").rpartition(".")[2]
+    trials.append({"target_roles": tuple(roles), "exclude_names": DEFAULT_EXCLUDE + (leaf + "$", path)})
+    trials.append({"target_roles": (roles[0],), "layers": (block,),
+                   "exclude_names": DEFAULT_EXCLUDE + (rf"\.{block}\.",)})
+    return trials
 
 
 @st.composite
 def _selections(draw, spec, device):
-    c, arch = draw(_model_cases(spec, device))
-    roles = sorted(set(MODULES[arch].values()))
-    chosen = tuple(draw(st.lists(st.sampled_from(roles), unique=True, max_size=3), label="target_roles"))
-    names = draw(st.sampled_from([(), ("mlp",), ("attn",), (r"\.1\.",)]), label="target_names")
-    if not chosen and not names:
-        names = ("proj",)
-    selection = {"target_roles": chosen, "target_names": names,
-                 "layers": draw(st.sampled_from([None, (0,), (1,), (0, 1)]), label="layers"),
-                 "exclude_names": DEFAULT_EXCLUDE + draw(st.sampled_from([(), ("v_proj|c_fc",), (r"\.0\.",)]),
-                                                         label="extra exclude_names")}
-    return c, arch, selection
+    """A case and every selection kind on every architecture (see _arch_selections)."""
+    c = draw(cases(spec, dtypes=(torch.float32,), device=device))
+    return c, tuple((arch, draw(_arch_selections(arch))) for arch in ARCHS)
 
 
 def _needs(*capabilities):
@@ -108,30 +163,32 @@ def _logits(model, batch, grad: bool = False):
         return model(**batch).logits
 
 
-@prop("model_targeting", _selections, applies=_needs("model", "targets", "detach"), max_examples=3)
+@prop("model_targeting", _selections, applies=_needs("model", "targets", "detach"), max_examples=1)
 def model_targeting(spec, be: FullBackend, drawn):
-    """On the tiny Llama, Qwen and GPT-2 models, the adapted modules are exactly the expected set for the drawn
-    selection (roles x layer indices x exclude_names x target_names) and for each role alone; a selection that
-    matches nothing is a clear error leaving the model untouched."""
-    case, arch, selection = drawn
-    model = tiny(arch, seed=case.seed % 5, hidden=HIDDEN)
+    """On each tiny model (Llama, Qwen, GPT-2), the adapted modules are exactly the expected set for every kind
+    of selection (SELECTION_KINDS): role selections that tell every role apart (role_trials), target_names within
+    one block's layers (alone and with roles), every role less one leaf-name and one path exclusion; a selection that matches nothing is
+    a clear error leaving the model untouched. Every example checks every kind on every architecture; only the
+    values within each kind are drawn."""
+    case, per_arch = drawn
     cal = _calibration(spec)
-    trials = [selection] + [{"target_roles": (r,)} for r in sorted(set(MODULES[arch].values()))]
-    for sel in trials:
-        expected = expected_targets(arch, sel)
-        flags, state = grad_flags(model), snapshot(model)
-        try:
-            torch.manual_seed(case.seed)
-            be.attach_targets(model, spec, case, sel, cal)
-        except be.errors.attach as e:
-            require(not expected, f"{arch} {sel}: attach refused ({e}) but {sorted(expected)} should be adapted")
-            require(grad_flags(model) == flags and same_state(snapshot(model), state),
-                    f"{arch} {sel}: a refused attach changed the model")
-            continue
-        got = set(be.adapted_layers(model))
-        be.detach(model)
-        require(got == expected, f"{arch} {sel}: adapted {sorted(got - expected)} that the selection excludes and "
-                                 f"missed {sorted(expected - got)}")
+    for arch, trials in per_arch:
+        model = tiny(arch, seed=case.seed % 5, hidden=HIDDEN)
+        for sel in trials:
+            expected = expected_targets(arch, sel)
+            flags, state = grad_flags(model), snapshot(model)
+            try:
+                torch.manual_seed(case.seed)
+                be.attach_targets(model, spec, case, sel, cal)
+            except be.errors.attach as e:
+                require(not expected, f"{arch} {sel}: attach refused ({e}) but {sorted(expected)} should be adapted")
+                require(grad_flags(model) == flags and same_state(snapshot(model), state),
+                        f"{arch} {sel}: a refused attach changed the model")
+                continue
+            got = set(be.adapted_layers(model))
+            be.detach(model)
+            require(got == expected, f"{arch} {sel}: adapted {sorted(got - expected)} that the selection excludes "
+                                     f"and missed {sorted(expected - got)}")
     return None
 
 
@@ -152,12 +209,16 @@ def _attach(spec, be: FullBackend, case, arch, model, **over):
     return adapted
 
 
-@prop("model_freezing", _model_cases, applies=_needs("model", "detach"), max_examples=3)
+@prop("model_freezing", _model_cases, applies=_needs("model", "detach"), max_examples=1)
 def model_freezing(spec, be: FullBackend, drawn):
-    """On a tiny model with some base parameters frozen before attach: after attach every base parameter is
-    frozen; after a training step every base parameter is unchanged and has no gradient while every adapter
-    tensor moved; detach restores each requires_grad flag exactly as it was."""
-    case, arch = drawn
+    """On each tiny model (Llama, Qwen, GPT-2: every example covers all three, each with its own drawn case) with some
+    base parameters frozen before attach: after attach every base parameter is frozen; after a training step every
+    base parameter is unchanged and has no gradient while every adapter tensor moved; detach restores each
+    requires_grad flag exactly as it was."""
+    return _each_arch(_model_freezing, spec, be, drawn)
+
+
+def _model_freezing(spec, be: FullBackend, case, arch):
     model = tiny(arch, seed=case.seed % 5, hidden=HIDDEN)
     _freeze_some(model, case)
     flags = grad_flags(model)
@@ -191,12 +252,16 @@ def model_freezing(spec, be: FullBackend, drawn):
 
 @prop("model_knobs", _model_cases,
       applies=lambda spec, be: ("the spec declares no runtime knob" if not spec.knobs
-                                else _needs("model", "knobs")(spec, be)), max_examples=3)
+                                else _needs("model", "knobs")(spec, be)), max_examples=1)
 def model_knobs(spec, be: FullBackend, drawn):
-    """On a tiny model, a knob set on the live model reaches every adapted layer (each reports the drawn value),
-    and with every knob at its identity value the logits with every trainable perturbed equal the logits with
-    every trainable at its init, on every layer at once."""
-    case, arch = drawn
+    """On each tiny model (Llama, Qwen, GPT-2: every example covers all three, each with its own drawn case), a knob
+    set on the live model reaches every adapted layer (each reports the drawn value), and with every knob at its
+    identity value the logits with every trainable perturbed equal the logits with every trainable at its init, on
+    every layer at once."""
+    return _each_arch(_model_knobs, spec, be, drawn)
+
+
+def _model_knobs(spec, be: FullBackend, case, arch):
     model = tiny(arch, seed=case.seed % 5, hidden=HIDDEN)
     adapted = _attach(spec, be, case, arch, model)
     batch = token_calibration(n=1, seed=case.seed)[0]
@@ -234,12 +299,16 @@ def _inputs_of(model, names, batches) -> dict[str, list[torch.Tensor]]:
 
 @prop("model_data_init", _model_cases,
       applies=lambda spec, be: ("the variant uses no calibration data" if spec.data == "none"
-                                else _needs("model")(spec, be)), max_examples=3)
+                                else _needs("model")(spec, be)), max_examples=1)
 def model_data_init(spec, be: FullBackend, drawn):
-    """On a tiny model, each adapted layer's data-driven init equals the init of that layer alone calibrated on
-    the inputs it receives in the UNADAPTED model (deterministic tensors and the rewritten base weight): no layer
-    is calibrated on activations that an already-adapted earlier layer produced."""
-    case, arch = drawn
+    """On each tiny model (Llama, Qwen, GPT-2: every example covers all three, each with its own drawn case), each
+    adapted layer's data-driven init equals the init of that layer alone calibrated on the inputs it receives in the
+    UNADAPTED model (deterministic tensors and the rewritten base weight): no layer is calibrated on activations
+    that an already-adapted earlier layer produced."""
+    return _each_arch(_model_data_init, spec, be, drawn)
+
+
+def _model_data_init(spec, be: FullBackend, case, arch):
     model = tiny(arch, seed=case.seed % 5, hidden=HIDDEN)
     unadapted = copy.deepcopy(model)
     adapted = _attach(spec, be, case, arch, model)

@@ -6,6 +6,7 @@ import math
 from unittest import mock
 
 import pytest
+import torch
 
 peft = pytest.importorskip("peft")
 
@@ -166,3 +167,44 @@ def test_a_config_peft_refuses_on_conv2d_is_na_in_its_words():
     with mock.patch.object(lora_layer.Conv2d, "__init__", refuse_dora):
         res = _run("layer_kinds", "dora")
     assert res.status == "na" and "refuses dora on Conv2d: Conv2d does not support DoRA yet" in res.detail, res
+
+
+def _embedding_a_drawn_nonzero(real):
+    """PEFT's Embedding reset with lora_embedding_A drawn N(0, 1) as well as B: not the identity at init (the
+    oracle, run on the perturbed tensors, cannot see it)."""
+
+    def reset(self, adapter_name, init_lora_weights):
+        real(self, adapter_name, init_lora_weights)
+        if adapter_name in self.lora_embedding_A:
+            torch.nn.init.normal_(self.lora_embedding_A[adapter_name])
+
+    return reset
+
+
+def test_layer_kinds_flags_an_embedding_adapter_that_is_not_the_identity_at_init():
+    _flagged("layer_kinds", "lora", mock.patch.object(lora_layer.LoraLayer, "reset_lora_parameters",
+                                                      _embedding_a_drawn_nonzero(lora_layer.LoraLayer.reset_lora_parameters)),
+             "Embedding: not bitwise identical to the base at init")
+
+
+class _PlainEmbeddingOnly(PeftBackend):
+    """A library that adapts plain nn.Embedding only, and says so."""
+
+    name = "peft-plain-embedding"
+
+    def unsupported(self, spec, capability):
+        if capability == "scaled_embedding":
+            return "this library adapts plain nn.Embedding only"
+        return super().unsupported(spec, capability)
+
+
+def test_a_library_with_plain_embedding_only_says_so_and_is_judged_on_plain_embeddings():
+    from harness.backends.protocol import lacks
+
+    be = _PlainEmbeddingOnly()
+    assert lacks(be, _spec("lora"), "embedding") is None
+    assert "plain nn.Embedding only" in lacks(be, _spec("lora"), "scaled_embedding")
+    # the scaled-embedding bug is outside what it claims: layer_kinds passes; the full backend is flagged
+    with mock.patch.object(tuners_utils.BaseTunerLayer, "_get_embed_scale", lambda self: None):
+        assert _run("layer_kinds", "lora", be).status == "pass"
+        assert _run("layer_kinds", "lora").status == "fail"

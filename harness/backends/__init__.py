@@ -49,6 +49,8 @@ class ImplBackend:
         "multi_adapter": "impl has one adapter per model: attach refuses a second, and there is no adapter name, "
                          "switching or disable context",
         "embedding": "impl has no Embedding adapter (impl/layers.py adapts Linear, Conv1D and bitsandbytes layers)",
+        "scaled_embedding": "impl has no Embedding adapter (impl/layers.py adapts Linear, Conv1D and bitsandbytes "
+                            "layers)",
         "conv2d": "impl has no Conv2d adapter (impl/layers.py adapts Linear, Conv1D and bitsandbytes layers)",
         "lora_bias": "impl has no adapter-output bias (no variant declares one)",
     }

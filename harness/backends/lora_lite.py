@@ -75,6 +75,8 @@ LACKS = {
     "config_checks": "lora-lite's configs are plain dataclasses: nothing is checked when one is built",
     "model": "this backend adapts the one-layer models only",
     "data": "this backend does not drive lora-lite's data-driven group_init",
+    "embedding": "lora-lite targets layers with in_features/out_features (nn.Linear, bnb); nn.Embedding has neither",
+    "scaled_embedding": "lora-lite targets layers with in_features/out_features; a scaled embedding has neither",
 }
 
 

@@ -638,9 +638,10 @@ class PeftBackend:
                 cls(**pm.kwargs(self._config(spec, {})), target_modules=["layer"], lora_bias=True)
             except ValueError as e:
                 return f"PEFT's {pm.config} refuses lora_bias=True here: {e}"
-        if capability in ("patterns", "multi_adapter", "embedding", "conv2d", "lora_bias") and spec.data != "none":
+        if capability in ("patterns", "multi_adapter", "embedding", "scaled_embedding", "conv2d", "lora_bias") \
+                and spec.data != "none":
             return "the backend runs PEFT's data-driven init for one adapter on one Linear only"
-        if capability == "embedding":
+        if capability in ("embedding", "scaled_embedding"):  # one Embedding layer: plain, or scaled by embed_scale
             if not _lora_like(pm):
                 return f"PEFT's {pm.config} has no Embedding layer"
             other = sorted(k for k, _ in pm.tensors.values() if k not in _EMBEDDING_KEYS)
@@ -656,7 +657,7 @@ class PeftBackend:
             refused = _conv2d_refusal(pm, self._config(spec, {}))
             if refused:
                 return f"peft {VERSION} refuses {spec.name} on Conv2d: {refused}"
-        if spec.rewrites_base and capability in ("embedding", "conv2d"):
+        if spec.rewrites_base and capability in ("embedding", "scaled_embedding", "conv2d"):
             return "PEFT's base-rewriting inits (PiSSA) on Embedding/Conv2d are outside this check"
         return None
 
@@ -775,7 +776,7 @@ class PeftBackend:
 # ----------------------------------------------------------------------------------------------- helpers of the API
 # beyond one adapter (the methods above)
 
-API_CAPABILITIES = ("scale", "patterns", "multi_adapter", "embedding", "conv2d", "lora_bias")
+API_CAPABILITIES = ("scale", "patterns", "multi_adapter", "embedding", "scaled_embedding", "conv2d", "lora_bias")
 # PEFT's Embedding layer keeps LoRA's factors as bare Parameters under other names (tuners/lora/layer.py, Embedding)
 _EMBEDDING_KEYS = {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"}
 

@@ -75,9 +75,11 @@ CAPABILITIES: Mapping[str, str] = MappingProxyType({
                      "merge_adapters(model, [names]), unmerge_all(model), weighted_adapter(model, [names], "
                      "[weights], new_name), delete_adapter(model, name), disabled(model) (a context manager); "
                      "an unknown name raises one of `errors`",
-    "embedding": "adapting nn.Embedding (and transformers' scaled embeddings): attach_kind(model, spec, case, "
-                 "**over) on a one-layer model, kind_tensors(model) in the spec's Linear layout "
-                 "(W = the embedding matrix transposed, inputs one-hot)",
+    "embedding": "adapting a plain nn.Embedding: attach_kind(model, spec, case, **over) on a one-layer model, "
+                 "kind_tensors(model) in the spec's Linear layout (W = the embedding matrix transposed, inputs "
+                 "one-hot), merge_adapter / unmerge_adapter",
+    "scaled_embedding": "adapting transformers' scaled word embeddings (an nn.Embedding subclass whose output is "
+                        "multiplied by embed_scale; the adapter's output scaled alike): methods as for embedding",
     "conv2d": "adapting nn.Conv2d: attach_kind / kind_tensors as for embedding (W = the kernel flattened to "
               "(c_out, c_in*kh*kw), inputs the unfolded patches), merge_adapter / unmerge_adapter",
     "lora_bias": "a trainable bias on the adapter's output (PEFT's lora_bias=True): attach_kind(model, spec, case, "
@@ -101,6 +103,7 @@ METHODS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "multi_adapter": ("add_adapter", "adapter_tensors", "set_active", "merge_adapters", "unmerge_all",
                       "weighted_adapter", "delete_adapter", "disabled"),
     "embedding": ("attach_kind", "kind_tensors", "merge_adapter", "unmerge_adapter"),
+    "scaled_embedding": ("attach_kind", "kind_tensors", "merge_adapter", "unmerge_adapter"),
     "conv2d": ("attach_kind", "kind_tensors", "merge_adapter", "unmerge_adapter"),
     "lora_bias": ("attach_kind", "kind_tensors", "kind_bias", "merge_adapter", "unmerge_adapter"),
 })
@@ -511,7 +514,8 @@ OPTIONAL: Mapping[str, type] = MappingProxyType({
 PROTOCOL_OF: Mapping[str, type] = MappingProxyType({
     "detach": Detach, "merge": Merge, "knobs": Knobs, "checkpoint": Checkpoint, "model": WholeModel,
     "targets": Targets, "config_record": ConfigRecord, "unmerge": Unmerge, "disable": Disable, "scale": Scale,
-    "patterns": Patterns, "multi_adapter": MultiAdapter, "embedding": Kinds, "conv2d": Kinds, "lora_bias": LoraBias})
+    "patterns": Patterns, "multi_adapter": MultiAdapter, "embedding": Kinds, "scaled_embedding": Kinds, "conv2d": Kinds,
+    "lora_bias": LoraBias})
 
 
 P = TypeVar("P")
