@@ -35,7 +35,8 @@ from . import tolerance as tol
 from .backends.protocol import FullBackend
 from .backends.peft_maps import peft_map
 from .models import single, tiny
-from .probes import _dt, base_bias, cfg_of, gradient_scales, loss_weights, perturb, perturb_layers, prop, require, setup
+from .probes import (_dt, cfg_of, engine_base, gradient_scales, loss_weights, perturb, perturb_layers, prop,
+                     require, setup)
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
 # Declared spectral gap of the reference calibration data: three directions with standard deviations 9, 3 and 1
@@ -394,9 +395,7 @@ def dense_equivalence(spec, be: FullBackend, case):
     perturb(spec, be, s.model, case)
     y, grads = _forward_backward(be, s.model, s.x, case)
     T = {n: t.detach().double().cpu().requires_grad_(bool(t.requires_grad)) for n, t in be.tensors(s.model).items()}
-    W = be.base_weight(s.model).detach().double().cpu()
-    layer_b = base_bias(be, s.model)
-    b = None if layer_b is None else layer_b.detach().double().cpu()
+    W, b = engine_base(be, s)  # the engine's copy of the base, taken before attach
     cfg, knobs = cfg_of(spec, be, case), be.knobs(s.model)
     D, b_eff = (lambda o: o if isinstance(o, tuple) else (o, b))(spec.dense(W, b, T, cfg, knobs))
     require(tuple(D.shape) == (case.d_out, case.d_in), f"dense map has shape {tuple(D.shape)}, not (d_out, d_in)")
@@ -430,8 +429,8 @@ def unmerge_restores(spec, be: FullBackend, drawn):
             if not ts.trainable and ts.name in be.tensors(s.model):
                 t = be.tensors(s.model)[ts.name]
                 t.mul_((1 + 0.2 * torch.rand(t.shape, generator=g, dtype=torch.float64)).to(t.dtype))
+    W0 = be.base_weight(s.model).detach().double().clone()  # as attach left it, before any mode switch
     s.model.eval()
-    W0 = be.base_weight(s.model).detach().double().clone()
     with torch.no_grad():
         y_h = s.model(s.x)
     be.merge_adapter(s.model)

@@ -474,7 +474,9 @@ def dropout_live(spec, be: FullBackend, case):
         y2 = s.model(s.x)
     # rounding may move any of these outputs (a library that folds the adapter on eval() computes another sum):
     # equal and different mean within and beyond the dtype's tolerance, never bitwise
-    same = lambda a, b: tol.close(a, b, s.y0, case.dtype, spec.identity_factor)  # noqa: E731
+    def same(a, b):
+        return tol.close(a, b, s.y0, case.dtype, spec.identity_factor)
+
     require(not same(y1, y2)[0], "train-mode outputs under two random states agree within rounding: dropout is "
                                  "not applied")
     require(not same(y1, y_eval)[0], "train-mode output equals the eval-mode output within rounding: dropout is "

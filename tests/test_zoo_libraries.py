@@ -126,3 +126,18 @@ def test_the_libraries_default_config_runs_as_one_case():
     P.gradient_pattern(LORA, L.backend(defaults=L.DEAD_DEFAULTS), drawn)  # any drawn alpha hides it
     c = defaults_case(LORA, L.backend())
     assert (c.d_in, c.d_out, c.fields) == (24, 16, {"r": 8})
+
+
+def test_peft_oft_on_a_linear_layer_fails_on_4d_inputs():
+    """A PEFT 0.21.2 bug the 4-D draws find: OFT's rotation treats every 4-D input as a Conv2d input
+    (peft/tuners/oft/layer.py:265, `if len(orig_shape) == 4: x = self._unfold(x)`), so an OFT-adapted Linear fed
+    (a, b, c, d_in) crashes; the same adapter on a 3-D input works."""
+    pytest.importorskip("peft")
+    from harness.backends import make
+    from harness.probes import setup
+
+    be, oft = make("peft"), SPECS.get("oft")
+    case = Case(d_in=4, d_out=4, bias=False, dtype=torch.float32, seed=2, fields={"r": 2, "alpha": 2.0})
+    assert setup(oft, be, case).model(torch.zeros(2, 3, 4)).shape == (2, 3, 4)
+    with pytest.raises(RuntimeError, match="shape"):
+        setup(oft, be, case.with_(batch=(2, 1, 3))).model(torch.zeros(2, 1, 3, 4))
