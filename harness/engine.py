@@ -5,9 +5,12 @@ Results flow one way: spec -> generated property -> Result -> JSON (build/verify
 from __future__ import annotations
 
 import json
+import signal
 import sysconfig
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -31,6 +34,59 @@ settings.register_profile("history", derandomize=True, max_examples=3, **_COMMON
 settings.register_profile("dev", derandomize=False, max_examples=200, **_COMMON)
 settings.register_profile("zoo", derandomize=True, max_examples=20,
                           phases=[Phase.explicit, Phase.generate], **_COMMON)
+
+# One property (all its examples, shrinking and the deviation's measurement) may take this long before its row is
+# a failure naming the limit (`tools.verify --deadline-s`). A correct backend takes seconds to a minute per
+# property on a busy 2-core machine; the limit is only for code that never returns.
+DEFAULT_DEADLINE_S = 900.0
+TEXT_CAP = 4000  # characters of an exception message, a detail or an example that a row stores
+
+
+def cap_text(text: str | None, limit: int = TEXT_CAP) -> str | None:
+    """`text` cut to `limit` characters, with a note of how many were cut (a 50 MB exception message must not
+    become a 50 MB results JSON)."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + f" [... {len(text) - limit} more characters cut]"
+
+
+def _text(e: BaseException) -> str:
+    """An exception's message, capped before it is joined to anything."""
+    try:
+        return cap_text(str(e))
+    except Exception as err:  # noqa: BLE001 - a __str__ that raises still gives a row
+        return f"<str() raised {type(err).__name__}>"
+
+
+def _message(e: BaseException) -> str:
+    return f"{type(e).__name__}: {_text(e)}"
+
+
+class PropertyDeadline(BaseException):
+    """A property overran its deadline. A BaseException, so that Hypothesis does not take it for a failing example
+    (and shrink it, running the hanging code again): it ends the property at once."""
+
+
+@contextmanager
+def deadline(seconds: float | None):
+    """Raise PropertyDeadline in this thread once `seconds` have passed (SIGALRM; again every second until the
+    code under test lets it through). No limit for None or 0, or outside the main thread (signals reach only it);
+    a hang inside C code that never returns to Python is not interrupted (its worker or process is then lost,
+    which the run records as a crash)."""
+    if not seconds or seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def fire(signum, frame):
+        raise PropertyDeadline(seconds)
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @dataclass
@@ -60,7 +116,10 @@ class Result:
     where: str | None = None  # crash site in the code under test
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for k in ("detail", "example", "where"):
+            out[k] = cap_text(out[k])
+        return out
 
 
 def _first(exc: BaseException) -> BaseException:
@@ -110,15 +169,33 @@ def variant_files(spec: Spec) -> set[str]:
     return files
 
 
-def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", device: str = "cpu") -> Result:
-    """Run one property on one spec; never raises for a property failure."""
+def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", device: str = "cpu",
+                 deadline_s: float | None = DEFAULT_DEADLINE_S, interrupted=None) -> Result:
+    """Run one property on one spec; never raises for a property failure, a crash of any kind (SystemExit
+    included) or a property that overran `deadline_s` seconds: each is a failed row. A KeyboardInterrupt is
+    re-raised when `interrupted()` says the user pressed Ctrl-C (or when no `interrupted` is given), else it is a
+    crash of the code under test."""
+    state: dict = {}
+    t0 = time.perf_counter()
+    try:
+        with deadline(deadline_s):
+            return _run_property(prop, spec, backend, profile, device, interrupted, state)
+    except PropertyDeadline:
+        return Result(spec.name, prop.name, "fail",
+                      f"timeout: the property did not finish within its deadline of {deadline_s:g} s (after "
+                      f"{state.get('n', 0)} example(s); tools.verify --deadline-s sets the limit)",
+                      state.get("worst"), cap_text(repr(state.get("case"))), state.get("n", 0),
+                      round(time.perf_counter() - t0, 3), "crash")
+
+
+def _run_property(prop: Property, spec: Spec, backend, profile: str, device: str, interrupted, state: dict) -> Result:
     property_na = getattr(backend, "property_na", None)
     na = backend.applies(spec) or (property_na and property_na(spec, prop.name)) or prop.applies(spec, backend)
     if na:
         return Result(spec.name, prop.name, "na", detail=na)
     base = settings.get_profile(profile)
     n = base.max_examples if prop.max_examples is None else min(base.max_examples, prop.max_examples)
-    state = {"case": None, "n": 0, "worst": None}
+    state.update(case=None, n=0, worst=None)
     if declared_deviation(spec, prop.name, backend) is not None:  # a declared difference needs no minimal example:
         base = settings(base, phases=[p for p in base.phases if p != Phase.shrink])  # skip the (costly) shrinking
 
@@ -153,11 +230,12 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
                       detail=f"{backend.name} supports none of the drawn cases: {state.get('refused')}")
     except BaseException as e:  # noqa: BLE001 - every failure becomes a Result
         e = _first(e)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
+        if isinstance(e, PropertyDeadline) or (
+                isinstance(e, KeyboardInterrupt) and (interrupted is None or interrupted())):
+            raise e
         status = "fail"
         kind = "assertion" if isinstance(e, (Falsified, AssertionError)) else "crash"
-        detail = str(e) if kind == "assertion" else f"{type(e).__name__}: {e}"
+        detail = _text(e) if kind == "assertion" else _message(e)
         if kind == "crash":
             where = crash_site(e, variant_files(spec))
             detail += f" [at {where}]" if where else ""
@@ -165,7 +243,7 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         if size is not None:
             state["worst"] = max(state["worst"] or 0.0, float(size))
     res = Result(spec.name, prop.name, status, detail, state["worst"],
-                 None if status == "pass" else repr(state["case"]), state["n"], round(time.perf_counter() - t0, 3), kind,
+                 None if status == "pass" else cap_text(repr(state["case"])), state["n"], round(time.perf_counter() - t0, 3), kind,
                  where)
     dev = declared_deviation(spec, prop.name, backend)
     if dev is None or (status == "fail" and dev.match and dev.match not in detail):
@@ -217,8 +295,8 @@ def measure_deviation(prop: Property, spec: Spec, backend, dev, device: str) -> 
         if dev.match and dev.match not in str(e):
             return None, f"a different failure: {e}"
         return float(size), f"{float(size):.3g} ({e})"
-    except Exception as e:  # noqa: BLE001 - a crash on the declared case is reported, not raised
-        return None, f"crashed: {type(e).__name__}: {e}"
+    except (Exception, SystemExit, GeneratorExit) as e:  # noqa: BLE001 - a crash on the declared case is reported
+        return None, f"crashed: {_message(e)}"
     return (float(w) if w is not None else 0.0), f"{0.0 if w is None else float(w):.3g} (the property passed)"
 
 
@@ -271,11 +349,26 @@ def quantized_matrix(results: list[dict], specs: dict[str, Spec]) -> dict[str, d
     return out
 
 
+def _not_json(value) -> str:
+    """What the JSON holds for a value it cannot (a backend's version given as an object): its type and text."""
+    try:
+        text = str(value)
+    except Exception as e:  # noqa: BLE001
+        text = f"<str() raised {type(e).__name__}>"
+    return cap_text(f"<{type(value).__name__}: {text}>")
+
+
+def encode_json(payload: dict) -> bytes:
+    """The results JSON's bytes; a value JSON cannot hold becomes its `<type: text>` (one bad value never loses
+    the run's results)."""
+    return (json.dumps(payload, indent=1, sort_keys=True, default=_not_json) + "\n").encode()
+
+
 def write_json(path: Path, payload: dict) -> None:
     from impl.atomic import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, encode_json(payload))
 
 
 def default_properties() -> list[str]:
