@@ -117,8 +117,8 @@ class Result:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        for k in ("detail", "example", "where"):
-            out[k] = cap_text(out[k])
+        for k in ("detail", "example", "where"):  # a detail is a (capped) message plus its context
+            out[k] = cap_text(out[k], 2 * TEXT_CAP)
         return out
 
 

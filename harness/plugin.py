@@ -179,7 +179,7 @@ def verify_env(request):
 # start and row are appended to it, so that when the process dies inside an item (os._exit, a segfault) the
 # supervisor records that item as a crash and runs the rest in a new process, which reads the earlier rows back.
 
-DIED = "crash: the verify process died while running it"
+DIED = "the verify process died while running it"
 
 
 def _item_pair(config, nodeid: str) -> tuple[str, str] | None:
@@ -266,7 +266,7 @@ def missing_rows(config, reported: set[tuple[str, str]]) -> list[dict]:
         pair = _item_pair(config, nodeid)
         if pair and pair not in reported:
             why = env["no_row"].get(nodeid, "the run ended before it reported (interrupted, or its process was lost)")
-            out.append(Result(*pair, "fail", f"crash: no result: {why}", failure_kind="crash").to_json())
+            out.append(Result(*pair, "fail", f"no result: {why}", failure_kind="crash").to_json())
     return out
 
 

@@ -152,9 +152,13 @@ def register(cls: type) -> type:
 
 def load_backend_module(path_or_module: str) -> list[str]:
     """Import a user's backend module; return the names of the backends it registered."""
-    before = set(BACKENDS)
+    before = dict(BACKENDS)
     import_module(path_or_module)
-    new = sorted(set(BACKENDS) - before)
+    replaced = sorted(n for n in before if BACKENDS.get(n) is not before[n])
+    if replaced:
+        BACKENDS.update(before)
+        raise ValueError(f"backend module {path_or_module} replaced the registered backend(s) {replaced}")
+    new = sorted(set(BACKENDS) - set(before))
     for name in new:  # what a module put into BACKENDS without register meets register's checks too
         if not str(getattr(BACKENDS[name], "__module__", "")).startswith(__name__ + "."):
             register(BACKENDS.pop(name))
