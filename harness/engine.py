@@ -10,7 +10,6 @@ import sysconfig
 import threading
 import time
 import traceback
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -67,26 +66,30 @@ class PropertyDeadline(BaseException):
     (and shrink it, running the hanging code again): it ends the property at once."""
 
 
-@contextmanager
-def deadline(seconds: float | None):
-    """Raise PropertyDeadline in this thread once `seconds` have passed (SIGALRM; again every second until the
-    code under test lets it through). No limit for None or 0, or outside the main thread (signals reach only it);
-    a hang inside C code that never returns to Python is not interrupted (its worker or process is then lost,
-    which the run records as a crash)."""
-    if not seconds or seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class Deadline:
+    """Raises PropertyDeadline in this thread once `seconds` have passed (SIGALRM), and again every second while
+    `active` (code under test that swallows it does not escape). No limit for None or 0, or outside the main thread
+    (signals reach only it). A hang inside C code that never returns to Python is not interrupted: its process or
+    xdist worker is then lost, which the run records as a crash. Set `active = False` first, then `stop()`: a
+    signal already on its way then raises nothing."""
 
-    def fire(signum, frame):
-        raise PropertyDeadline(seconds)
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds, self.old = seconds, None
+        self.active = bool(seconds and seconds > 0 and threading.current_thread() is threading.main_thread())
+        if self.active:
+            self.old = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
 
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    def _fire(self, signum, frame):
+        if self.active:
+            raise PropertyDeadline(self.seconds)
+
+    def stop(self) -> None:
+        self.active = False
+        if self.old is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+            self.old = None
 
 
 @dataclass
@@ -177,9 +180,13 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     crash of the code under test."""
     state: dict = {}
     t0 = time.perf_counter()
+    limit = Deadline(deadline_s)
     try:
-        with deadline(deadline_s):
+        try:
             return _run_property(prop, spec, backend, profile, device, interrupted, state)
+        finally:
+            limit.active = False  # before any call: a signal arriving now raises nothing
+            limit.stop()
     except PropertyDeadline:
         return Result(spec.name, prop.name, "fail",
                       f"timeout: the property did not finish within its deadline of {deadline_s:g} s (after "

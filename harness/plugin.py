@@ -105,13 +105,12 @@ class SigintSeen:
 
     def __init__(self) -> None:
         self.seen = False
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread() and callable(previous):  # (an ignored SIGINT stays so)
 
             def handler(signum, frame):
                 self.seen = True
-                if callable(previous):
-                    previous(signum, frame)
+                previous(signum, frame)
                 raise KeyboardInterrupt
 
             signal.signal(signal.SIGINT, handler)
