@@ -39,8 +39,9 @@ def pytest_addoption(parser):
     g.addoption("--verify-profile", default=None, help="Hypothesis profile: verify (default), ci, dev")
     g.addoption("--verify-json", default=None, help="where to write the results JSON (the previous one is kept "
                                                    "beside it as <name>.prev.json)")
-    g.addoption("--verify-deadline-s", type=float, default=DEFAULT_DEADLINE_S,
-                help=f"seconds one property may run before its row fails naming the limit (default {DEFAULT_DEADLINE_S:g})")
+    g.addoption("--verify-deadline-s", type=float, default=None,
+                help=f"seconds one property may run before its row fails naming the limit (default {DEFAULT_DEADLINE_S:g} "
+                     "per 20 examples of the profile; 0: no limit)")
     g.addoption("--verify-journal", default=None,
                 help="internal (tools.verify -n 0): a file of the rows so far, kept across a process that died")
 

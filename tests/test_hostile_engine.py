@@ -233,6 +233,7 @@ class Spinner(ImplBackend):
 
 
 @pytest.mark.parametrize("backend", [Sleeper, Spinner])
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # a signal landing in a gc callback
 def test_a_backend_that_never_returns_is_a_failed_row_naming_the_limit(backend):  # class 7
     assert threading.current_thread() is threading.main_thread()  # the deadline is a signal: main thread only
     before = signal.getsignal(signal.SIGALRM)

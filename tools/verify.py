@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="show library logging from this level up (default ERROR)")
     ap.add_argument("--peft-version", default=None, help="handled by `nox -s verify`; here it must match the installed peft")
     ap.add_argument("--deadline-s", type=float, default=None,
-                    help="seconds one property may run before its row fails naming the limit (default: harness.engine's)")
+                    help="seconds one property may run before its row fails naming the limit (default 900 per 20 "
+                         "examples of the profile; 0: no limit)")
     a = ap.parse_args(argv)
+    if a.deadline_s is not None and not 0 <= a.deadline_s < 10**7:  # NaN and inf fail this too
+        ap.error(f"--deadline-s {a.deadline_s}: expected seconds from 0 (no limit) to 10**7")
     if a.peft_version:
         from importlib.metadata import version
 
