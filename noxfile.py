@@ -82,7 +82,9 @@ def verify(session: nox.Session) -> None:
     # Audit another PEFT release: its own environment .nox/verify-peft-<version>/ holding only that release, in
     # front of this session's pinned environment (tools/peft_history.py); the project's own peft requirement
     # takes no part in that install. A release that cannot be installed or imported: one line, exit 2.
-    _pop_option(args, "--backend")
+    backend = _pop_option(args, "--backend")
+    if backend not in (None, "peft"):  # never verify PEFT under another backend's request
+        session.error(f"--peft-version verifies the PEFT backend; it cannot go with --backend {backend}")
     install(session)
     session.run("python", "-m", "tools.peft_history", "one", peft_version, *args, env={"OMP_NUM_THREADS": "1"})
 

@@ -5,7 +5,9 @@ Results flow one way: spec -> generated property -> Result -> JSON (build/verify
 from __future__ import annotations
 
 import json
+import signal
 import sysconfig
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +33,69 @@ settings.register_profile("history", derandomize=True, max_examples=3, **_COMMON
 settings.register_profile("dev", derandomize=False, max_examples=200, **_COMMON)
 settings.register_profile("zoo", derandomize=True, max_examples=20,
                           phases=[Phase.explicit, Phase.generate], **_COMMON)
+
+# One property (all its examples, shrinking and the deviation's measurement) may take this long per 20 examples of
+# its profile before its row is a failure naming the limit (`tools.verify --deadline-s` sets another; 0: none). The
+# slowest property measured, PEFT's dora/quantized at 20 examples, took 145 s on 2 cores under a load of 14; the
+# limit is only for code that never returns.
+DEFAULT_DEADLINE_S = 900.0
+
+
+def default_deadline(profile: str) -> float:
+    """The profile's per-property limit: DEFAULT_DEADLINE_S per 20 examples (verify, ci: 900 s; dev: 9000 s)."""
+    return DEFAULT_DEADLINE_S * max(1.0, settings.get_profile(profile).max_examples / 20)
+TEXT_CAP = 4000  # characters of an exception message, a detail or an example that a row stores
+
+
+def cap_text(text: str | None, limit: int = TEXT_CAP) -> str | None:
+    """`text` cut to `limit` characters, with a note of how many were cut (a 50 MB exception message must not
+    become a 50 MB results JSON)."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + f" [... {len(text) - limit} more characters cut]"
+
+
+def _text(e: BaseException) -> str:
+    """An exception's message, capped before it is joined to anything."""
+    try:
+        return cap_text(str(e))
+    except Exception as err:  # noqa: BLE001 - a __str__ that raises still gives a row
+        return f"<str() raised {type(err).__name__}>"
+
+
+def _message(e: BaseException) -> str:
+    return f"{type(e).__name__}: {_text(e)}"
+
+
+class PropertyDeadline(BaseException):
+    """A property overran its deadline. A BaseException, so that Hypothesis does not take it for a failing example
+    (and shrink it, running the hanging code again): it ends the property at once."""
+
+
+class Deadline:
+    """Raises PropertyDeadline in this thread once `seconds` have passed (SIGALRM), and again every second while
+    `active` (code under test that swallows it does not escape). No limit for None or 0, or outside the main thread
+    (signals reach only it). A hang inside C code that never returns to Python is not interrupted: its process or
+    xdist worker is then lost, which the run records as a crash. Set `active = False` first, then `stop()`: a
+    signal already on its way then raises nothing."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds, self.old = seconds, None
+        self.active = bool(seconds and seconds > 0 and threading.current_thread() is threading.main_thread())
+        if self.active:
+            self.old = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
+
+    def _fire(self, signum, frame):
+        if self.active:
+            raise PropertyDeadline(self.seconds)
+
+    def stop(self) -> None:
+        self.active = False
+        if self.old is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old)
+            self.old = None
 
 
 @dataclass
@@ -60,7 +125,10 @@ class Result:
     where: str | None = None  # crash site in the code under test
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for k in ("detail", "example", "where"):  # a detail is a (capped) message plus its context
+            out[k] = cap_text(out[k], 2 * TEXT_CAP)
+        return out
 
 
 def _first(exc: BaseException) -> BaseException:
@@ -154,15 +222,40 @@ def variant_files(spec: Spec) -> set[str]:
     return files
 
 
-def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str = "verify", device: str = "cpu") -> Result:
-    """Run one property on one spec; never raises for a property failure."""
+def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str = "verify", device: str = "cpu",
+                 deadline_s: float | None = None, interrupted=None) -> Result:
+    """Run one property on one spec; never raises for a property failure, a crash of any kind (SystemExit
+    included) or a property that overran `deadline_s` seconds (None: the profile's default_deadline; 0: no limit):
+    each is a failed row. A KeyboardInterrupt is
+    re-raised when `interrupted()` says the user pressed Ctrl-C (or when no `interrupted` is given), else it is a
+    crash of the code under test."""
+    state: dict = {}
+    t0 = time.perf_counter()
+    deadline_s = default_deadline(profile) if deadline_s is None else deadline_s
+    limit = Deadline(deadline_s)
+    try:
+        try:
+            return _run_property(prop, spec, backend, profile, device, interrupted, state)
+        finally:
+            limit.active = False  # before any call: a signal arriving now raises nothing
+            limit.stop()
+    except PropertyDeadline:
+        return Result(spec.name, prop.name, "fail",
+                      f"timeout: the property did not finish within its deadline of {deadline_s:g} s (after "
+                      f"{state.get('n', 0)} example(s); tools.verify --deadline-s sets the limit)",
+                      state.get("worst"), cap_text(repr(state.get("case"))), state.get("n", 0),
+                      round(time.perf_counter() - t0, 3), "crash")
+
+
+def _run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str, device: str, interrupted,
+                  state: dict) -> Result:
     na = (backend.applies(spec) or (has(backend, PropertyNA) and backend.property_na(spec, prop.name))
           or prop.applies(spec, backend))
     if na:
         return Result(spec.name, prop.name, "na", detail=na)
     base = settings.get_profile(profile)
     n = base.max_examples if prop.max_examples is None else min(base.max_examples, prop.max_examples)
-    state = {"case": None, "n": 0, "worst": None}
+    state.update(case=None, n=0, worst=None)
     if declared_deviation(spec, prop.name, backend) is not None:  # a declared difference needs no minimal example:
         base = settings(base, phases=[p for p in base.phases if p != Phase.shrink])  # skip the (costly) shrinking
 
@@ -202,11 +295,12 @@ def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str 
                       detail=f"{backend.name} supports none of the drawn cases: {state.get('refused')}")
     except BaseException as e:  # noqa: BLE001 - every failure becomes a Result
         e = _first(e)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
+        if isinstance(e, PropertyDeadline) or (
+                isinstance(e, KeyboardInterrupt) and (interrupted is None or interrupted())):
+            raise e
         status = "fail"
         kind = "assertion" if isinstance(e, (Falsified, AssertionError)) else "crash"
-        detail = str(e) if kind == "assertion" else f"{type(e).__name__}: {e}"
+        detail = _text(e) if kind == "assertion" else _message(e)
         if kind == "crash":
             where = crash_site(e, variant_files(spec), backend_files(backend))
             detail += f" [at {where}]" if where else ""
@@ -214,7 +308,7 @@ def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str 
         if size is not None:
             state["worst"] = max(state["worst"] or 0.0, float(size))
     res = Result(spec.name, prop.name, status, detail, state["worst"],
-                 None if status == "pass" else repr(state["case"]), state["n"], round(time.perf_counter() - t0, 3), kind,
+                 None if status == "pass" else cap_text(repr(state["case"])), state["n"], round(time.perf_counter() - t0, 3), kind,
                  where)
     dev = declared_deviation(spec, prop.name, backend)
     if dev is None or (status == "fail" and dev.match and dev.match not in detail):
@@ -287,8 +381,8 @@ def measure_deviation(prop: Property, spec: Spec, backend: FullBackend, dev, dev
         if dev.match and dev.match not in str(e):
             return None, f"a different failure: {e}"
         return float(size), f"{float(size):.3g} ({e})"
-    except Exception as e:  # noqa: BLE001 - a crash on the declared case is reported, not raised
-        return None, f"crashed: {type(e).__name__}: {e}"
+    except (Exception, SystemExit, GeneratorExit) as e:  # noqa: BLE001 - a crash on the declared case is reported
+        return None, f"crashed: {_message(e)}"
     return (float(w) if w is not None else 0.0), f"{0.0 if w is None else float(w):.3g} (the property passed)"
 
 
@@ -341,11 +435,26 @@ def quantized_matrix(results: list[dict], specs: dict[str, Spec]) -> dict[str, d
     return out
 
 
+def _not_json(value) -> str:
+    """What the JSON holds for a value it cannot (a backend's version given as an object): its type and text."""
+    try:
+        text = str(value)
+    except Exception as e:  # noqa: BLE001
+        text = f"<str() raised {type(e).__name__}>"
+    return cap_text(f"<{type(value).__name__}: {text}>")
+
+
+def encode_json(payload: dict) -> bytes:
+    """The results JSON's bytes; a value JSON cannot hold becomes its `<type: text>` (one bad value never loses
+    the run's results)."""
+    return (json.dumps(payload, indent=1, sort_keys=True, default=_not_json) + "\n").encode()
+
+
 def write_json(path: Path, payload: dict) -> None:
     from impl.atomic import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, encode_json(payload))
 
 
 def default_properties() -> list[str]:

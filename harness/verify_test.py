@@ -10,8 +10,10 @@ from harness import PROPERTIES
 
 def test_property(variant, prop, verify_env, record_property):
     res = run_property(PROPERTIES[prop], SPECS.get(variant), verify_env["backend"], verify_env["profile"],
-                       verify_env["device"])
-    record_property("verify", json.dumps(res.to_json()))
+                       verify_env["device"], verify_env["deadline_s"], verify_env["interrupted"])
+    row = res.to_json()  # its texts capped
+    record_property("verify", json.dumps(row))
+    res.detail, res.example = row["detail"], row["example"]
     if res.status == "na":
         pytest.skip(f"n/a: {res.detail}")
     if res.status == "fail":

@@ -85,10 +85,22 @@ class ReleaseError(RuntimeError):
 # ----------------------------------------------------------------------------------------------- versions
 
 
+VERSION_MAX = 32  # characters: a version names files (.nox/verify-peft-<version>/); 300 digits is no release
+
+
 def parse_version(v: str) -> tuple[int, ...]:
-    """'0.10.1' -> (0, 10, 1); a pre-release or other non-numeric version is a clear error."""
-    if not re.fullmatch(r"\d+(\.\d+)*", v):
-        raise ValueError(f"not a final release version: {v!r} (expected digits and dots, e.g. 0.13.2)")
+    """'0.10.1' -> (0, 10, 1); a pre-release, a non-numeric, an overlong or a non-PEP 440 version is a clear error
+    in one line (before the version names any file)."""
+    from packaging.version import InvalidVersion, Version
+
+    shown = repr(v) if len(v) <= 40 else f"{v[:40]!r}... ({len(v)} characters)"
+    if len(v) > VERSION_MAX or not re.fullmatch(r"\d+(\.\d+)*", v):
+        raise ValueError(f"not a final release version: {shown} (expected digits and dots, e.g. 0.13.2, at most "
+                         f"{VERSION_MAX} characters)")
+    try:
+        Version(v)
+    except InvalidVersion:
+        raise ValueError(f"not a PEP 440 version: {shown}") from None
     return tuple(int(p) for p in v.split("."))
 
 
@@ -210,9 +222,22 @@ def probe(version: str, site: Path, python: str = sys.executable, run=subprocess
 
 
 def verify_release(version: str, verify_args: list[str], python: str = sys.executable) -> int:
-    """tools.verify --backend peft against PEFT `version` in its own environment; its exit status."""
+    """tools.verify --backend peft against PEFT `version` in its own environment; its exit status. A cached
+    environment that no longer imports (a broken or edited install) is rebuilt once; then ReleaseError in one line."""
+    import shutil
+
+    parse_version(version)  # before the version names a folder
+    cached = (env_dir(version) / STAMP).is_file()
     site = ensure_env(version, python)
-    probe(version, site, python)
+    try:
+        probe(version, site, python)
+    except ReleaseError:
+        if not cached:
+            raise
+        shutil.rmtree(site, ignore_errors=True)
+        (env_dir(version) / STAMP).unlink(missing_ok=True)
+        site = ensure_env(version, python)
+        probe(version, site, python)
     cmd = [python, "-m", "tools.verify", "--backend", "peft", "--peft-version", version, *verify_args]
     try:
         return subprocess.run(cmd, env=env_vars(site), cwd=str(ROOT), timeout=VERIFY_TIMEOUT_S).returncode

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from typing import Any
 
 import torch
@@ -125,12 +126,28 @@ class ImplBackend:
 
 BACKENDS: dict[str, type[Any]] = {"impl": ImplBackend}
 LAZY = {"peft": ".peft", "lora-lite": ".lora_lite"}  # built-in backends imported on first use
+SHIPPED = ("impl", *LAZY)  # names only this package's own backends may register
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")  # a backend's name names its results file: never a path
+
+
+def check_name(name, what: str = "backend name") -> str:
+    """`name` when it is a plain name (a letter, then letters, digits, '_', '-', '.'; at most 64), else ValueError."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:80] + "..."
+        raise ValueError(f"{what} {shown} is not a plain name (a letter, then letters, digits, '_', '-' or '.'; "
+                         "at most 64 characters)")
+    return name
 
 
 def register(cls: type[Any]) -> type[Any]:
-    """Add a backend class under its `name` (a class decorator for users' backend modules)."""
+    """Add a backend class under its `name` (a class decorator for users' backend modules). A name that is not a
+    plain name, or the name of a shipped backend (impl, peft, lora-lite) from outside this package, is refused."""
     if not isinstance(getattr(cls, "name", None), str) or not cls.name:
         raise ValueError(f"backend class {cls!r} has no `name`")
+    check_name(cls.name)
+    if cls.name in SHIPPED and not str(getattr(cls, "__module__", "")).startswith(__name__ + "."):
+        raise ValueError(f"backend name '{cls.name}' is a shipped backend's ({', '.join(SHIPPED)}); a backend module "
+                         "registers a name of its own")
     if BACKENDS.get(cls.name, cls) is not cls:
         raise ValueError(f"backend '{cls.name}' is already registered")
     BACKENDS[cls.name] = cls
@@ -139,7 +156,15 @@ def register(cls: type[Any]) -> type[Any]:
 
 def load_backend_module(path_or_module: str) -> list[str]:
     """Import a user's backend module (once per process); return the names of the backends it registered."""
+    before = dict(BACKENDS)
     mod = import_module(path_or_module)
+    replaced = sorted(n for n in before if BACKENDS.get(n) is not before[n])
+    if replaced:
+        BACKENDS.update(before)
+        raise ValueError(f"backend module {path_or_module} replaced the registered backend(s) {replaced}")
+    for name in sorted(set(BACKENDS) - set(before)):  # what a module put into BACKENDS without register meets its checks
+        if not str(getattr(BACKENDS[name], "__module__", "")).startswith(__name__ + "."):
+            register(BACKENDS.pop(name))
     new = sorted(n for n, cls in BACKENDS.items() if cls.__module__ == mod.__name__)
     if not new:
         raise ValueError(f"backend module {path_or_module} registered no backend (decorate its class with "
