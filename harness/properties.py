@@ -417,6 +417,38 @@ def dropout_live(spec, be, case):
     return None
 
 
+@prop("eval_deterministic", _dt(torch.float32), max_examples=4, needs=("dropout",),
+      applies=lambda spec, be: None if spec.dropout == "honoured" else "the spec declares dropout rejected")
+def eval_deterministic(spec, be, case):
+    """attach with dropout 0.5 into a model already in eval() (as every from_pretrained model is), and load of its
+    checkpoint into a fresh model in eval(): two forwards give identical outputs (the adapter's dropout follows the
+    host's mode), and the loaded model's equal the attached one's."""
+    s = setup(spec, be, case, attach=False)
+    s.model.eval()
+    torch.manual_seed(case.seed)
+    be.attach(s.model, spec, case, s.cal, dropout=0.5)
+    perturb(spec, be, s.model, case)
+    with torch.no_grad():
+        y1, y2 = s.model(s.x), s.model(s.x)
+    require(torch.equal(y1, y2), f"attach into a model in eval(): two forwards differ by "
+                                 f"{tol.maxabs(y1.double() - y2.double()):.3g} (the adapter's dropout is active)")
+    if be.unsupported(spec, "checkpoint"):
+        return 0.0
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d, "adapter" + getattr(be, "checkpoint_suffix", ".safetensors"))
+        be.save(s.model, f)
+        m2 = _fresh(s, case)
+        m2.eval()
+        be.load(m2, f)
+        with torch.no_grad():
+            z1, z2 = m2(s.x), m2(s.x)
+    require(torch.equal(z1, z2), f"load into a model in eval(): two forwards differ by "
+                                 f"{tol.maxabs(z1.double() - z2.double()):.3g} (the adapter's dropout is active)")
+    require(torch.equal(z1, y1), f"load into a model in eval(): output differs from the attached model's by "
+                                 f"{tol.maxabs(z1.double() - y1.double()):.3g}")
+    return 0.0
+
+
 # ----------------------------------------------------------------------------------------------- lifecycle
 
 
