@@ -141,6 +141,8 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         state["case"] = case
         state["n"] += 1
         w = prop.check(spec, backend, case)
+        if getattr(w, "note", None):
+            state.setdefault("notes", set()).add(w.note)
         if w is not None:
             state["worst"] = w if state["worst"] is None else max(state["worst"], w)
 
@@ -164,11 +166,13 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         size = getattr(e, "size", None)
         if size is not None:
             state["worst"] = max(state["worst"] or 0.0, float(size))
+    if status == "pass" and state.get("notes"):
+        detail = "; ".join(sorted(state["notes"]))
     res = Result(spec.name, prop.name, status, detail, state["worst"],
                  None if status == "pass" else repr(state["case"]), state["n"], round(time.perf_counter() - t0, 3), kind,
                  where)
     dev = declared_deviation(spec, prop.name, backend)
-    if dev is None or (status == "fail" and dev.match and dev.match not in detail):
+    if dev is None or (status == "fail" and not dev.matches(detail)):
         return res
     declared = f"declared: {dev.reason}" + (f" [{dev.source}]" if dev.source else "")
     if dev.size is not None:
@@ -214,7 +218,7 @@ def measure_deviation(prop: Property, spec: Spec, backend, dev, device: str) -> 
         size = getattr(e, "size", None)
         if size is None:
             return None, f"failed without reporting a size ({e})"
-        if dev.match and dev.match not in str(e):
+        if not dev.matches(str(e)):
             return None, f"a different failure: {e}"
         return float(size), f"{float(size):.3g} ({e})"
     except Exception as e:  # noqa: BLE001 - a crash on the declared case is reported, not raised

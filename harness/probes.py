@@ -27,6 +27,16 @@ class Falsified(AssertionError):
         self.size = size
 
 
+class Noted(float):
+    """A property's worst scaled error with a note the Result's detail keeps when the property passes (e.g. which
+    dtypes a check could judge)."""
+
+    def __new__(cls, value: float, note: str):
+        obj = super().__new__(cls, value)
+        obj.note = note
+        return obj
+
+
 def require(cond: bool, msg: str, size: float | None = None) -> None:
     if not cond:
         raise Falsified(msg, size)

@@ -101,8 +101,9 @@ class Deviation:
 
     Optional, for a deviation with a size: `size` is the property's measured size (the `size` its Falsified
     reports, e.g. a scaled error) on the fixed seeded `case` (Case fields: d_in, d_out, bias, dtype name, seed,
-    fields); verify re-measures it there and fails if it moves outside 0.5x-2x of `size`. `match`: only a
-    failure whose message contains this text is the declared one (any other failure stays a failure).
+    fields); verify re-measures it there and fails if it moves outside 0.5x-2x of `size`. `match`: a regular
+    expression (Python `re`); only a failure whose message it matches in whole tokens is the declared one, any other
+    failure stays a failure (see `matches`). Empty: every failure of the property on the backend is the declared one.
     """
 
     property: str
@@ -112,6 +113,21 @@ class Deviation:
     size: float | None = None
     case: Mapping[str, Any] | None = None
     match: str = ""
+
+    def __post_init__(self):
+        try:
+            re.compile(self.match)
+        except re.error as e:
+            raise ValueError(f"deviation on '{self.property}': match {self.match!r} is not a regular expression: {e}") \
+                from None
+
+    def matches(self, message: str) -> bool:
+        """Whether a failure message is the declared one: `match` must match somewhere in it, starting and ending
+        on token boundaries: not inside a word, not inside a number. So "measured 0" does not match
+        "measured 0.0286", "accepted" does not match "unaccepted", and "Conv1D" does match "(Conv1D)"."""
+        if not self.match:
+            return True
+        return re.search(rf"(?<![\w.])(?:{self.match})(?!\w|\.\d)", message) is not None
 
 
 @dataclass(frozen=True)

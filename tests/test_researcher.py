@@ -1,0 +1,131 @@
+"""A researcher's second day (issue 37): deterministic inference after attach/load into an eval() model, declared
+deviations that cannot match by accident, a tiny start judged only where the dtype can represent it, an init left
+unchecked shown as such, and a selection's own results file."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+import impl
+from harness import PROPERTIES
+from harness.backends import ImplBackend
+from harness.engine import run_property
+from harness.models import single
+from impl import TensorDecl, Variant
+from impl.registry import REGISTRY
+from spec import SPECS, Spec, TensorSpec
+from spec.schema import Deviation
+
+
+# ----------------------------------------------------------------------------------------------- eval() after attach
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "delora"])
+def test_attach_and_load_into_eval_model_are_deterministic(variant, tmp_path):
+    torch.manual_seed(0)
+    W = torch.randn(6, 5, dtype=torch.float64)
+    model = single(W, None, torch.float32, "linear", "cpu").eval()
+    impl.attach(model, impl.config(variant, r=2, alpha=4.0, dropout=0.5, target_names=(r"^layer$",)))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p))
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        y1, y2 = model(x), model(x)
+    assert torch.equal(y1, y2)
+    impl.save(model, tmp_path / "a.safetensors")
+    fresh = single(W, None, torch.float32, "linear", "cpu").eval()
+    impl.load(fresh, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        z1, z2 = fresh(x), fresh(x)
+    assert torch.equal(z1, z2) and torch.equal(z1, y1)
+    fresh.train()  # and the adapter follows the host back into train mode: dropout acts again
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert not torch.equal(fresh(x), fresh(x))
+
+
+# ----------------------------------------------------------------------------------------------- Deviation.match
+
+
+def test_deviation_match_is_token_bounded():
+    d = Deviation("identity_at_init", "why", match="measured 0")
+    assert d.matches("declared start size 0.01, measured 0 in float32")
+    assert not d.matches("declared start size 0.01, measured 0.0286 in float32")
+    assert not Deviation("dropout", "why", match="accepted").matches("dropout=0.3 unaccepted")
+    assert Deviation("layout", "why", match="Conv1D").matches("refused (Conv1D)")
+    assert Deviation("p", "why", match=r"eps\(torch\.float64\)").matches("beyond 64 eps(torch.float64) here")
+    assert Deviation("p", "why").matches("anything at all")  # no match: every failure of the property
+    with pytest.raises(ValueError, match="not a regular expression"):
+        Deviation("p", "why", match="eps(")
+
+
+def test_every_declared_match_compiles():
+    for name in SPECS.names():
+        for d in SPECS.get(name).deviations:
+            assert d.matches(d.match.replace("\\", "")) or "\\" not in d.match, (name, d.property, d.match)
+
+
+# ----------------------------------------------------------------------------------------------- tiny starts
+
+TINY = 1e-5  # a paper-scale start: B ~ N(0, 1e-5²) on a frozen kaiming A
+
+
+class TinyStart(Variant):
+    name = "h37_tiny_start"
+    zero = False  # the bug: B = 0, so the declared start is not there
+
+    def tensors(self, d_in, d_out, cfg):
+        return {"A": TensorDecl((cfg.r, d_in), "kaiming", trainable=False), "B": TensorDecl((d_out, cfg.r), "empty")}
+
+    def init(self, ad, W, cfg):
+        if not self.zero:
+            ad.B.normal_(0.0, TINY)
+        return None
+
+    def forward(self, ad, x, y):
+        return y + ((ad.drop(x).to(ad.B.dtype) @ ad.A.to(ad.B.dtype).t() @ ad.B.t()) * (ad.cfg.alpha / ad.cfg.r)).to(y.dtype)
+
+
+class TinyStartZero(TinyStart):
+    name = "h37_tiny_start_zero"
+    zero = True
+
+
+def _oracle(W, b, T, x, cfg, knobs, xd=None):
+    xd = x if xd is None else xd
+    return x @ W.T + (0 if b is None else b) + (cfg.alpha / cfg.r) * (xd @ T["A"].T @ T["B"].T)
+
+
+def _spec(name):
+    return Spec(name=name, title="tiny start", equation="y = W x + s B A x", oracle=_oracle,
+                tensors=(TensorSpec("A", "(r, d_in)", "kaiming-uniform", trainable=False),
+                         TensorSpec("B", "(d_out, r)", f"N(0, {TINY}²)")),
+                param_count="d_out * r", identity="non_identity", init_shrink=1e-3)
+
+
+@contextlib.contextmanager
+def registered(cls):
+    REGISTRY.register(cls)
+    try:
+        yield _spec(cls.name)
+    finally:
+        REGISTRY.unregister(cls.name)
+
+
+def test_tiny_start_is_judged_only_where_the_dtype_represents_it():
+    with registered(TinyStart) as spec:
+        res = run_property(PROPERTIES["identity_at_init"], spec, ImplBackend())
+    assert res.status == "pass", res.detail
+    assert "judged in float32" in res.detail and "judged in float64" in res.detail
+    assert "not judged in bfloat16" in res.detail  # 1e-5 rounds back to the base there
+
+
+def test_a_missing_tiny_start_still_fails_where_it_is_representable():
+    with registered(TinyStartZero) as spec:
+        res = run_property(PROPERTIES["identity_at_init"], spec, ImplBackend())
+    assert res.status == "fail" and "measured 0 in float" in res.detail, res.detail
