@@ -58,6 +58,7 @@ class Result:
     seconds: float = 0.0
     failure_kind: str | None = None  # assertion | crash
     where: str | None = None  # crash site in the code under test
+    unchecked: bool = False  # n/a, but the spec declares something only this property checks (Property.gap)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,7 +116,7 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     property_na = getattr(backend, "property_na", None)
     na = backend.applies(spec) or (property_na and property_na(spec, prop.name)) or prop.applies(spec, backend)
     if na:
-        return Result(spec.name, prop.name, "na", detail=na)
+        return Result(spec.name, prop.name, "na", detail=na, unchecked=bool(prop.gap(spec)))
     base = settings.get_profile(profile)
     n = base.max_examples if prop.max_examples is None else min(base.max_examples, prop.max_examples)
     state = {"case": None, "n": 0, "worst": None}
@@ -228,17 +229,18 @@ def measure_deviation(prop: Property, spec: Spec, backend, dev, device: str) -> 
 
 def table(results: list[dict], variants: list[str], properties: list[str]) -> str:
     """A variant x property table in plain text: pass '.', failed check 'F', crash 'E', declared deviation 'D',
-    n/a '-'."""
-    mark = {"pass": ".", "fail": "F", "crash": "E", "deviation": "D", "na": "-"}
+    n/a '-', unchecked 'U' (n/a, but the spec declares something only that property checks)."""
+    mark = {"pass": ".", "fail": "F", "crash": "E", "deviation": "D", "na": "-", "unchecked": "U"}
     by = {(r["variant"], r["property"]): "crash" if r.get("failure_kind") == "crash" and r["status"] == "fail"
-          else r["status"] for r in results}
+          else "unchecked" if r["status"] == "na" and r.get("unchecked") else r["status"] for r in results}
     w = max(len(v) for v in variants) + 1
     lines = [" " * w + " ".join(f"{i:>2}" for i in range(len(properties)))]
     for v in variants:
         lines.append(f"{v:<{w}}" + " ".join(f"{mark.get(by.get((v, p)), '?'):>2}" for p in properties))
     lines.append("")
     lines += [f"{i:>2} {p}" for i, p in enumerate(properties)]
-    lines.append("legend: . pass  F failed check  E crash  D declared deviation  - not applicable  ? not run")
+    lines.append("legend: . pass  F failed check  E crash  D declared deviation  - not applicable  "
+                 "U unchecked (n/a, but the spec declares what only it checks)  ? not run")
     return "\n".join(lines)
 
 

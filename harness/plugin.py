@@ -142,6 +142,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         "quantized_matrix": qm,
         "specs": {v: records.spec_record(specs[v], be, ROOT) for v in variants},
         "summary": {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "deviation", "na")},
+        "unchecked": [f"{r['variant']}/{r['property']}" for r in results if r.get("unchecked")],
     }
     payload["findings"] = {v: records.record_findings(specs[v], payload["specs"][v],
                                                       [r for r in results if r["variant"] == v], be.name, props)
@@ -163,6 +164,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(f"{label:9} {r['variant']}/{r['property']}: {r['detail'][:400]}")
             if r["status"] == "fail" and r.get("example"):
                 tr.write_line(f"          minimal example: {r['example']}")
+        elif r.get("unchecked"):
+            tr.write_line(f"UNCHECKED {r['variant']}/{r['property']}: {r['detail'][:400]}")
     tr.write_line(summary_line(payload, time.perf_counter() - env["t0"]) + f" -> {path}")
     if previous is not None:
         prev_path, prev_results = previous
@@ -176,7 +179,10 @@ def summary_line(payload: dict, seconds: float) -> str:
     """The run's counts, from its results: 'verify: V variants x P properties: ... pass, ... in S s'."""
     n = payload["summary"]
     return (f"verify: {len(payload['variants'])} variants x {len(payload['properties'])} properties: {n['pass']} pass, "
-            f"{n['deviation']} declared deviation, {n['na']} n/a, {n['fail']} fail in {seconds:.0f} s")
+            f"{n['deviation']} declared deviation, {n['na']} n/a"
+            + (f" ({len(payload['unchecked'])} unchecked: {', '.join(payload['unchecked'])})"
+               if payload.get("unchecked") else "")
+            + f", {n['fail']} fail in {seconds:.0f} s")
 
 
 def keep_previous(path: Path) -> tuple[Path, list[dict] | str] | None:

@@ -51,19 +51,23 @@ class Property:
     applies: Callable[[Spec, object], str | None] = lambda spec, be: None
     max_examples: int | None = None  # cap for properties with little to draw
     needs: tuple[str, ...] = ()  # backend capabilities (harness.backends.protocol.CAPABILITIES); missing -> na
+    # what a spec declares that only this property checks: where it returns a text and the property is n/a, the
+    # Result is marked unchecked (table mark U, counted in the summary), not a silent n/a
+    gap: Callable[[Spec], str | None] = lambda spec: None
 
 
 PROPERTIES: dict[str, Property] = {}
 
 
-def prop(name: str, strategy, applies=None, max_examples=None, needs: tuple[str, ...] = ()):
+def prop(name: str, strategy, applies=None, max_examples=None, needs: tuple[str, ...] = (), gap=None):
     """Register a property; `needs` names the backend capabilities it uses (a backend lacking one makes it na,
     with the backend's reason)."""
     own = applies or (lambda spec, be: None)
 
     def deco(fn):
         PROPERTIES[name] = Property(name, (fn.__doc__ or "").strip(), fn, strategy,
-                                    lambda spec, be: lacks(be, spec, *needs) or own(spec, be), max_examples, needs)
+                                    lambda spec, be: lacks(be, spec, *needs) or own(spec, be), max_examples, needs,
+                                    gap or (lambda spec: None))
         return fn
 
     return deco

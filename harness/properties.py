@@ -127,8 +127,10 @@ def oracle(spec, be, case):
     return worst
 
 
-@prop("init_formula", _dt(torch.float32),
-      applies=lambda spec, be: None if spec.init_oracle else "the init has no deterministic part")
+@prop("init_formula", _dt(torch.float32), gap=lambda spec: spec.unchecked_init(),
+      applies=lambda spec, be: None if spec.init_oracle else
+      (f"UNCHECKED: the spec has no init_oracle, so nothing checks {spec.unchecked_init()}"
+       if spec.unchecked_init() else "the init has no deterministic part"))
 def init_formula(spec, be, case):
     """The init equals the spec's float64 init formula wherever it is deterministic (up to sign where the
     spec says so)."""

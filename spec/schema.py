@@ -55,6 +55,14 @@ class TensorSpec:
         return None
 
     @property
+    def derived(self) -> bool:
+        """Whether `init` declares values that only a spec's `init_oracle` checks: anything but a random
+        distribution (checked by `init_distribution`) and "zeros" / "ones" (seen by the identity at init), e.g. an
+        SVD factor of W, a norm of W, a function of calibration data, a config value."""
+        first = self.init.strip().split(" ", 1)[0].split("(", 1)[0]
+        return not self.random and first not in ("zeros", "ones")
+
+    @property
     def random(self) -> bool:
         """Whether `init` declares a random distribution (one of the two forms `distribution` reads)."""
         text = self.init.strip()
@@ -227,6 +235,16 @@ class Spec:
         return tuple(t for t in self.tensors
                      if (not t.when or eval(t.when, {"__builtins__": {}}, env))
                      and (trainable is None or t.trainable == trainable))
+
+    def unchecked_init(self) -> str | None:
+        """What of the init no property checks, because the spec has no `init_oracle`: the tensors whose init is
+        derived (see TensorSpec.derived), a rewritten base weight, a data-driven init; None when nothing is."""
+        if self.init_oracle is not None:
+            return None
+        what = [f"'{t.name}' ({t.init})" for t in self.tensors if t.derived]
+        what += ["the rewritten base weight"] if self.rewrites_base else []
+        what += ["the init from calibration data"] if self.data != "none" else []
+        return ", ".join(what) or None
 
     @property
     def trainable(self) -> tuple[TensorSpec, ...]:

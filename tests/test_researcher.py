@@ -129,3 +129,58 @@ def test_a_missing_tiny_start_still_fails_where_it_is_representable():
     with registered(TinyStartZero) as spec:
         res = run_property(PROPERTIES["identity_at_init"], spec, ImplBackend())
     assert res.status == "fail" and "measured 0 in float" in res.detail, res.detail
+
+
+# ----------------------------------------------------------------------------------------------- unchecked init
+
+
+class XSBug(Variant):
+    """LoRA-XS's frozen factors with a planted bug: A = U_r (its S_r left out), B = V_rᵀ; R trainable."""
+
+    name = "h37_xs_bug"
+
+    def tensors(self, d_in, d_out, cfg):
+        return {"A": TensorDecl((d_out, cfg.r), "empty", trainable=False),
+                "B": TensorDecl((cfg.r, d_in), "empty", trainable=False), "R": TensorDecl((cfg.r, cfg.r), "zeros")}
+
+    def init(self, ad, W, cfg):
+        U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        ad.A.copy_(U[:, :cfg.r])  # the bug: U_r S_r
+        ad.B.copy_(Vh[:cfg.r])
+        return None
+
+    def forward(self, ad, x, y):
+        return y + (ad.drop(x).float() @ ad.B.float().t() @ ad.R.t() @ ad.A.float().t()).to(y.dtype)
+
+
+def _xs_oracle(W, b, T, x, cfg, knobs, xd=None):
+    xd = x if xd is None else xd
+    return x @ W.T + (0 if b is None else b) + xd @ T["B"].T @ T["R"].T @ T["A"].T
+
+
+def _xs_init(W, cfg, X):
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return {"A": U[:, :cfg.r] * S[:cfg.r], "B": Vh[:cfg.r]}
+
+
+def _xs_spec(**over):
+    return Spec(name="h37_xs_bug", title="LoRA-XS", equation="y = W x + A R B x", oracle=_xs_oracle,
+                tensors=(TensorSpec("A", "(d_out, r)", "U_r S_r from the SVD of W", trainable=False),
+                         TensorSpec("B", "(r, d_in)", "V_r^T from the SVD of W", trainable=False),
+                         TensorSpec("R", "(r, r)", "zeros")),
+                param_count="r * r", sign_free={"A": 1, "B": 0}, **over)
+
+
+def test_a_derived_init_without_init_oracle_is_shown_unchecked():
+    from harness.engine import table
+
+    spec = _xs_spec()
+    assert "'A' (U_r S_r from the SVD of W)" in spec.unchecked_init()
+    with registered(XSBug):
+        res = run_property(PROPERTIES["init_formula"], spec, ImplBackend())
+        assert res.status == "na" and res.unchecked and "UNCHECKED" in res.detail
+        assert " U" in table([res.to_json()], [spec.name], ["init_formula"]).splitlines()[1]
+        caught = run_property(PROPERTIES["init_formula"], _xs_spec(init_oracle=_xs_init), ImplBackend())
+    assert caught.status == "fail" and "'A'" in caught.detail, caught.detail  # the oracle, once declared, sees it
+    lora = run_property(PROPERTIES["init_formula"], SPECS.get("hra"), ImplBackend())  # random init: plain n/a
+    assert lora.status == "na" and not lora.unchecked
