@@ -245,17 +245,21 @@ def table(results: list[dict], variants: list[str], properties: list[str]) -> st
 
 
 def changes(previous: list[dict], current: list[dict]) -> dict[str, list[str]]:
-    """What changed between two runs' results, over the (variant, property) pairs both ran: `new_failures`
+    """What changed between two runs' results: over the (variant, property) pairs both ran, `new_failures`
     (not failing before, failing now), `fixed` (failing before, not now), `other` (any other status change,
-    as "variant/property: old -> new")."""
+    as "variant/property: old -> new"); and `new`, the pairs the previous run did not have ("variant/property:
+    status", e.g. a variant's first run)."""
     before = {(r["variant"], r["property"]): r["status"] for r in previous}
-    out: dict[str, list[str]] = {"new_failures": [], "fixed": [], "other": []}
+    out: dict[str, list[str]] = {"new_failures": [], "fixed": [], "other": [], "new": []}
     for r in current:
         key = (r["variant"], r["property"])
         old, new = before.get(key), r["status"]
-        if old is None or old == new:
-            continue
         name = "/".join(key)
+        if old is None:
+            out["new"].append(f"{name}: {new}")
+            continue
+        if old == new:
+            continue
         if new == "fail":
             out["new_failures"].append(name)
         elif old == "fail":

@@ -147,7 +147,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     payload["findings"] = {v: records.record_findings(specs[v], payload["specs"][v],
                                                       [r for r in results if r["variant"] == v], be.name, props)
                            for v in variants}
-    path = Path(_opt(config, "verify_json") or Path("build/verify") / f"{getattr(be, 'results_stem', be.name)}.json")
+    path = Path(_opt(config, "verify_json") or Path("build/verify") / results_name(getattr(be, "results_stem", be.name),
+                                                                                 config))
     previous = keep_previous(path)
     write_json(path, payload)
     tr = terminalreporter
@@ -167,12 +168,34 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         elif r.get("unchecked"):
             tr.write_line(f"UNCHECKED {r['variant']}/{r['property']}: {r['detail'][:400]}")
     tr.write_line(summary_line(payload, time.perf_counter() - env["t0"]) + f" -> {path}")
-    if previous is not None:
+    if previous is None:
+        failing = [f"{r['variant']}/{r['property']}" for r in results if r["status"] == "fail"]
+        tr.write_line(f"first run into {path}: every result is new ({len(results)}; {len(failing)} failing"
+                      + (f": {', '.join(failing)})" if failing else ")"))
+    else:
         prev_path, prev_results = previous
         if isinstance(prev_results, str):
             tr.write_line(f"the previous run ({prev_path}) is not compared: {prev_results}")
         else:
             tr.write_line(describe_changes(changes(prev_results, results), prev_path))
+
+
+def results_name(stem: str, config) -> str:
+    """The results file of a run: `<stem>.json` for the full run (every spec, every property, no user module), else
+    a name of its own saying the selection, `<stem>-<variants>-<properties>[-with-<modules>].json` ("all" for a
+    part not selected), or `<stem>-sel-<hash of the selection>.json` when that name would be long. A subset
+    never overwrites the full run's file or its .prev.json."""
+    import hashlib
+
+    variants = [v for v in _opt(config, "variants").split(",") if v]
+    props = [p for p in _opt(config, "properties").split(",") if p]
+    modules = [Path(m).stem if m.endswith(".py") else m for m in _opt(config, "variant_module")]
+    if not (variants or props or modules):
+        return f"{stem}.json"
+    tag = "-".join(["+".join(variants) or "all", "+".join(props) or "all"] + (["with-" + "+".join(modules)] if modules else []))
+    if len(tag) > 80 or not all(c.isalnum() or c in "+-_." for c in tag):
+        tag = "sel-" + hashlib.sha256(tag.encode()).hexdigest()[:12]
+    return f"{stem}-{tag}.json"
 
 
 def summary_line(payload: dict, seconds: float) -> str:
@@ -200,8 +223,9 @@ def keep_previous(path: Path) -> tuple[Path, list[dict] | str] | None:
 
 def describe_changes(ch: dict[str, list[str]], prev: Path) -> str:
     """One line per kind of change since the previous run, or one line saying nothing changed."""
-    labels = (("new_failures", "new failures"), ("fixed", "fixed"), ("other", "other changes"))
-    lines = [f"  {label} ({len(ch[k])}): {', '.join(ch[k])}" for k, label in labels if ch[k]]
+    labels = (("new_failures", "new failures"), ("fixed", "fixed"), ("other", "other changes"),
+              ("new", "new, not in that run"))
+    lines = [f"  {label} ({len(ch[k])}): {', '.join(ch[k])}" for k, label in labels if ch.get(k)]
     head = f"since the previous run ({prev}):"
     return "\n".join([head] + lines) if lines else f"{head} no status changed"
 
