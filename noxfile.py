@@ -6,6 +6,7 @@ download CUDA builds) and installs with `-c constraints.txt`, which pins torch, 
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +16,8 @@ nox.needs_version = ">=2024.3.2"
 nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["verify", "tests"]
+# nox probes for uv on every run and logs "uv binary not found." (this project never uses uv)
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
 
 ROOT = Path(__file__).parent
 CONSTRAINTS = ROOT / "constraints.txt"

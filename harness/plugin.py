@@ -6,6 +6,7 @@ to its report's user_properties, and the controller builds the table and the JSO
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import time
@@ -80,6 +81,10 @@ def pytest_configure(config):
     config._verify = {"profile": profile, "backend": _backend(config), "device": _opt(config, "device"),
                       "t0": time.perf_counter()}
     torch.set_num_threads(1)  # one torch thread per process (each xdist worker sets its own)
+    if hasattr(config, "workerinput"):  # a worker shows library logging from --log-level up, as the controller does
+        handler = logging.StreamHandler()
+        handler.setLevel(config.getoption("log_level") or "ERROR")
+        logging.getLogger().addHandler(handler)
 
 
 def selected(config) -> tuple[list[str], list[str]]:

@@ -4,13 +4,16 @@ Options: --variants lora,dora  --properties oracle,merge  --variant-module path/
 --backend impl|peft|lora-lite  --backend-module path/or.module (a user's backend)  --ref COMMIT  --repo PATH_OR_URL
 (lora-lite's source)  --device cpu|cuda  --profile verify|ci|dev  --json PATH  -n WORKERS  --log-level LEVEL. Exits
 non-zero on any failure. The previous run's JSON is kept as <name>.prev.json and the summary says what changed since
-it. Logging from the libraries under test is shown from --log-level (default ERROR) up.
+it. Logging from the libraries under test is shown from --log-level (default ERROR) up, and their Python warnings
+only from WARNING down.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.fetch_only:
         return 0
     show_logging_from(a.log_level)
+    if a.log_level == "ERROR" and not sys.warnoptions and "PYTHONWARNINGS" not in os.environ:
+        # libraries' Python warnings (FutureWarning, deprecations) only from --log-level WARNING down; the
+        # environment variable carries the filter into the xdist workers from their first import
+        os.environ["PYTHONWARNINGS"] = "ignore"
+        warnings.simplefilter("ignore")
     args = [str(ROOT / "harness" / "verify_test.py"), "-p", "harness.plugin", "-q", "--no-header", "-p", "no:randomly",
             "-p", "no:warnings", f"--log-level={a.log_level}", f"--rootdir={ROOT}", "--device", a.device]
     if a.workers not in ("0", "1"):
