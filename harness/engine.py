@@ -111,6 +111,36 @@ def variant_files(spec: Spec) -> set[str]:
     return files
 
 
+FRAMES = {"forward": ("forward", "forward_input"), "init": ("init", "group_init", "tensors"), "merged": ("merged",)}
+
+
+def method_site(backend, spec: Spec, frame: str) -> str | None:
+    """Where the implementation's method for `frame` (forward, init, merged) is defined, as "file:line in
+    Class.method": the first of FRAMES[frame] that the variant's class (the backend's `source_class`) or a base of
+    it below impl's Variant defines (a data-driven spec's init: its group_init first). None where the backend names
+    no class (a library verified through its API) or the class defines none of them."""
+    import inspect
+
+    finder = getattr(backend, "source_class", None)
+    cls = finder(spec) if finder else None
+    if cls is None:
+        return None
+    names = FRAMES.get(frame, ())
+    if frame == "init" and spec.data != "none":
+        names = ("group_init", "init", "tensors")
+    for name in names:
+        for c in cls.__mro__:
+            fn = c.__dict__.get(name)
+            if fn is None or c.__module__ == "impl.registry":
+                continue
+            try:
+                path, line = inspect.getsourcefile(fn), inspect.getsourcelines(fn)[1]
+            except (OSError, TypeError):
+                break
+            return f"{path}:{line} in {c.__name__}.{name}"
+    return None
+
+
 def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", device: str = "cpu") -> Result:
     """Run one property on one spec; never raises for a property failure."""
     property_na = getattr(backend, "property_na", None)
@@ -164,6 +194,9 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         if kind == "crash":
             where = crash_site(e, variant_files(spec))
             detail += f" [at {where}]" if where else ""
+        elif prop.frame:  # the implementation's method whose result the check judged
+            where = method_site(backend, spec, prop.frame)
+            detail += f" [judged: {where}]" if where else ""
         size = getattr(e, "size", None)
         if size is not None:
             state["worst"] = max(state["worst"] or 0.0, float(size))
@@ -239,8 +272,8 @@ def table(results: list[dict], variants: list[str], properties: list[str]) -> st
         lines.append(f"{v:<{w}}" + " ".join(f"{mark.get(by.get((v, p)), '?'):>2}" for p in properties))
     lines.append("")
     lines += [f"{i:>2} {p}" for i, p in enumerate(properties)]
-    lines.append("legend: . pass  F failed check  E crash  D declared deviation  - not applicable  "
-                 "U unchecked (n/a, but the spec declares what only it checks)  ? not run")
+    lines.append("legend: . pass  F failed check  E crash  D declared deviation  - not applicable  ? not run")
+    lines.append("        U unchecked: not applicable, but the spec declares what only that property checks")
     return "\n".join(lines)
 
 
@@ -276,7 +309,7 @@ def quantized_matrix(results: list[dict], specs: dict[str, Spec]) -> dict[str, d
         if r["property"] != "quantized" or r["status"] == "na":
             continue
         declared = specs[r["variant"]].quantized
-        observed = declared if r["status"] == "pass" else f"differs: {r['detail'][:120]}"
+        observed = declared if r["status"] == "pass" else f"differs: {r['detail']}"
         out[r["variant"]] = {"declared": declared, "bnb4": observed, "bnb8": observed}
     return out
 

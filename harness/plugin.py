@@ -163,15 +163,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line("")
         tr.write_line("quantized support (bitsandbytes 4-bit / 8-bit): declared -> observed")
         for v, row in qm.items():
-            tr.write_line(f"  {v:<18} declared {row['declared']:<7} bnb4 {row['bnb4'][:40]:<40} bnb8 {row['bnb8'][:40]}")
+            same = row["bnb4"] == row["bnb8"]
+            observed = f"bnb4 and bnb8 {row['bnb4']}" if same else f"bnb4 {row['bnb4']}; bnb8 {row['bnb8']}"
+            tr.write_line(wrapped(f"  {v:<18} declared {row['declared']:<7} observed {observed}"))
     for r in results:
         if r["status"] in ("fail", "deviation"):
             label = "CRASH" if r.get("failure_kind") == "crash" else r["status"].upper()
-            tr.write_line(f"{label:9} {r['variant']}/{r['property']}: {r['detail'][:400]}")
+            tr.write_line(wrapped(f"{label:9} {r['variant']}/{r['property']}: {r['detail']}"))
             if r["status"] == "fail" and r.get("example"):
-                tr.write_line(f"          minimal example: {r['example']}")
+                tr.write_line(wrapped(f"          minimal example: {r['example']}"))
         elif r.get("unchecked"):
-            tr.write_line(f"UNCHECKED {r['variant']}/{r['property']}: {r['detail'][:400]}")
+            tr.write_line(wrapped(f"UNCHECKED {r['variant']}/{r['property']}: {r['detail']}"))
     tr.write_line(summary_line(payload, time.perf_counter() - env["t0"]) + f" -> {path}")
     if previous is None:
         failing = [f"{r['variant']}/{r['property']}" for r in results if r["status"] == "fail"]
@@ -183,6 +185,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(f"the previous run ({prev_path}) is not compared: {prev_results}")
         else:
             tr.write_line(describe_changes(changes(prev_results, results), prev_path))
+
+
+def wrapped(text: str, width: int = 120, max_lines: int = 12) -> str:
+    """A summary line wrapped at word boundaries, continuation lines indented 10 columns; a longer text ends
+    after `max_lines` lines with ' [...]' at a word boundary (the JSON keeps it whole). Never cut mid-word."""
+    import textwrap
+
+    lines = textwrap.wrap(text, width=width, subsequent_indent=" " * 10, break_long_words=False,
+                          break_on_hyphens=False, max_lines=max_lines, placeholder=" [...]")
+    return "\n".join(lines) or text
 
 
 def results_name(stem: str, config) -> str:

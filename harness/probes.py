@@ -54,12 +54,16 @@ class Property:
     # what a spec declares that only this property checks: where it returns a text and the property is n/a, the
     # Result is marked unchecked (table mark U, counted in the summary), not a silent n/a
     gap: Callable[[Spec], str | None] = lambda spec: None
+    # the method of the implementation whose result a failed check judged ("forward", "init", "merged"): the engine
+    # names its file and line in the failure
+    frame: str = ""
 
 
 PROPERTIES: dict[str, Property] = {}
 
 
-def prop(name: str, strategy, applies=None, max_examples=None, needs: tuple[str, ...] = (), gap=None):
+def prop(name: str, strategy, applies=None, max_examples=None, needs: tuple[str, ...] = (), gap=None,
+         frame: str = ""):
     """Register a property; `needs` names the backend capabilities it uses (a backend lacking one makes it na,
     with the backend's reason)."""
     own = applies or (lambda spec, be: None)
@@ -67,7 +71,7 @@ def prop(name: str, strategy, applies=None, max_examples=None, needs: tuple[str,
     def deco(fn):
         PROPERTIES[name] = Property(name, (fn.__doc__ or "").strip(), fn, strategy,
                                     lambda spec, be: lacks(be, spec, *needs) or own(spec, be), max_examples, needs,
-                                    gap or (lambda spec: None))
+                                    gap or (lambda spec: None), frame)
         return fn
 
     return deco

@@ -24,7 +24,7 @@ from .strategies import Case, base_weight, calibration, calibration_tokens, case
 # ----------------------------------------------------------------------------------------------- identity
 
 
-@prop("identity_at_init", _dt(torch.float32, torch.bfloat16, torch.float64))
+@prop("identity_at_init", _dt(torch.float32, torch.bfloat16, torch.float64), frame="init")
 def identity_at_init(spec, be, case):
     """The adapted output at init equals the base output in the spec's identity class (bitwise, within a
     dtype-derived tolerance, or off by at most the declared start size, per token relative to ‖W x‖)."""
@@ -58,7 +58,7 @@ def identity_at_init(spec, be, case):
                  f"start off the base not judged in {name} (below its rounding allowance; upper bound only)")
 
 
-@prop("knob_identity", _dt(torch.float32, torch.float64), needs=("knobs",),
+@prop("knob_identity", _dt(torch.float32, torch.float64), needs=("knobs",), frame="forward",
       applies=lambda spec, be: None if spec.knobs else "the spec declares no runtime knob")
 def knob_identity(spec, be, case):
     """With a knob set to its identity value on the live model after attach, the output equals the layer
@@ -95,7 +95,7 @@ def knob_identity(spec, be, case):
 # ----------------------------------------------------------------------------------------------- oracle
 
 
-@prop("oracle", _dt(torch.float64, torch.float32, torch.bfloat16))
+@prop("oracle", _dt(torch.float64, torch.float32, torch.bfloat16), frame="forward")
 def oracle(spec, be, case):
     """On random non-init adapter tensors, the output and the gradients of every trainable tensor and of the
     input equal the spec's float64 oracle (written from the paper, sharing no code with the implementation).
@@ -127,7 +127,7 @@ def oracle(spec, be, case):
     return worst
 
 
-@prop("init_formula", _dt(torch.float32), gap=lambda spec: spec.unchecked_init(),
+@prop("init_formula", _dt(torch.float32), gap=lambda spec: spec.unchecked_init(), frame="init",
       applies=lambda spec, be: None if spec.init_oracle else
       (f"UNCHECKED: the spec has no init_oracle, so nothing checks {spec.unchecked_init()}"
        if spec.unchecked_init() else "the init has no deterministic part"))
@@ -200,7 +200,7 @@ def _grads(be, s: Setup, case: Case) -> dict[str, torch.Tensor | None]:
     return {n: t.grad for n, t in be.tensors(s.model).items() if t.requires_grad}
 
 
-@prop("gradient_pattern", lambda spec, device: cases(spec, device=device, defaults_only=True))
+@prop("gradient_pattern", lambda spec, device: cases(spec, device=device, defaults_only=True), frame="forward")
 def gradient_pattern(spec, be, case):
     """With the default config: exactly the tensors the spec declares have zero gradient at init, every other
     trainable has a non-zero one, and all are non-zero once every tensor is perturbed."""
@@ -223,7 +223,7 @@ def gradient_pattern(spec, be, case):
     return None
 
 
-@prop("training_step", _dt(torch.float32, torch.bfloat16))
+@prop("training_step", _dt(torch.float32, torch.bfloat16), frame="forward")
 def training_step(spec, be, case):
     """From the perturbed state, one AdamW step (weight_decay 0) in the declared param_dtype changes every
     trainable tensor and leaves every base parameter unchanged and without gradient."""
@@ -291,7 +291,7 @@ def trainable_set(spec, be, case):
 # ----------------------------------------------------------------------------------------------- bias, claims
 
 
-@prop("bias_invariance", lambda spec, device: cases(spec, device=device, bias=True),
+@prop("bias_invariance", lambda spec, device: cases(spec, device=device, bias=True), frame="forward",
       applies=lambda spec, be: None if spec.bias == "passthrough" else f"declared: {spec.bias_note or 'the bias is scaled'}")
 def bias_invariance(spec, be, case):
     """After perturbing, the output with bias equals the output without bias plus the bias."""
@@ -365,7 +365,7 @@ def spectrum(spec, be, case):
 # ----------------------------------------------------------------------------------------------- dropout
 
 
-@prop("dropout", _dt(torch.float32), needs=("dropout",))
+@prop("dropout", _dt(torch.float32), needs=("dropout",), frame="forward")
 def dropout(spec, be, case):
     """Dropout is honoured (train output equals the hand computation with the same mask under a shared seed;
     eval is deterministic and drops nothing) or rejected at config time, as the spec declares."""
@@ -425,7 +425,7 @@ def dropout_live(spec, be, case):
     return None
 
 
-@prop("eval_deterministic", _dt(torch.float32), max_examples=4, needs=("dropout",),
+@prop("eval_deterministic", _dt(torch.float32), max_examples=4, needs=("dropout",), frame="forward",
       applies=lambda spec, be: None if spec.dropout == "honoured" else "the spec declares dropout rejected")
 def eval_deterministic(spec, be, case):
     """attach with dropout 0.5 into a model already in eval() (as every from_pretrained model is), and load of its
@@ -483,7 +483,7 @@ def detach_restores(spec, be, case):
     return 0.0
 
 
-@prop("merge", _dt(torch.float32, torch.bfloat16), needs=("merge",))
+@prop("merge", _dt(torch.float32, torch.bfloat16), needs=("merge",), frame="merged")
 def merge(spec, be, case):
     """After perturbing and setting every knob to a drawn non-default value, merge folds the adapter into dense
     weights: the output equals the hooked output, every base weight keeps its dtype, and no hook is left."""
@@ -505,7 +505,7 @@ def merge(spec, be, case):
     return err
 
 
-@prop("merge_oracle", _dt(torch.float32))
+@prop("merge_oracle", _dt(torch.float32), frame="merged")
 def merge_oracle(spec, be, case):
     """After perturbing and setting every knob to a drawn non-default value, the merged dense weight and bias equal
     the spec's float64 oracle's dense map (its outputs on the unit inputs, less its output at 0): a check of merge
@@ -642,7 +642,7 @@ def layout(spec, be, case):
     return max(worst, err)
 
 
-@prop("degenerate_weights", _dt(torch.float32))
+@prop("degenerate_weights", _dt(torch.float32), frame="forward")
 def degenerate_weights(spec, be, case):
     """Degenerate but legal base weights (a zero row, a zero column, rank one) give finite outputs and
     gradients at init and after perturbing: a division by a norm needs a floor."""
@@ -666,7 +666,7 @@ def degenerate_weights(spec, be, case):
 SATURATION = (1e3, 1e-6)  # trainable scales far past any clamp, gain or floor on either side, within float32's range
 
 
-@prop("saturated_trainables", _dt(torch.float32))
+@prop("saturated_trainables", _dt(torch.float32), frame="forward")
 def saturated_trainables(spec, be, case):
     """Extreme but legal trainable values (every trainable at random values of both signs of size 1e3, then of
     size 1e-6: past every clamp's bound and under every norm floor) give finite outputs and finite gradients of
@@ -729,7 +729,7 @@ def moments_agree(x: torch.Tensor, kind: str, scale: float) -> str:
     return ""
 
 
-@prop("init_distribution", lambda spec, device: cases(spec, device=device, defaults_only=True),
+@prop("init_distribution", lambda spec, device: cases(spec, device=device, defaults_only=True), frame="init",
       applies=lambda spec, be: None if any(t.random for t in spec.tensors) else "the spec declares no random init",
       max_examples=3)
 def init_distribution(spec, be, case):

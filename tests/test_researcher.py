@@ -184,3 +184,44 @@ def test_a_derived_init_without_init_oracle_is_shown_unchecked():
     assert caught.status == "fail" and "'A'" in caught.detail, caught.detail  # the oracle, once declared, sees it
     lora = run_property(PROPERTIES["init_formula"], SPECS.get("hra"), ImplBackend())  # random init: plain n/a
     assert lora.status == "na" and not lora.unchecked
+
+
+# ----------------------------------------------------------------------------------------------- a user's run
+
+
+def test_a_selection_writes_its_own_file_quietly_and_names_the_frame(tmp_path):
+    """A user's variant with a planted scale bug and a noisy third-party logger and warning: verify of the
+    selection writes its own results file under the working folder (never build/verify/impl.json), reports its
+    first run as new, prints neither noise line, names the forward that produced the wrong output, and wraps its
+    summary lines at word boundaries."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = (root / "examples" / "scaled_lora.py").read_text()
+    planted = src.replace("s = ad.cfg.alpha / ad.cfg.r\n", "s = ad.cfg.alpha\n", 1)
+    assert planted != src
+    planted = planted.replace("import torch\n", "import logging\nimport warnings\n\nimport torch\n"
+                              "logging.getLogger('thirdparty').warning('NOISY-LOG at import')\n", 1)
+    planted = planted.replace("    def forward(self, ad, x, y):\n", "    def forward(self, ad, x, y):\n"
+                              "        warnings.warn('NOISY-WARN', FutureWarning)\n", 1)
+    mod = tmp_path / "my_variant.py"
+    mod.write_text(planted)
+    line = planted.splitlines().index("    def forward(self, ad, x, y):") + 1
+    cmd = [sys.executable, "-m", "tools.verify", "--variant-module", str(mod), "--variants", "scaled_lora",
+           "--properties", "oracle,merge", "-n", "0"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    name = "impl-scaled_lora-oracle+merge-with-my_variant.json"
+    assert (tmp_path / "build" / "verify" / name).is_file() and not (tmp_path / "build" / "verify" / "impl.json").exists()
+    assert "every result is new (2; 2 failing: scaled_lora/oracle, scaled_lora/merge)" in out, out[-3000:]
+    assert "NOISY" not in out
+    assert f"[judged: {mod}:{line} in ScaledLoRA.forward]" in " ".join(proc.stdout.split()), proc.stdout[-3000:]
+    fail_lines = [x for x in proc.stdout.splitlines() if x.startswith(("FAIL ", "          "))]
+    assert fail_lines and all(len(x) <= 120 for x in fail_lines)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "no status changed" in proc.stdout and (tmp_path / "build" / "verify" / name.replace(".json", ".prev.json")).is_file()
