@@ -39,13 +39,14 @@ class Result:
 
     status: pass | fail | deviation (a failure the spec declares, with its reason) | na (not applicable; `detail`
     says why). detail: what broke, or why n/a. worst_error: the largest scaled error the property measured
-    over the examples it ran (the failing one included, where its check reports a size): a dimensionless
-    ratio, error / (size of the adapter's contribution + eps * size of the output), with max-abs norms over
-    the whole tensor (harness.tolerance.scaled_error); None when the property measures no error (a
+    over the examples it ran (the failing one included, where its check reports a size): the measured error
+    divided by the largest error a correct implementation may show (harness.tolerance.within: passes at <= 1);
+    None when the property measures no error (a
     structural check) or crashed before measuring one; 0.0 for exact checks that held. example: the
     minimal falsifying case (repr of harness.strategies.Case). examples: how many examples ran. seconds:
     wall time. failure_kind: "assertion" (the property's check failed) or "crash" (the code under test
-    raised); where: for a crash, the innermost frame of the code under test as "file:line in function: source".
+    raised); where: for a crash, the innermost frame of the code under test as "file:line in function: source"; for
+    a failed check, the implementation's method whose result it judged ("file:line in Class.method").
     """
 
     variant: str

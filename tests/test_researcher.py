@@ -225,3 +225,48 @@ def test_a_selection_writes_its_own_file_quietly_and_names_the_frame(tmp_path):
     assert fail_lines and all(len(x) <= 120 for x in fail_lines)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "no status changed" in proc.stdout and (tmp_path / "build" / "verify" / name.replace(".json", ".prev.json")).is_file()
+
+
+# ----------------------------------------------------------------------------------------------- the docs
+
+
+def _python_blocks(path):
+    import re
+
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def test_every_documented_snippet_builds():
+    """Every python block of the variant author's docs runs as written; a block that registers a variant is
+    compiled here and run by the test of its own page (tests/test_newcomer.py, tests/test_readme.py)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    blocks = [(p, b) for p in (root / "docs" / "writing_a_variant.md", root / "README.md") for b in _python_blocks(p)]
+    assert len(blocks) >= 3
+    for path, block in blocks:
+        code = compile(block, str(path), "exec")
+        if "register(" not in block and "impl.attach" not in block:
+            exec(code, {"__name__": "doc_snippet"})
+
+
+def test_the_numbers_the_docs_state_are_the_codes():
+    import re
+    from pathlib import Path
+
+    from hypothesis import settings
+
+    from harness import strategies, tolerance
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "writing_a_variant.md").read_text()
+    acc = tolerance.ACCUMULATION
+    assert (f"k = {acc[torch.float32]:g} (float32, float64), {acc[torch.bfloat16]:g} (bfloat16), "
+            f"{acc[torch.float16]:g} (float16)") in doc
+    assert acc[torch.float64] == acc[torch.float32] and tolerance.BACKWARD == 2.0 and "twice that" in doc
+    assert f"to {strategies.MAX_DIM}, `d_out != d_in`" in doc
+    assert f"{settings.get_profile('verify').max_examples} examples per property" in doc
+    assert f"`--profile dev`: {settings.get_profile('dev').max_examples}" in doc
+    src = Path(strategies.__file__).read_text()
+    assert "st.sampled_from([2.0, 3.0, 5.0, 12.0])" in src and re.search(r"`alpha` from \{2, 3, 5, 12\}", doc)
+    assert "st.integers(0, 2**16)" in src and f"a seed from 0 to {2**16}" in doc
+    assert f"eps is 2^-{-int(__import__('math').log2(torch.finfo(torch.bfloat16).eps))}" in doc
