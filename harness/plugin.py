@@ -162,10 +162,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if qm:
         tr.write_line("")
         tr.write_line("quantized support (bitsandbytes 4-bit / 8-bit): declared -> observed")
+        w = max(map(len, qm))
         for v, row in qm.items():
             same = row["bnb4"] == row["bnb8"]
             observed = f"bnb4 and bnb8 {row['bnb4']}" if same else f"bnb4 {row['bnb4']}; bnb8 {row['bnb8']}"
-            tr.write_line(wrapped(f"  {v:<18} declared {row['declared']:<7} observed {observed}"))
+            tr.write_line(wrapped(f"  {v:<{w}} declared {row['declared']:<7} observed {observed}"))
     for r in results:
         if r["status"] in ("fail", "deviation"):
             label = "CRASH" if r.get("failure_kind") == "crash" else r["status"].upper()
@@ -177,8 +178,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line(summary_line(payload, time.perf_counter() - env["t0"]) + f" -> {path}")
     if previous is None:
         failing = [f"{r['variant']}/{r['property']}" for r in results if r["status"] == "fail"]
-        tr.write_line(f"first run into {path}: every result is new ({len(results)}; {len(failing)} failing"
-                      + (f": {', '.join(failing)})" if failing else ")"))
+        tr.write_line(wrapped(f"first run into {path}: every result is new ({len(results)}; {len(failing)} failing"
+                              + (f": {', '.join(failing)})" if failing else ")")))
     else:
         prev_path, prev_results = previous
         if isinstance(prev_results, str):
@@ -242,7 +243,7 @@ def describe_changes(ch: dict[str, list[str]], prev: Path) -> str:
     """One line per kind of change since the previous run, or one line saying nothing changed."""
     labels = (("new_failures", "new failures"), ("fixed", "fixed"), ("other", "other changes"),
               ("new", "new, not in that run"))
-    lines = [f"  {label} ({len(ch[k])}): {', '.join(ch[k])}" for k, label in labels if ch.get(k)]
+    lines = [wrapped(f"  {label} ({len(ch[k])}): {', '.join(ch[k])}") for k, label in labels if ch.get(k)]
     head = f"since the previous run ({prev}):"
     return "\n".join([head] + lines) if lines else f"{head} no status changed"
 
