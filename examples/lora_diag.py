@@ -8,6 +8,11 @@ which property flags each:
     lora_diag_bug_scale  forward scales by alpha instead of alpha / r
     lora_diag_bug_merge  merged folds B A without the diagonal λ
     lora_diag_bug_init   A drawn from N(0, 1) instead of kaiming-uniform
+Observed (`--variants lora_diag,lora_diag_bug_scale,lora_diag_bug_merge,lora_diag_bug_init`, profile verify):
+lora_diag passes every applicable property; the scale bug fails oracle, dropout, merge_oracle, dense_equivalence
+and model_oracle (merge passes: merged shares the wrong scale, so hooked and merged agree); the merge bug fails
+merge, merge_oracle and model_merge_unload; the init bug fails init_distribution ("a value of size 3.4 lies outside
+the declared bound"). tests/test_researcher.py checks the three flags.
 """
 import dataclasses
 

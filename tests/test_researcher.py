@@ -270,3 +270,37 @@ def test_the_numbers_the_docs_state_are_the_codes():
     assert "st.sampled_from([2.0, 3.0, 5.0, 12.0])" in src and re.search(r"`alpha` from \{2, 3, 5, 12\}", doc)
     assert "st.integers(0, 2**16)" in src and f"a seed from 0 to {2**16}" in doc
     assert f"eps is 2^-{-int(__import__('math').log2(torch.finfo(torch.bfloat16).eps))}" in doc
+
+
+# ----------------------------------------------------------------------------------------------- the new user's variant
+
+
+DIAG = ("lora_diag", "lora_diag_bug_scale", "lora_diag_bug_merge", "lora_diag_bug_init")
+
+
+@pytest.fixture(scope="module")
+def lora_diag():
+    """examples/lora_diag.py registered for this module's tests, and gone after them (other tests count the specs)."""
+    import sys
+    from pathlib import Path
+
+    impl.load_variant_module(str(Path(__file__).resolve().parents[1] / "examples" / "lora_diag.py"))
+    yield
+    for name in DIAG:
+        REGISTRY.unregister(name)
+        SPECS._specs.pop(name, None)
+    sys.modules.pop("user_variant_lora_diag", None)
+
+
+@pytest.mark.parametrize("variant, prop", [("lora_diag", None), ("lora_diag_bug_scale", "oracle"),
+                                           ("lora_diag_bug_merge", "merge"),
+                                           ("lora_diag_bug_init", "init_distribution")])
+def test_the_new_users_planted_bugs_are_flagged(lora_diag, variant, prop):
+    """examples/lora_diag.py (written from the docs): each planted bug fails the property that names it, and the
+    correct variant passes those properties."""
+    props = [prop] if prop else ["oracle", "merge", "init_distribution"]
+    for p in props:
+        res = run_property(PROPERTIES[p], SPECS.get(variant), ImplBackend(), profile="zoo")  # no shrinking
+        assert res.status == ("fail" if prop else "pass"), (p, res.detail)
+        if prop:
+            assert res.failure_kind == "assertion" and "[judged: " in res.detail, res.detail
