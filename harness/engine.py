@@ -165,6 +165,16 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         draw = prop.strategy
         prop = replace(prop, strategy=lambda spec, device: draw(spec, device).filter(admitted))
 
+    check = prop.check
+
+    def noting(spec, backend, case):  # keeps the notes a passing check returns (probes.Noted) for the detail
+        w = check(spec, backend, case)
+        if getattr(w, "note", None):
+            state.setdefault("notes", set()).add(w.note)
+        return w
+
+    prop = replace(prop, check=noting)
+
     # (the derandomized profiles seed Hypothesis with a hash of run's source, decorators included: a change
     # to these lines changes every drawn case)
     @settings(base, max_examples=n)
@@ -173,8 +183,6 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         state["case"] = case
         state["n"] += 1
         w = prop.check(spec, backend, case)
-        if getattr(w, "note", None):
-            state.setdefault("notes", set()).add(w.note)
         if w is not None:
             state["worst"] = w if state["worst"] is None else max(state["worst"], w)
 
