@@ -218,7 +218,8 @@ def test_a_selection_writes_its_own_file_quietly_and_names_the_frame(tmp_path):
     assert proc.returncode != 0, out[-3000:]
     name = "impl-scaled_lora-oracle+merge-with-my_variant.json"
     assert (tmp_path / "build" / "verify" / name).is_file() and not (tmp_path / "build" / "verify" / "impl.json").exists()
-    assert "every result is new (2; 2 failing: scaled_lora/oracle, scaled_lora/merge)" in out, out[-3000:]
+    flat = " ".join(out.split())  # summary lines wrap
+    assert "every result is new (2; 2 failing: scaled_lora/oracle, scaled_lora/merge)" in flat, out[-3000:]
     assert "NOISY" not in out
     assert f"[judged: {mod}:{line} in ScaledLoRA.forward]" in " ".join(proc.stdout.split()), proc.stdout[-3000:]
     fail_lines = [x for x in proc.stdout.splitlines() if x.startswith(("FAIL ", "          "))]
