@@ -6,6 +6,7 @@ download CUDA builds) and installs with `-c constraints.txt`, which pins torch, 
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ nox.needs_version = ">=2024.3.2"
 nox.options.default_venv_backend = "virtualenv"
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["lint", "verify", "tests"]
+# nox probes for uv on every run and logs "uv binary not found." (this project never uses uv)
+logging.getLogger("nox").addFilter(lambda record: record.getMessage() != "uv binary not found.")
 
 ROOT = Path(__file__).parent
 CONSTRAINTS = ROOT / "constraints.txt"
@@ -180,15 +183,36 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
-@nox.session
+def verify_python(session: nox.Session) -> str:
+    """The python of verify's virtualenv (.nox/verify), which `tests` shares: one environment, one install. Built
+    (virtualenv, then `install`'s packages and stamp) when it is not there or its stamp is stale."""
+    venv = ROOT / ".nox" / "verify"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        session.run(sys.executable, "-m", "virtualenv", str(venv), external=True)
+    stamp, key = venv / STAMP, install_key()
+    if not (stamp.is_file() and stamp.read_text() == key):
+        for what in (["torch==2.13.0"], ["-e", ".[test]"]):
+            session.run(str(py), "-m", "pip", "install", "-c", str(CONSTRAINTS), *what, external=True)
+        stamp.write_text(key)
+    return str(py)
+
+
+@nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """verify (profile ci), then the test suite (runtime, engine, zoo, fetch, reviewer, audit, cost, real models)
-    on 2 workers. `-- ARGS` replaces the pytest arguments and skips the verify step."""
-    install(session)
-    env = {"OMP_NUM_THREADS": "1"}
-    if not session.posargs:
-        session.run("python", "-m", "tools.verify", "--profile", "ci", env=env)
-    session.run("python", "-m", "pytest", *(session.posargs or ["tests/", "-n", "2"]), env=env)
+    on 2 workers, in verify's environment. `-- ARGS` replaces the pytest arguments and skips the verify step.
+    Writes nothing outside temporary folders: verify's JSON, Hypothesis' database, no pytest cache, no bytecode."""
+    import tempfile
+
+    py = verify_python(session)
+    with tempfile.TemporaryDirectory(prefix="lora-verify-tests-") as tmp:
+        env = {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "HYPOTHESIS_STORAGE_DIRECTORY": tmp}
+        if not session.posargs:
+            session.run(py, "-m", "tools.verify", "--profile", "ci", "--json", f"{tmp}/impl.json", env=env,
+                        external=True)
+        session.run(py, "-m", "pytest", "-p", "no:cacheprovider", *(session.posargs or ["tests/", "-n", "2"]),
+                    env=env, external=True)
 
 
 @nox.session(default=False)

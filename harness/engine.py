@@ -16,7 +16,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from .backends.protocol import Deviations, FullBackend, PropertyNA, Supports, has, rejects
+from .backends.protocol import Deviations, FullBackend, PropertyNA, SourceClass, Supports, has, rejects
 from .probes import PROPERTIES, Falsified, Property
 from spec.schema import Spec
 from .strategies import Case
@@ -104,13 +104,14 @@ class Result:
 
     status: pass | fail | deviation (a failure the spec declares, with its reason) | na (not applicable; `detail`
     says why). detail: what broke, or why n/a. worst_error: the largest scaled error the property measured
-    over the examples it ran (the failing one included, where its check reports a size): a dimensionless
-    ratio, error / (size of the adapter's contribution + eps * size of the output), with max-abs norms over
-    the whole tensor (harness.tolerance.scaled_error); None when the property measures no error (a
+    over the examples it ran (the failing one included, where its check reports a size): the measured error
+    divided by the largest error a correct implementation may show (harness.tolerance.within: passes at <= 1);
+    None when the property measures no error (a
     structural check) or crashed before measuring one; 0.0 for exact checks that held. example: the
     minimal falsifying case (repr of harness.strategies.Case). examples: how many examples ran. seconds:
     wall time. failure_kind: "assertion" (the property's check failed) or "crash" (the code under test
-    raised); where: for a crash, the innermost frame of the code under test as "file:line in function: source".
+    raised); where: for a crash, the innermost frame of the code under test as "file:line in function: source"; for
+    a failed check, the implementation's method whose result it judged ("file:line in Class.method").
     """
 
     variant: str
@@ -123,6 +124,7 @@ class Result:
     seconds: float = 0.0
     failure_kind: str | None = None  # assertion | crash
     where: str | None = None  # crash site in the code under test
+    unchecked: bool = False  # n/a, but the spec declares something only this property checks (Property.gap)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -222,6 +224,35 @@ def variant_files(spec: Spec) -> set[str]:
     return files
 
 
+FRAMES = {"forward": ("forward", "forward_input"), "init": ("init", "group_init", "tensors"), "merged": ("merged",)}
+
+
+def method_site(backend: FullBackend, spec: Spec, frame: str) -> str | None:
+    """Where the implementation's method for `frame` (forward, init, merged) is defined, as "file:line in
+    Class.method": the first of FRAMES[frame] that the variant's class (the backend's `source_class`) or a base of
+    it below impl's Variant defines (a data-driven spec's init: its group_init first). None where the backend names
+    no class (a library verified through its API) or the class defines none of them."""
+    import inspect
+
+    cls = backend.source_class(spec) if has(backend, SourceClass) else None
+    if cls is None:
+        return None
+    names = FRAMES.get(frame, ())
+    if frame == "init" and spec.data != "none":
+        names = ("group_init", "init", "tensors")
+    for name in names:
+        for c in cls.__mro__:
+            fn = c.__dict__.get(name)
+            if fn is None or c.__module__ == "impl.registry":
+                continue
+            try:
+                path, line = inspect.getsourcefile(fn), inspect.getsourcelines(fn)[1]
+            except (OSError, TypeError):
+                break
+            return f"{path}:{line} in {c.__name__}.{name}"
+    return None
+
+
 def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str = "verify", device: str = "cpu",
                  deadline_s: float | None = None, interrupted=None) -> Result:
     """Run one property on one spec; never raises for a property failure, a crash of any kind (SystemExit
@@ -252,7 +283,7 @@ def _run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str
     na = (backend.applies(spec) or (has(backend, PropertyNA) and backend.property_na(spec, prop.name))
           or prop.applies(spec, backend))
     if na:
-        return Result(spec.name, prop.name, "na", detail=na)
+        return Result(spec.name, prop.name, "na", detail=na, unchecked=bool(prop.gap(spec)))
     base = settings.get_profile(profile)
     n = base.max_examples if prop.max_examples is None else min(base.max_examples, prop.max_examples)
     state.update(case=None, n=0, worst=None)
@@ -272,6 +303,16 @@ def _run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str
 
         draw = prop.strategy
         prop = replace(prop, strategy=lambda spec, device: draw(spec, device).filter(admitted))
+
+    check = prop.check
+
+    def noting(spec, backend, case):  # keeps the notes a passing check returns (probes.Noted) for the detail
+        w = check(spec, backend, case)
+        if getattr(w, "note", None):
+            state.setdefault("notes", set()).add(w.note)
+        return w
+
+    prop = replace(prop, check=noting)
 
     # (the derandomized profiles seed Hypothesis with a hash of run's source, decorators included: a change
     # to these lines changes every drawn case)
@@ -304,14 +345,19 @@ def _run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str
         if kind == "crash":
             where = crash_site(e, variant_files(spec), backend_files(backend))
             detail += f" [at {where}]" if where else ""
+        elif prop.frame:  # the implementation's method whose result the check judged
+            where = method_site(backend, spec, prop.frame)
+            detail += f" [judged: {where}]" if where else ""
         size = getattr(e, "size", None)
         if size is not None:
             state["worst"] = max(state["worst"] or 0.0, float(size))
+    if status == "pass" and state.get("notes"):
+        detail = "; ".join(sorted(state["notes"]))
     res = Result(spec.name, prop.name, status, detail, state["worst"],
                  None if status == "pass" else cap_text(repr(state["case"])), state["n"], round(time.perf_counter() - t0, 3), kind,
                  where)
     dev = declared_deviation(spec, prop.name, backend)
-    if dev is None or (status == "fail" and dev.match and dev.match not in detail):
+    if dev is None or (status == "fail" and not dev.matches(detail)):
         return res
     declared = f"declared: {dev.reason}" + (f" [{dev.source}]" if dev.source else "")
     if dev.size is not None:
@@ -378,7 +424,7 @@ def measure_deviation(prop: Property, spec: Spec, backend: FullBackend, dev, dev
         size = getattr(e, "size", None)
         if size is None:
             return None, f"failed without reporting a size ({e})"
-        if dev.match and dev.match not in str(e):
+        if not dev.matches(str(e)):
             return None, f"a different failure: {e}"
         return float(size), f"{float(size):.3g} ({e})"
     except (Exception, SystemExit, GeneratorExit) as e:  # noqa: BLE001 - a crash on the declared case is reported
@@ -388,10 +434,10 @@ def measure_deviation(prop: Property, spec: Spec, backend: FullBackend, dev, dev
 
 def table(results: list[dict], variants: list[str], properties: list[str]) -> str:
     """A variant x property table in plain text: pass '.', failed check 'F', crash 'E', declared deviation 'D',
-    n/a '-'."""
-    mark = {"pass": ".", "fail": "F", "crash": "E", "deviation": "D", "na": "-"}
+    n/a '-', unchecked 'U' (n/a, but the spec declares something only that property checks)."""
+    mark = {"pass": ".", "fail": "F", "crash": "E", "deviation": "D", "na": "-", "unchecked": "U"}
     by = {(r["variant"], r["property"]): "crash" if r.get("failure_kind") == "crash" and r["status"] == "fail"
-          else r["status"] for r in results}
+          else "unchecked" if r["status"] == "na" and r.get("unchecked") else r["status"] for r in results}
     w = max(len(v) for v in variants) + 1
     lines = [" " * w + " ".join(f"{i:>2}" for i in range(len(properties)))]
     for v in variants:
@@ -399,21 +445,26 @@ def table(results: list[dict], variants: list[str], properties: list[str]) -> st
     lines.append("")
     lines += [f"{i:>2} {p}" for i, p in enumerate(properties)]
     lines.append("legend: . pass  F failed check  E crash  D declared deviation  - not applicable  ? not run")
+    lines.append("        U unchecked: not applicable, but the spec declares what only that property checks")
     return "\n".join(lines)
 
 
 def changes(previous: list[dict], current: list[dict]) -> dict[str, list[str]]:
-    """What changed between two runs' results, over the (variant, property) pairs both ran: `new_failures`
+    """What changed between two runs' results: over the (variant, property) pairs both ran, `new_failures`
     (not failing before, failing now), `fixed` (failing before, not now), `other` (any other status change,
-    as "variant/property: old -> new")."""
+    as "variant/property: old -> new"); and `new`, the pairs the previous run did not have ("variant/property:
+    status", e.g. a variant's first run)."""
     before = {(r["variant"], r["property"]): r["status"] for r in previous}
-    out: dict[str, list[str]] = {"new_failures": [], "fixed": [], "other": []}
+    out: dict[str, list[str]] = {"new_failures": [], "fixed": [], "other": [], "new": []}
     for r in current:
         key = (r["variant"], r["property"])
         old, new = before.get(key), r["status"]
-        if old is None or old == new:
-            continue
         name = "/".join(key)
+        if old is None:
+            out["new"].append(f"{name}: {new}")
+            continue
+        if old == new:
+            continue
         if new == "fail":
             out["new_failures"].append(name)
         elif old == "fail":
@@ -430,7 +481,7 @@ def quantized_matrix(results: list[dict], specs: dict[str, Spec]) -> dict[str, d
         if r["property"] != "quantized" or r["status"] == "na":
             continue
         declared = specs[r["variant"]].quantized
-        observed = declared if r["status"] == "pass" else f"differs: {r['detail'][:120]}"
+        observed = declared if r["status"] == "pass" else f"differs: {r['detail']}"
         out[r["variant"]] = {"declared": declared, "bnb4": observed, "bnb8": observed}
     return out
 

@@ -6,6 +6,7 @@ to its report's user_properties, and the controller builds the table and the JSO
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import signal
@@ -97,7 +98,7 @@ def results_path(config, be) -> Path:
         check_name(stem, "results file name of the backend")
     except ValueError as e:
         raise pytest.UsageError(str(e)) from None
-    return Path("build/verify") / f"{stem}.json"
+    return Path("build/verify") / results_name(stem, config)
 
 
 class SigintSeen:
@@ -145,6 +146,10 @@ def pytest_configure(config):
     torch.set_num_threads(1)  # one torch thread per process (each xdist worker sets its own)
     torch_state.register(config)  # every item starts from this torch state (grad mode, dtype, ...)
     config.pluginmanager.register(RowKeeper(config), "verify-rows")
+    if hasattr(config, "workerinput"):  # a worker shows library logging from --log-level up, as the controller does
+        handler = logging.StreamHandler()
+        handler.setLevel(config.getoption("log_level") or "ERROR")
+        logging.getLogger().addHandler(handler)
 
 
 def selected(config) -> tuple[list[str], list[str]]:
@@ -309,6 +314,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         "quantized_matrix": qm,
         "specs": {v: records.spec_record(specs[v], be, ROOT) for v in variants},
         "summary": {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "deviation", "na")},
+        "unchecked": [f"{r['variant']}/{r['property']}" for r in results if r.get("unchecked")],
     }
     payload["findings"] = {v: records.record_findings(specs[v], payload["specs"][v],
                                                       [r for r in results if r["variant"] == v], be.name, props)
@@ -320,14 +326,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if qm:
         tr.write_line("")
         tr.write_line("quantized support (bitsandbytes 4-bit / 8-bit): declared -> observed")
+        w = max(map(len, qm))
         for v, row in qm.items():
-            tr.write_line(f"  {v:<18} declared {row['declared']:<7} bnb4 {row['bnb4'][:40]:<40} bnb8 {row['bnb8'][:40]}")
+            same = row["bnb4"] == row["bnb8"]
+            observed = f"bnb4 and bnb8 {row['bnb4']}" if same else f"bnb4 {row['bnb4']}; bnb8 {row['bnb8']}"
+            tr.write_line(wrapped(f"  {v:<{w}} declared {row['declared']:<7} observed {observed}"))
     for r in results:
         if r["status"] in ("fail", "deviation"):
             label = "CRASH" if r.get("failure_kind") == "crash" else r["status"].upper()
-            tr.write_line(f"{label:9} {r['variant']}/{r['property']}: {r['detail'][:400]}")
+            tr.write_line(wrapped(f"{label:9} {r['variant']}/{r['property']}: {r['detail']}"))
             if r["status"] == "fail" and r.get("example"):
-                tr.write_line(f"          minimal example: {r['example']}")
+                tr.write_line(wrapped(f"          minimal example: {r['example']}"))
+        elif r.get("unchecked"):
+            tr.write_line(wrapped(f"UNCHECKED {r['variant']}/{r['property']}: {r['detail']}"))
     try:  # the table is out; the previous JSON is kept as .prev.json only once the new one is serialised
         data = encode_json(payload)
     except (TypeError, ValueError, RecursionError) as e:
@@ -340,7 +351,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data)
     tr.write_line(summary_line(payload, time.perf_counter() - env["t0"]) + f" -> {path}")
-    if previous is not None:
+    if previous is None:
+        failing = [f"{r['variant']}/{r['property']}" for r in results if r["status"] == "fail"]
+        tr.write_line(wrapped(f"first run into {path}: every result is new ({len(results)}; {len(failing)} failing"
+                              + (f": {', '.join(failing)})" if failing else ")")))
+    else:
         prev_path, prev_results = previous
         if isinstance(prev_results, str):
             tr.write_line(f"the previous run ({prev_path}) is not compared: {prev_results}")
@@ -348,11 +363,42 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(describe_changes(changes(prev_results, results), prev_path))
 
 
+def wrapped(text: str, width: int = 120, max_lines: int = 12) -> str:
+    """A summary line wrapped at word boundaries, continuation lines indented 10 columns; a longer text ends
+    after `max_lines` lines with ' [...]' at a word boundary (the JSON keeps it whole). Never cut mid-word."""
+    import textwrap
+
+    lines = textwrap.wrap(text, width=width, subsequent_indent=" " * 10, break_long_words=False,
+                          break_on_hyphens=False, max_lines=max_lines, placeholder=" [...]")
+    return "\n".join(lines) or text
+
+
+def results_name(stem: str, config) -> str:
+    """The results file of a run: `<stem>.json` for the full run (every spec, every property, no user module), else
+    a name of its own saying the selection, `<stem>-<variants>-<properties>[-with-<modules>].json` ("all" for a
+    part not selected), or `<stem>-sel-<hash of the selection>.json` when that name would be long. A subset
+    never overwrites the full run's file or its .prev.json."""
+    import hashlib
+
+    variants = [v for v in _opt(config, "variants").split(",") if v]
+    props = [p for p in _opt(config, "properties").split(",") if p]
+    modules = [Path(m).stem if m.endswith(".py") else m for m in _opt(config, "variant_module")]
+    if not (variants or props or modules):
+        return f"{stem}.json"
+    tag = "-".join(["+".join(variants) or "all", "+".join(props) or "all"] + (["with-" + "+".join(modules)] if modules else []))
+    if len(tag) > 80 or not all(c.isalnum() or c in "+-_." for c in tag):
+        tag = "sel-" + hashlib.sha256(tag.encode()).hexdigest()[:12]
+    return f"{stem}-{tag}.json"
+
+
 def summary_line(payload: dict, seconds: float) -> str:
     """The run's counts, from its results: 'verify: V variants x P properties: ... pass, ... in S s'."""
     n = payload["summary"]
     return (f"verify: {len(payload['variants'])} variants x {len(payload['properties'])} properties: {n['pass']} pass, "
-            f"{n['deviation']} declared deviation, {n['na']} n/a, {n['fail']} fail in {seconds:.0f} s")
+            f"{n['deviation']} declared deviation, {n['na']} n/a"
+            + (f" ({len(payload['unchecked'])} unchecked: {', '.join(payload['unchecked'])})"
+               if payload.get("unchecked") else "")
+            + f", {n['fail']} fail in {seconds:.0f} s")
 
 
 def keep_previous(path: Path) -> tuple[Path, list[dict] | str] | None:
@@ -373,8 +419,9 @@ def keep_previous(path: Path) -> tuple[Path, list[dict] | str] | None:
 
 def describe_changes(ch: dict[str, list[str]], prev: Path) -> str:
     """One line per kind of change since the previous run, or one line saying nothing changed."""
-    labels = (("new_failures", "new failures"), ("fixed", "fixed"), ("other", "other changes"))
-    lines = [f"  {label} ({len(ch[k])}): {', '.join(ch[k])}" for k, label in labels if ch[k]]
+    labels = (("new_failures", "new failures"), ("fixed", "fixed"), ("other", "other changes"),
+              ("new", "new, not in that run"))
+    lines = [wrapped(f"  {label} ({len(ch[k])}): {', '.join(ch[k])}") for k, label in labels if ch.get(k)]
     head = f"since the previous run ({prev}):"
     return "\n".join([head] + lines) if lines else f"{head} no status changed"
 

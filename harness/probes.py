@@ -27,6 +27,16 @@ class Falsified(AssertionError):
         self.size = size
 
 
+class Noted(float):
+    """A property's worst scaled error with a note the Result's detail keeps when the property passes (e.g. which
+    dtypes a check could judge)."""
+
+    def __new__(cls, value: float, note: str):
+        obj = super().__new__(cls, value)
+        obj.note = note
+        return obj
+
+
 def require(cond: bool, msg: str, size: float | None = None) -> None:
     if not cond:
         raise Falsified(msg, size)
@@ -41,6 +51,12 @@ class Property:
     applies: Callable[[Spec, FullBackend], str | None] = lambda spec, be: None
     max_examples: int | None = None  # cap for properties with little to draw
     needs: tuple[str, ...] = ()  # backend capabilities (harness.backends.protocol.CAPABILITIES); missing -> na
+    # what a spec declares that only this property checks: where it returns a text and the property is n/a, the
+    # Result is marked unchecked (table mark U, counted in the summary), not a silent n/a
+    gap: Callable[[Spec], str | None] = lambda spec: None
+    # the method of the implementation whose result a failed check judged ("forward", "init", "merged"): the engine
+    # names its file and line in the failure
+    frame: str = ""
 
 
 PROPERTIES: dict[str, Property] = {}
@@ -48,15 +64,17 @@ PROPERTIES: dict[str, Property] = {}
 
 def prop(name: str, strategy: Callable[[Spec, str], st.SearchStrategy],
          applies: Callable[[Spec, FullBackend], str | None] | None = None, max_examples: int | None = None,
-         needs: tuple[str, ...] = ()) -> Callable[[Callable[[Spec, FullBackend, Any], float | None]],
-                                                  Callable[[Spec, FullBackend, Any], float | None]]:
+         needs: tuple[str, ...] = (), gap: Callable[[Spec], str | None] | None = None,
+         frame: str = "") -> Callable[[Callable[[Spec, FullBackend, Any], float | None]],
+                                      Callable[[Spec, FullBackend, Any], float | None]]:
     """Register a property; `needs` names the backend capabilities it uses (a backend lacking one makes it na,
     with the backend's reason)."""
     own = applies or (lambda spec, be: None)
 
     def deco(fn):
         PROPERTIES[name] = Property(name, (fn.__doc__ or "").strip(), fn, strategy,
-                                    lambda spec, be: lacks(be, spec, *needs) or own(spec, be), max_examples, needs)
+                                    lambda spec, be: lacks(be, spec, *needs) or own(spec, be), max_examples, needs,
+                                    gap or (lambda spec: None), frame)
         return fn
 
     return deco

@@ -236,6 +236,8 @@ def record_findings(spec: Spec, record: Mapping[str, Any], rows: Sequence[Mappin
             cite = [("verify", prop)] + ([("spec", f"deviation:{dev.backend}:{dev.property}")] if dev else [])
             add("info", "declared_deviation", f"{prop}: declared deviation, observed as declared: {detail}",
                 f"property:{prop}", *cite)
+        elif r["status"] == "na" and r.get("unchecked"):
+            add("medium", "unchecked_claim", f"{prop}: {detail}", f"property:{prop}", ("verify", prop))
         elif r["status"] == "na" and oracle:
             add("low", "oracle_unavailable", f"{prop}: no differential oracle for this variant ({detail})",
                 f"property:{prop}", ("verify", prop))

@@ -241,6 +241,12 @@ def _undo(model: nn.Module, ads: Iterable[Adapter], handles: list, requires_grad
     model.__dict__.pop(STATE_ATTR, None)
 
 
+def _mode_of(layer: nn.Module) -> bool:
+    """The training flag a new adapter takes: its host layer's. A model already in eval() (every from_pretrained
+    model) gets an adapter in eval, so its dropout is off; model.train() / eval() later reach it as a submodule."""
+    return layer.training
+
+
 def _write_base(ad: Adapter, W: torch.Tensor) -> None:
     if ad.original_weight is None:
         ad.original_weight = ad.layer.weight.data.clone()
@@ -270,6 +276,7 @@ def attach(model: nn.Module, cfg: Config, calibration: Iterable | None = None, *
         for name, layer in targets.items():
             ad = Adapter(variant, cfg, layer, name)
             layer.add_module("adapter", ad)
+            ad.train(_mode_of(layer))
             ads[name] = ad
             for tname, decl in variant.tensors(ad.d_in, ad.d_out, cfg).items():
                 ad.add(tname, decl, pool)

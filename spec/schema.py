@@ -55,6 +55,14 @@ class TensorSpec:
         return None
 
     @property
+    def derived(self) -> bool:
+        """Whether `init` declares values that only a spec's `init_oracle` checks: anything but a random
+        distribution (checked by `init_distribution`) and "zeros" / "ones" (seen by the identity at init), e.g. an
+        SVD factor of W, a norm of W, a function of calibration data, a config value."""
+        first = self.init.strip().split(" ", 1)[0].split("(", 1)[0]
+        return not self.random and first not in ("zeros", "ones")
+
+    @property
     def random(self) -> bool:
         """Whether `init` declares a random distribution (one of the two forms `distribution` reads)."""
         text = self.init.strip()
@@ -101,8 +109,9 @@ class Deviation:
 
     Optional, for a deviation with a size: `size` is the property's measured size (the `size` its Falsified
     reports, e.g. a scaled error) on the fixed seeded `case` (Case fields: d_in, d_out, bias, dtype name, seed,
-    fields); verify re-measures it there and fails if it moves outside 0.5x-2x of `size`. `match`: only a
-    failure whose message contains this text is the declared one (any other failure stays a failure).
+    fields); verify re-measures it there and fails if it moves outside 0.5x-2x of `size`. `match`: a regular
+    expression (Python `re`); only a failure whose message it matches in whole tokens is the declared one, any other
+    failure stays a failure (see `matches`). Empty: every failure of the property on the backend is the declared one.
     """
 
     property: str
@@ -112,6 +121,21 @@ class Deviation:
     size: float | None = None
     case: Mapping[str, Any] | None = None
     match: str = ""
+
+    def __post_init__(self):
+        try:
+            re.compile(self.match)
+        except re.error as e:
+            raise ValueError(f"deviation on '{self.property}': match {self.match!r} is not a regular expression: {e}") \
+                from None
+
+    def matches(self, message: str) -> bool:
+        """Whether a failure message is the declared one: `match` must match somewhere in it, starting and ending
+        on token boundaries: not inside a word, not inside a number. So "measured 0" does not match
+        "measured 0.0286", "accepted" does not match "unaccepted", and "Conv1D" does match "(Conv1D)"."""
+        if not self.match:
+            return True
+        return re.search(rf"(?<![\w.])(?:{self.match})(?!\w|\.\d)", message) is not None
 
 
 @dataclass(frozen=True)
@@ -211,6 +235,16 @@ class Spec:
         return tuple(t for t in self.tensors
                      if (not t.when or eval(t.when, {"__builtins__": {}}, env))
                      and (trainable is None or t.trainable == trainable))
+
+    def unchecked_init(self) -> str | None:
+        """What of the init no property checks, because the spec has no `init_oracle`: the tensors whose init is
+        derived (see TensorSpec.derived), a rewritten base weight, a data-driven init; None when nothing is."""
+        if self.init_oracle is not None:
+            return None
+        what = [f"'{t.name}' ({t.init})" for t in self.tensors if t.derived]
+        what += ["the rewritten base weight"] if self.rewrites_base else []
+        what += ["the init from calibration data"] if self.data != "none" else []
+        return ", ".join(what) or None
 
     @property
     def trainable(self) -> tuple[TensorSpec, ...]:

@@ -175,7 +175,8 @@ def test_changes_between_runs():
             (("a", "pass"), ("b", "fail"), ("c", "na"), ("d", "pass"))]
     cur = [{"variant": "v", "property": p, "status": s} for p, s in
            (("a", "fail"), ("b", "pass"), ("c", "pass"), ("d", "pass"), ("e", "fail"))]
-    assert changes(prev, cur) == {"new_failures": ["v/a"], "fixed": ["v/b"], "other": ["v/c: na -> pass"]}
+    assert changes(prev, cur) == {"new_failures": ["v/a"], "fixed": ["v/b"], "other": ["v/c: na -> pass"],
+                                  "new": ["v/e: fail"]}
 
 
 def test_crash_site_prefers_the_variant_file_and_table_marks_crashes(tmp_path):

@@ -8,7 +8,7 @@ a --backend-module's backend breaks the protocol (checked before anything runs; 
 The previous run's JSON is kept as <name>.prev.json and the summary says what changed since it. Logging from the
 libraries under test is shown from --log-level (default ERROR) up. With -n 0 (or 1) the run is one child process,
 restarted after the item it was running when it died (os._exit, a segfault): that item is a crash row and the run
-goes on.
+goes on. Library Python warnings are shown only from --log-level WARNING down.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             return BACKEND_INVALID
     show_logging_from(a.log_level)
+    if a.log_level == "ERROR" and not sys.warnoptions and "PYTHONWARNINGS" not in os.environ:
+        # libraries' Python warnings (FutureWarning, deprecations) only from --log-level WARNING down; the
+        # environment variable carries the filter into the xdist workers from their first import
+        os.environ["PYTHONWARNINGS"] = "ignore"
+        warnings.simplefilter("ignore")
     args = [str(ROOT / "harness" / "verify_test.py"), "-p", "harness.plugin", "-q", "--no-header", "-p", "no:randomly",
             "-p", "no:warnings", f"--log-level={a.log_level}", f"--rootdir={ROOT}", "--device", a.device]
     if a.workers not in ("0", "1"):

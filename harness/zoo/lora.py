@@ -65,6 +65,13 @@ def detach_leaves_hook():
         yield
 
 
+@contextlib.contextmanager
+def adapter_always_training():
+    """The old runtime: a new adapter stays in train mode whatever its host's mode (nn.Module's default)."""
+    with mock.patch.object(runtime, "_mode_of", lambda layer: True):
+        yield
+
+
 MUTANTS = [
     Mutant("lora.alpha_scale", AlphaScale, "oracle", "scale alpha instead of alpha / r"),
     Mutant("lora.rslora_lost", RsloraLost, "oracle", "rsLoRA's alpha / sqrt(r) replaced by alpha / r"),
@@ -76,5 +83,7 @@ MUTANTS = [
            patch=functools.partial(checkpoint_without, "::B")),
     Mutant("lora.detach_hook_left", LoRA, "detach_restores", "detach forgets the hook and adapter",
            patch=detach_leaves_hook),
+    Mutant("lora.eval_dropout_active", LoRA, "eval_deterministic",
+           "attach into a model in eval() leaves the adapter's dropout active", patch=adapter_always_training),
     Mutant("lora.merge_wrong_scale", MergeWrongScale, "merge", "merge folds alpha · BA instead of alpha/r · BA"),
 ]

@@ -73,7 +73,7 @@ SPEC = register(
             Deviation("identity_at_init", "PEFT refuses to initialise PiSSA on a float64 base ('Please initialize "
                       "PiSSA under float32'); the PEFT backend initialises in float32 and casts, PEFT's recipe, so "
                       "the float64 identity holds only to the fp32 rounding of the SVD",
-                      backend="peft", source="peft/tuners/lora/layer.py:432-436 (pissa_init)", match="eps(torch.float64)"),
+                      backend="peft", source="peft/tuners/lora/layer.py:432-436 (pissa_init)", match=r"eps\(torch\.float64\)"),
             Deviation("detach_restores", "PEFT's unload() leaves the residual W_res in the base layer: PiSSA's "
                       "rewrite of the base is not undone", backend="peft",
                       source="peft/tuners/lora/layer.py:462 (pissa_init overwrites the base weight); PEFT documents "
