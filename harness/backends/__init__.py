@@ -120,7 +120,8 @@ class ImplBackend:
 
 
 BACKENDS: dict[str, type] = {"impl": ImplBackend}
-LAZY = {"peft": ".peft", "lora-lite": ".lora_lite"}  # built-in backends imported on first use
+LAZY = {"peft": ".peft", "lora-lite": ".lora_lite", "loralib": ".loralib", "loralib-merged": ".loralib",
+        "torchtune": ".torchtune"}  # built-in backends imported on first use
 
 
 def register(cls: type) -> type:
