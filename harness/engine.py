@@ -110,6 +110,19 @@ def variant_files(spec: Spec) -> set[str]:
     return files
 
 
+def backend_files(backend, spec: Spec) -> set[str]:
+    """The file of the class an outside library implements the variant with (`source_class(spec)`): its frames
+    are the code under test even inside site-packages."""
+    import inspect
+
+    finder = getattr(backend, "source_class", None)
+    cls = finder(spec) if finder else None
+    try:
+        return {inspect.getfile(cls)} if cls is not None else set()
+    except (TypeError, OSError):
+        return set()
+
+
 def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", device: str = "cpu") -> Result:
     """Run one property on one spec; never raises for a property failure."""
     property_na = getattr(backend, "property_na", None)
@@ -159,7 +172,7 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         kind = "assertion" if isinstance(e, (Falsified, AssertionError)) else "crash"
         detail = str(e) if kind == "assertion" else f"{type(e).__name__}: {e}"
         if kind == "crash":
-            where = crash_site(e, variant_files(spec))
+            where = crash_site(e, variant_files(spec) | backend_files(backend, spec))
             detail += f" [at {where}]" if where else ""
         size = getattr(e, "size", None)
         if size is not None:

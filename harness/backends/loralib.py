@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from impl import layers
-from spec.schema import Spec
+from spec.schema import Deviation, Spec
 
 from . import BACKENDS
 from ..strategies import Case
@@ -85,6 +85,19 @@ class LoralibBackend:
         return ("loralib has LoRA only: \"We only support `nn.Linear`, `nn.Embedding`, and `nn.Conv2d` for now.\" "
                 "(README, METADATA:94), each with lora_A / lora_B")
 
+    def source_class(self, spec: Spec) -> type | None:
+        """The loralib class this backend drives for the spec (its file is what a failure points into)."""
+        return getattr(self.lora, self.layer_class) if spec.name == "lora" else None
+
+    def sites(self, spec: Spec) -> dict:
+        """Where a failing property's computation lives in loralib: by property, "*" for the rest."""
+        cls = self.source_class(spec)
+        merge = cls.train  # merge_weights=True: eval() (= train(False)) merges, train() unmerges
+        return {"*": cls.forward, "merge": merge, "merge_oracle": merge, "unmerge_restores": merge,
+                "init_formula": cls.reset_parameters, "init_distribution": cls.reset_parameters,
+                "trainable_set": self.lora.mark_only_lora_as_trainable, "training_step": cls.__init__,
+                "layer_kinds": self.lora.Embedding.forward, "dropout_live": merge}
+
     def supports(self, spec: Spec, case: Case) -> str | None:
         if case.fields.get("rslora"):
             return "loralib has no rsLoRA: self.scaling = self.lora_alpha / self.r (loralib/layers.py:112)"
@@ -92,6 +105,17 @@ class LoralibBackend:
 
     def unsupported(self, spec: Spec, capability: str) -> str | None:
         return LACKS.get(capability)
+
+    def deviation(self, spec: Spec, prop: str) -> Deviation | None:
+        """loralib's documented mode switch: eval() merges s*B@A into weight, so an eval-mode output is the merged
+        layer's, equal to the unmerged one up to rounding only."""
+        if prop != "dropout_live":
+            return None
+        return Deviation("dropout_live", "\"Calling `model.eval()` will trigger the merging of LoRA parameters with "
+                         "the corresponding pretrained ones\": eval mode computes (W + s B A) x, which differs from "
+                         "W x + s B A x by rounding", backend=self.name,
+                         source="loralib README (METADATA:160); loralib/layers.py:137-141",
+                         match="eval mode with dropout differs from dropout 0")
 
     # ---- config and attach
 
