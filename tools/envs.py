@@ -222,6 +222,10 @@ def env_dir(decl: Declared) -> Path:
     return ENVS / f"verify-{slug}-{env_key(decl)[:10]}"
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def _last_line(text: str) -> str:
     lines = [l.strip() for l in (text or "").splitlines() if l.strip()]
     errors = [l for l in lines if l.startswith("ERROR")]
@@ -236,9 +240,9 @@ def ensure(decl: Declared, python: str = sys.executable, log=print, run=subproce
     stamp = venv / STAMP
     key = env_key(decl)
     if py.exists() and stamp.is_file() and stamp.read_text() == key:
-        log(f"{decl.name}: reusing {venv.relative_to(ROOT)}")
+        log(f"{decl.name}: reusing {_shown(venv)}")
         return py
-    log(f"{decl.name}: building {venv.relative_to(ROOT)} ({', '.join(decl.requirements)})")
+    log(f"{decl.name}: building {_shown(venv)} ({', '.join(decl.requirements)})")
     venv.parent.mkdir(parents=True, exist_ok=True)
     cons = venv.with_name(venv.name + ".constraints.txt")
     cons.write_text(constraints_for(decl, CONSTRAINTS.read_text()))
