@@ -110,6 +110,7 @@ def _site(fn) -> str | None:
     """'package/file.py:LINE' of a function or class, from its installed package root."""
     import inspect
 
+    fn = inspect.unwrap(fn)  # a decorated function (torch.no_grad, contextmanager): its own source
     try:
         f = inspect.getsourcefile(fn)
         line = inspect.getsourcelines(fn)[1]
