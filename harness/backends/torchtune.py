@@ -150,12 +150,14 @@ class TorchtuneBackend:
         return model
 
     def merge(self, model) -> None:
-        """get_merged_lora_ckpt on the model's state dict, loaded into the original (plain Linear) layer."""
-        state = self.peft.get_merged_lora_ckpt({k: v.detach().clone() for k, v in model.layer.state_dict().items()},
+        """get_merged_lora_ckpt on the model's state dict (module names as keys, as the recipe passes it: the
+        function finds the adapted modules by the key prefixes), loaded into the original (plain Linear) layer."""
+        state = self.peft.get_merged_lora_ckpt({k: v.detach().clone() for k, v in model.state_dict().items()},
                                                rank=model.__dict__["_torchtune"]["rank"],
                                                alpha=model.__dict__["_torchtune"]["alpha"])
         original = model.__dict__.pop("_torchtune")["original"]
-        original.load_state_dict(state)  # strict: the merged checkpoint is in the base model's format
+        # strict: the merged checkpoint is in the base model's format
+        original.load_state_dict({k.removeprefix("layer."): v for k, v in state.items()})
         original.train(model.training)
         model.layer = original
 
