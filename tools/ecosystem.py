@@ -121,7 +121,7 @@ def _site(fn) -> str | None:
 
 def portable(path: str) -> str:
     """A file of an installed package from its package root (`loralib/layers.py`), ours from the repository root."""
-    path = re.sub(r".*/site-packages/", "", str(path))
+    path = re.sub(r"[^\s\[]*/site-packages/", "", str(path))
     return path.replace(str(ROOT) + os.sep, "")
 
 
