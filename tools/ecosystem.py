@@ -287,7 +287,18 @@ def build(libs_doc: dict) -> dict:
                          "detail": portable(r.get("detail") or ""), "example": r.get("example"), "site": site})
     failures.sort(key=lambda f: (f["library"], f["backend"], f["variant"], f["property"], f["version"]))
     return {"columns": columns, "rows": rows, "failures": failures,
-            "shared": [r for r in rows if len(r["libraries"]) > 1]}
+            "shared": [r for r in rows if len(r["libraries"]) > 1], "repros": repros()}
+
+
+def repros(folder: Path = AUDIT.parent / "ecosystem" / "repro") -> list[dict]:
+    """The standalone reproductions (audits/ecosystem/repro/*.py): file and the first line of its docstring."""
+    import ast
+
+    out = []
+    for f in sorted(folder.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(f.read_text())) or ""
+        out.append({"file": f.relative_to(ROOT).as_posix(), "claim": (doc.splitlines() or [""])[0]})
+    return out
 
 
 def render_markdown(doc: dict) -> str:

@@ -1,6 +1,6 @@
-"""torchtune 0.6.1: built under a bf16 default dtype (its recipe's set_default_dtype), LoRALinear's adapter is bf16
-too, and one AdamW step does not move lora_b.
+"""torchtune 0.6.1: in a bf16 model, LoRALinear's adapter is bf16 too, and one AdamW step does not move lora_b.
 
+The recipe builds the model under its dtype (training.set_default_dtype, bf16 in its shipped configs).
     pip install torch torchtune==0.6.1 torchao==0.16.0 (torchtune with --no-deps) && python torchtune_bf16_adapter_does_not_train.py
 
 LoRALinear creates lora_a / lora_b as nn.Linear under the default dtype (torchtune/modules/peft/lora.py:82-83); the
