@@ -1,4 +1,5 @@
-"""Sessions: lint, verify (main job), tests, zoo, fetch, review, cost, timeline (lora-lite's history), peft_history.
+"""Sessions: lint, verify (main job), tests, zoo, fetch, review, cost, timeline (lora-lite's history), peft_history,
+ecosystem (the outside libraries, each in its own environment).
 
 Every session uses the virtualenv backend with pip (uv would not see the local CPU torch wheel and would
 download CUDA builds) and installs with `-c constraints.txt`, which pins torch, peft and bitsandbytes exactly.
@@ -69,10 +70,15 @@ def verify(session: nox.Session) -> None:
 
     `-- --variants lora,dora`, `-- --variant-module path/or.module`, `-- --backend peft`,
     `-- --backend peft --peft-version 0.13.2` (a separate environment with that PEFT release), `-- --device cuda`,
-    `-- --backend lora-lite --ref COMMIT [--repo PATH_OR_URL]` (lora-lite at that commit, in an environment with
+    `-- --backend loralib [--version 0.1.1]` (an outside library whose backend declares `requirements`: its own
+    environment, tools/envs.py), `-- --backend lora-lite --ref COMMIT [--repo PATH_OR_URL]` (lora-lite at that commit, in an environment with
     its dependencies; writes build/verify/lora-lite-<commit>.json), `-- --backend-module path/or.module`.
     """
     args = list(session.posargs)
+    py = library_env(session, args)
+    if py is not None:  # a backend declaring `requirements`: its own environment .nox/verify-<library>-<hash>/
+        session.run(str(py), "-m", "tools.verify", *args, external=True, env={"OMP_NUM_THREADS": "1"})
+        return
     if _option(args, "--backend") == "lora-lite":  # --backend lora-lite --ref C [--repo R]: its own environment, that commit's deps
         py = lora_lite_env(session, _option(args, "--ref"), _option(args, "--repo") or LORA_LITE_URL)
         session.run(str(py), "-m", "tools.verify", *args, external=True, env={"OMP_NUM_THREADS": "1"})
@@ -90,6 +96,35 @@ def verify(session: nox.Session) -> None:
         session.error(f"--peft-version verifies the PEFT backend; it cannot go with --backend {backend}")
     install(session)
     session.run("python", "-m", "tools.peft_history", "one", peft_version, *args, env={"OMP_NUM_THREADS": "1"})
+
+
+def library_env(session: nox.Session, args: list[str]) -> Path | None:
+    """The python of the environment of `--backend NAME` (a shipped backend, or one in `--backend-module FILE`)
+    when that backend declares `requirements` (tools/envs.py): built once, then reused. `--version X` (removed from
+    args) replaces the library's version. None: the backend declares none (the ordinary verify environment)."""
+    sys.path.insert(0, str(ROOT))
+    from tools import envs
+
+    version = _pop_option(args, "--version")
+    try:
+        decl = envs.declared(_option(args, "--backend"), _option(args, "--backend-module"))
+        if decl is None:
+            if version:
+                session.error("--version applies to a backend that declares `requirements` "
+                              f"(shipped: {', '.join(sorted(envs.shipped()))})")
+            return None
+        return envs.ensure(envs.with_version(decl, version), log=session.log)
+    except envs.EnvError as e:
+        session.error(str(e))
+
+
+@nox.session(default=False)
+def ecosystem(session: nox.Session) -> None:
+    """Every shipped outside library (the backends declaring `requirements`) at its pinned release and the previous
+    minor, each in its own environment; renders audits/ecosystem.md (+ .json): `-- [--libraries loralib,torchtune]
+    [--budget-s 3600] [--profile history] [-n 2] [--reuse]`. One progress line per library release."""
+    install(session)
+    session.run("python", "-m", "tools.ecosystem", "run", *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
 
 @nox.session(default=False)

@@ -253,6 +253,18 @@ def method_site(backend: FullBackend, spec: Spec, frame: str) -> str | None:
     return None
 
 
+def library_files(backend: FullBackend, spec: Spec) -> set[str]:
+    """The file of the class an outside library implements the variant with (`source_class(spec)`): its frames
+    are the code under test even inside site-packages."""
+    import inspect
+
+    cls = backend.source_class(spec) if has(backend, SourceClass) else None
+    try:
+        return {inspect.getfile(cls)} if cls is not None else set()
+    except (TypeError, OSError):
+        return set()
+
+
 def run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str = "verify", device: str = "cpu",
                  deadline_s: float | None = None, interrupted=None) -> Result:
     """Run one property on one spec; never raises for a property failure, a crash of any kind (SystemExit
@@ -343,7 +355,7 @@ def _run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str
         kind = "assertion" if isinstance(e, (Falsified, AssertionError)) else "crash"
         detail = _text(e) if kind == "assertion" else _message(e)
         if kind == "crash":
-            where = crash_site(e, variant_files(spec), backend_files(backend))
+            where = crash_site(e, variant_files(spec) | library_files(backend, spec), backend_files(backend))
             detail += f" [at {where}]" if where else ""
         elif prop.frame:  # the implementation's method whose result the check judged
             where = method_site(backend, spec, prop.frame)

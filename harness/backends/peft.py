@@ -319,6 +319,8 @@ class PeftBackend:
     )
 
     def __init__(self) -> None:
+        if isinstance(IMPORT_ERROR, ImportError) and getattr(IMPORT_ERROR, "name", None) == "peft":
+            raise RuntimeError("peft is not installed in this environment (a backend may leave it out: `without`)")
         if IMPORT_ERROR is not None:
             import transformers
 

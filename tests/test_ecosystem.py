@@ -1,0 +1,236 @@
+"""The outside libraries: environments from declared requirements (tools/envs.py), the ecosystem audit
+(tools/ecosystem.py), the harness without PEFT, and a planted bug per library flagged by the property naming it."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools import ecosystem, envs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------- declarations
+
+
+@pytest.mark.parametrize("text", ["loralib", "loralib>=0.1", "loralib==0.1.*", "loralib==0.1.2; python_version>'3'",
+                                  "loralib @ https://x/y.whl", "loralib==0.1.2,==0.1.3", "not a requirement!",
+                                  "loralib==abc"])
+def test_requirement_must_be_one_exact_version(text):
+    with pytest.raises(envs.EnvError):
+        envs.exact(text)
+
+
+def test_exact_requirement_is_accepted():
+    assert str(envs.exact("Loralib==0.1.2")) == "Loralib==0.1.2"
+
+
+def _write(tmp_path, body: str) -> Path:
+    f = tmp_path / "mine.py"
+    f.write_text(body)
+    return f
+
+
+def test_declarations_read_without_import(tmp_path):
+    f = _write(tmp_path, "import does_not_exist\n\nclass B:\n    name = 'mine'\n    requirements = ('mylib==1.2.3', "
+                         "'dep==0.1')\n    without = ('peft',)\n    no_deps = ('mylib',)\n")
+    (d,) = envs.declarations(f)
+    assert (d.name, d.requirements, d.without, d.no_deps, d.library) == (
+        "mine", ("mylib==1.2.3", "dep==0.1"), ("peft",), ("mylib",), "mylib")
+    assert envs.declared("mine", str(f)) == d
+    assert envs.declared("other", str(f)) is None
+
+
+@pytest.mark.parametrize("body, message", [
+    ("class B:\n    name = 'b'\n    requirements = tuple(['x==1'])\n", "literal"),
+    ("class B:\n    name = 'b'\n    requirements = 'x==1'\n", "tuple of str"),
+    ("class B:\n    name = 'b'\n    requirements = ()\n", "empty"),
+    ("class B:\n    requirements = ('x==1',)\n", "name"),
+    ("class B:\n    name = 'b'\n    requirements = ('x==1',)\n    no_deps = ('y',)\n", "not among"),
+    ("class B:\n    name = 'b'\n    requirements = ('torch==2.0.0',)\n", "torch"),
+    ("class B:\n    name = 'b'\n    requirements = ('x==1', 'X==2')\n", "twice"),
+])
+def test_bad_declarations_are_one_clear_error(tmp_path, body, message):
+    with pytest.raises(envs.EnvError, match=message):
+        envs.declarations(_write(tmp_path, body))
+
+
+def test_shipped_backends_and_their_shared_environment():
+    shipped = envs.shipped()
+    assert {"loralib", "loralib-merged", "torchtune"} <= set(shipped)
+    a, b = envs.declared("loralib"), envs.declared("loralib-merged")
+    assert envs.env_dir(a) == envs.env_dir(b)  # one library, one environment
+    assert envs.env_dir(a).name.startswith("verify-loralib-")
+    assert envs.declared("impl") is None and envs.declared("lora-lite") is None
+
+
+def test_version_replaces_the_library_requirement_only():
+    d = envs.with_version(envs.declared("torchtune"), "0.5.0")
+    assert d.requirements[0] == "torchtune==0.5.0" and "torchao==0.16.0" in d.requirements
+    assert envs.library_version(d) == "0.5.0"
+    assert envs.env_dir(d) != envs.env_dir(envs.declared("torchtune"))
+    with pytest.raises(envs.EnvError):
+        envs.with_version(d, "latest")
+
+
+def test_constraints_drop_pins_of_required_and_left_out_packages():
+    d = envs.Declared("x", ("peft==0.13.0",), ("bitsandbytes",), (), "", "peft")
+    text = envs.constraints_for(d, "# c\ntorch==2.13.0\npeft==0.21.2\nbitsandbytes==0.50.2\n")
+    assert text == "# c\ntorch==2.13.0\n"
+    deps = envs.harness_dependencies(("peft", "bitsandbytes"))
+    assert not any(x.startswith(("torch", "peft", "bitsandbytes")) for x in deps)
+
+
+class _Pip:
+    def __init__(self, fail_at: int | None = None):
+        self.calls, self.fail_at = [], fail_at
+
+    def __call__(self, cmd, **kw):
+        self.calls.append(cmd)
+        if cmd[1:3] == ["-m", "venv"]:
+            py = Path(cmd[3]) / "bin" / "python"
+            py.parent.mkdir(parents=True, exist_ok=True)
+            py.write_text("")
+        return subprocess.CompletedProcess(cmd, 1 if len(self.calls) == self.fail_at else 0, "", "ERROR: no such version")
+
+
+def test_environment_is_built_once_then_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(envs, "ENVS", tmp_path)
+    d = envs.declared("torchtune")
+    pip = _Pip()
+    py = envs.ensure(d, run=pip, log=lambda m: None)
+    flat = [" ".join(map(str, c)) for c in pip.calls]
+    assert py == envs.env_dir(d) / "bin" / "python"
+    assert any("torch==2.13.0" in c for c in flat) and any("--no-deps -e" in c for c in flat)
+    nodeps = next(c for c in flat if "--no-deps -c" in c)
+    assert "torchtune==0.6.1" in nodeps and "torchao==0.16.0" in nodeps and "tiktoken" not in nodeps
+    n = len(pip.calls)
+    envs.ensure(d, run=pip, log=lambda m: None)
+    assert len(pip.calls) == n  # the stamp matched: nothing installed again
+
+
+def test_failed_install_is_one_line_and_leaves_no_stamp(tmp_path, monkeypatch):
+    monkeypatch.setattr(envs, "ENVS", tmp_path)
+    d = envs.declared("loralib")
+    with pytest.raises(envs.EnvError, match="no such version"):
+        envs.ensure(d, run=_Pip(fail_at=4), log=lambda m: None)
+    assert not (envs.env_dir(d) / envs.STAMP).exists()
+
+
+# ----------------------------------------------------------------------------------------------- the audit
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "inf", "nan", "soon"])
+def test_budget_must_be_finite_positive(text):
+    with pytest.raises(Exception):
+        ecosystem.budget(text)
+    assert ecosystem.budget("12.5") == 12.5
+
+
+def test_previous_minor_else_previous_release():
+    assert ecosystem.previous("0.6.1", ["0.6.1", "0.6.0", "0.5.0", "0.4.0"]) == ("0.5.0", "previous minor")
+    assert ecosystem.previous("0.1.2", ["0.1.2", "0.1.1", "0.1.0"])[0] == "0.1.1"
+    assert ecosystem.previous("1.0.0", ["1.0.0"]) == (None, "")
+
+
+def _doc():
+    def res(v, p, status, **kw):
+        return {"variant": v, "property": p, "status": status, "detail": kw.get("detail", ""), "example": "Case()",
+                "failure_kind": kw.get("kind"), "where": kw.get("where")}
+    a = {"version": "1.0", "variants": ["lora", "dora"], "peft": True, "reused": False,
+         "sites": {"dora": {"*": "liba/dora.py:10", "merge": "liba/merge.py:5"}},
+         "results": [res("lora", "oracle", "pass"), res("dora", "merge", "fail", kind="assertion"),
+                     res("dora", "oracle", "fail", kind="crash", where="/x/site-packages/liba/dora.py:12 in f: y"),
+                     res("dora", "dropout_live", "deviation", detail="declared: \"it merges\""),
+                     res("dora", "bias_invariance", "fail", kind="crash", where=f"{ROOT}/harness/probes.py:3 in g: z")]}
+    b = {"version": "2.0", "variants": ["dora"], "peft": False, "reused": False, "sites": {},
+         "results": [res("dora", "merge", "pass"), res("dora", "oracle", "na")]}
+    return {"schema": ecosystem.SCHEMA, "run": {"date": "d", "profile": "history", "budget_s": 10, "seconds": 1,
+                                                "budget_spent": False, "kept": [], "libraries": ["liba", "libb"]},
+            "libraries": {"liba": {"backends": ["a"], "note": None, "releases": [
+                {"version": "1.0", "role": "pinned", "status": "ran", "line": None, "seconds": 3, "reused": False,
+                 "backends": {"a": a}}]},
+                "libb": {"backends": ["b"], "note": None, "releases": [
+                    {"version": "2.0", "role": "pinned", "status": "ran", "line": None, "seconds": 2, "reused": False,
+                     "backends": {"b": b}},
+                    {"version": "1.9", "role": "previous minor", "status": "error", "line": "does not import",
+                     "seconds": 1, "reused": False, "backends": None}]}}}
+
+
+def test_failures_classified_with_their_site():
+    t = ecosystem.build(_doc()["libraries"])
+    f = {(x["backend"], x["property"]): x for x in t["failures"]}
+    assert f[("a", "merge")]["class"] == "real bug" and f[("a", "merge")]["site"] == "liba/merge.py:5"
+    assert f[("a", "oracle")]["class"] == "real bug" and f[("a", "oracle")]["site"].startswith("liba/dora.py:12")
+    assert f[("a", "dropout_live")]["class"] == "documented choice"
+    assert f[("a", "bias_invariance")]["class"] == "harness limitation"
+    shared = {r["variant"]: r for r in t["shared"]}
+    assert set(shared) == {"dora"} and shared["dora"]["columns"] == ["a 1.0", "b 2.0"]
+    merge = next(p for p in shared["dora"]["properties"] if p["property"] == "merge")
+    assert merge["cells"] == {"a 1.0": "F", "b 2.0": "pass"}
+
+
+def test_audit_renders_every_failure_and_release():
+    md = ecosystem.render_markdown(_doc())
+    assert "liba 1.0 (a), dora / merge: real bug" in md and "`liba/merge.py:5`" in md
+    assert "documented choice" in md and "does not import" in md
+    assert "### dora: liba, libb" in md
+
+
+def test_unknown_library_is_refused():
+    with pytest.raises(ecosystem.EcosystemError, match="unknown"):
+        ecosystem.pick("loralib,nope", {"loralib": []})
+
+
+# ----------------------------------------------------------------------------------------------- without PEFT
+
+
+def test_harness_runs_without_peft(tmp_path):
+    """With `import peft` failing, the spec oracle still runs and the PEFT references are n/a, saying why."""
+    out = tmp_path / "r.json"
+    code = ("import sys; sys.modules['peft'] = None\nfrom tools.verify import main\n"
+            f"sys.exit(main(['--variants', 'lora', '--properties', 'oracle,reference_equivalence', '-n', '0', "
+            f"'--profile', 'ci', '--json', {str(out)!r}]))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.is_file(), p.stdout[-2000:] + p.stderr[-2000:]
+    rows = {r["property"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["oracle"]["status"] == "pass"
+    assert rows["reference_equivalence"]["status"] == "na"
+    assert "peft is not installed" in rows["reference_equivalence"]["detail"]
+
+
+# ----------------------------------------------------------------------------------------------- planted bugs
+
+
+def _library_python(library: str) -> str:
+    """A python that imports the library: this one (loralib is a test dependency), else its environment from
+    tools/envs.py, built here under CI; otherwise the test is skipped with the reason."""
+    if importlib.util.find_spec(library) is not None:
+        return sys.executable
+    decl = envs.declared(library)
+    py = envs.env_dir(decl) / "bin" / "python"
+    if (envs.env_dir(decl) / envs.STAMP).is_file():
+        return str(py)
+    if os.environ.get("CI"):
+        return str(envs.ensure(decl, log=lambda m: None))
+    pytest.skip(f"{library} is not importable here and its environment {envs.env_dir(decl).name} is not built "
+                f"(`nox -s verify -- --backend {library}` builds it; CI builds it in this test)")
+
+
+@pytest.mark.parametrize("library", ["loralib", "torchtune"])
+def test_planted_bug_is_flagged_by_the_property_naming_it(library):
+    py = _library_python(library)
+    p = subprocess.run([py, str(ROOT / "tests" / "planted_library.py"), library], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["clean"]["status"] == "pass", r["clean"]
+    assert r["bug"]["status"] == "fail" and r["bug"]["failure_kind"] == "assertion", r["bug"]
+    assert "oracle" in r["bug"]["detail"]
