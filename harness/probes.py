@@ -31,6 +31,8 @@ class Noted(float):
     """A property's worst scaled error with a note the Result's detail keeps when the property passes (e.g. which
     dtypes a check could judge)."""
 
+    note: str
+
     def __new__(cls, value: float, note: str):
         obj = super().__new__(cls, value)
         obj.note = note

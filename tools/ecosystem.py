@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tools import envs
 
@@ -202,7 +203,7 @@ def run_all(libs: dict[str, list[envs.Declared]], names: list[str], budget_s: fl
     before = {(lib, r["version"]): r.get("seconds") for lib, L in ((previous_doc or {}).get("libraries") or {}).items()
               for r in L.get("releases", [])}
     for i, (lib, version, role) in enumerate(plan, 1):
-        rec = {"version": version, "role": role, "profile": profile}
+        rec: dict[str, Any] = {"version": version, "role": role, "profile": profile}
         if time.monotonic() - t0 > budget_s:
             stopped = True
             rec.update(status="skipped", line=f"not started: the budget of {budget_s:.0f} s was spent", backends=None)

@@ -94,10 +94,15 @@ def declarations(path: Path) -> list[Declared]:
             continue
         found = {}
         for stmt in node.body:
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) and stmt.value else []
+            if isinstance(stmt, ast.Assign):
+                targets, value = stmt.targets, stmt.value
+            elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+                targets, value = [stmt.target], stmt.value
+            else:
+                continue
             for t in targets:
                 if isinstance(t, ast.Name) and t.id in FIELDS:
-                    found[t.id] = _literal(stmt.value, t.id, f"{path.name}: class {node.name}: ")
+                    found[t.id] = _literal(value, t.id, f"{path.name}: class {node.name}: ")
         if "requirements" in found:
             out.append(validate(found, f"{path.name}: class {node.name}"))
     return out

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import math
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 

@@ -50,6 +50,9 @@ class Cfg:
 class Adapted(nn.Linear):
     """A Linear carrying a LoRA adapter (the class of a wrapped layer; `wrap` swaps it in)."""
 
+    lib_cfg: Cfg
+    lib_merged: bool  # the adapter is folded into `weight` (merge-on-eval, in eval mode)
+
     def scale(self) -> float:
         return self.lib_cfg.alpha / self.lib_cfg.rank
 
