@@ -11,7 +11,7 @@ import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis.errors import Unsatisfiable
 
 from .backends.protocol import rejects
@@ -143,6 +143,11 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         w = prop.check(spec, backend, case)
         if w is not None:
             state["worst"] = w if state["worst"] is None else max(state["worst"], w)
+
+    lib_case = getattr(backend, "defaults_case", None)  # the library's own defaults, always one of the cases
+    lib_case = lib_case and lib_case(spec, device)
+    if lib_case is not None and "explicit" in [p.name for p in base.phases]:
+        run = example(case=lib_case)(run)
 
     t0 = time.perf_counter()
     status, detail, kind, where = "pass", "", None, None
