@@ -120,7 +120,7 @@ class ImplBackend:
 
 
 BACKENDS: dict[str, type] = {"impl": ImplBackend}
-LAZY = {"peft": ".peft", "lora-lite": ".lora_lite"}  # built-in backends imported on first use
+LAZY = {"peft": ".peft", "lora-lite": ".lora_lite", "litgpt": ".litgpt", "adapters": ".adapters"}  # built-in backends imported on first use
 
 
 def register(cls: type) -> type:
