@@ -141,7 +141,7 @@ class Fields:
         return f"Fields({dict(self.fields)!r})"
 
 
-TRANSFORMS = ("id", "T", "row", "col", "scalar1", "vector1")
+TRANSFORMS = ("id", "T", "row", "col", "scalar1", "vector1", "diag")
 
 
 class Mapped(torch.Tensor):
@@ -150,7 +150,8 @@ class Mapped(torch.Tensor):
     `grad` reads (and `grad = None` clears) the library parameter's gradient, transformed to the spec's layout;
     `requires_grad` is the parameter's; `source` is the parameter itself. Operations on it return plain tensors.
     Transforms: "id", "T" (transpose), "row" / "col" (the library holds (1, n) / (n, 1)), "scalar1" (the library
-    holds (1,), the spec ()) and "vector1" (the library holds (), the spec (1,)).
+    holds (1,), the spec ()), "vector1" (the library holds (), the spec (1,)) and "diag" (the library holds a
+    (n, n) matrix, the spec its diagonal).
     """
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -189,11 +190,15 @@ def to_spec(t: torch.Tensor, transform: str) -> torch.Tensor:
         return t.reshape(-1)
     if transform == "scalar1":
         return t.reshape(())
+    if transform == "diag":  # the library holds a (n, n) matrix whose diagonal is the spec's (n,) vector
+        return t.diagonal()
     raise ValueError(f"unknown transform {transform!r}; known: {TRANSFORMS}")
 
 
 def to_peft(t: torch.Tensor, transform: str, shape) -> torch.Tensor:
     """Spec layout -> library layout (the inverse of to_spec)."""
+    if transform == "diag":
+        return torch.diag_embed(t)
     return t.t() if transform == "T" else t.reshape(shape)
 
 
