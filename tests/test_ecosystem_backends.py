@@ -27,7 +27,7 @@ from harness.probes import PROPERTIES
 from spec import SPECS
 import {package}
 assert {package}.__file__.startswith(sys.argv[1]) == (sys.argv[2] == "planted"), {package}.__file__
-res = run_property(PROPERTIES["oracle"], SPECS.get("lora"), make("{backend}"), profile="ci")
+res = run_property(PROPERTIES["oracle"], SPECS.get("lora"), make("{backend}"), profile="history")
 print(json.dumps({{"status": res.status, "kind": res.failure_kind, "detail": res.detail}}))
 """
 
