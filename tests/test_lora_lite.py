@@ -252,4 +252,4 @@ def test_ignored_dropout_field_fails_and_the_library_defaults_are_a_case(tmp_pat
     assert second[("lora", "dropout")]["status"] == "na" and "no adapter dropout" in second[("lora", "dropout")]["detail"]
     assert first[("lora", "oracle")]["status"] == "pass", first[("lora", "oracle")]
     assert second[("lora", "oracle")]["status"] == "fail"
-    assert "'library_defaults': True" in second[("lora", "oracle")]["example"]
+    assert "fields={'r': 8, 'alpha': 16.0" in second[("lora", "oracle")]["example"]

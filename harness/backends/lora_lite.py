@@ -74,7 +74,7 @@ LACKS = {
     "model": "this backend adapts the one-layer models only",
 }
 DEFAULTS_CASE = dict(d_in=12, d_out=10, bias=True, seed=0)  # the library-defaults case: r = 8 fits min(d_in, d_out)
-LIBRARY_DEFAULTS = "library_defaults"  # case field: build lora-lite's config from its own defaults (dtype included)
+
 
 
 # lora-lite's precision choices: the variant computes part of its float64 path in float32 (`.float()`, pissa's
@@ -235,7 +235,7 @@ class LoraLiteBackend:
         if self.applies(spec):
             return None
         d = self.config_defaults(spec)
-        fields = {"r": d["r"], "alpha": float(d["alpha"]), LIBRARY_DEFAULTS: True}
+        fields = {"r": d["r"], "alpha": float(d["alpha"])}
         if spec.fields is not None and "rslora" in DEFAULTS and spec.name in ("lora", "pissa", "dora", "eva"):
             fields["rslora"] = False
         own = d.get("variant_kwargs") or {}
@@ -282,15 +282,14 @@ class LoraLiteBackend:
     # ---- config and attach
 
     def spec_config(self, spec: Spec, case: Case, **over):
-        cfg = Fields.of(DEFAULTS, case, {k: v for k, v in over.items() if k != "param_dtype"})
-        return Fields({k: v for k, v in cfg.fields.items() if k != LIBRARY_DEFAULTS})
+        return Fields.of(DEFAULTS, case, {k: v for k, v in over.items() if k != "param_dtype"})
 
     def library_config(self, spec: Spec, case: Case, **over):
         """lora-lite's own config for the case, in the era's form; the adapter's dtype is `param_dtype`."""
         cfg = self.spec_config(spec, case, **over)
         common = dict(variant=spec.name, r=cfg.r, alpha=cfg.alpha, dtype=over.get("param_dtype", torch.float32),
                       target_roles=(), target_names=(r"^layer$",), exclude_names=())
-        if case.fields.get(LIBRARY_DEFAULTS) and "param_dtype" not in over:
+        if case == self.defaults_case(spec, case.device) and "param_dtype" not in over:
             del common["dtype"]  # the library's own adapter dtype
         if "dropout" in self.config_defaults(spec):
             common["dropout"] = cfg.dropout  # a field that exists gets the case's value, whatever lora-lite does with it
