@@ -58,6 +58,11 @@ LACKS = {
     "lora_bias": "adapters' LoRA has no adapter-output bias",
     "config_checks": "adapters' configs are dataclasses: r, alpha and dropout are checked only when a module is built",
 }
+# adapters' IA3 multiplies its gate by the config's alpha (`self.scaling = self.lora_alpha`, adapters/methods/lora.py:264;
+# `return weights * (added * scaling)`, :293): IA3Config(alpha=a) starts at a times the base output. The spec's ia3
+# has no alpha, so the backend passes IA3Config's default alpha = 1; audits/ecosystem/repro/adapters_ia3_alpha.py
+# shows the non-identity start.
+IA3_ALPHA = "adapters/methods/lora.py:264"
 _HF = "_adapters_hf"  # model.__dict__ key: the transformers model the adapter lives in (not a submodule)
 
 
@@ -109,6 +114,8 @@ class AdaptersBackend:
     def library_config(self, spec: Spec, cfg, dtype):
         kw = dict(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, attn_matrices=["q"], selfattn_lora=True,
                   intermediate_lora=False, output_lora=False)
+        if spec.name == "ia3":  # the spec's r and alpha are unused: IA3Config's own (r = 1, alpha = 1); alpha
+            kw.update(r=1, alpha=1)  # would multiply the gate (`self.scaling = self.lora_alpha`), see IA3_ALPHA
         if spec.name == "vera":
             kw.update(vera_d=float(cfg.d_initial))
         if dtype is not None:
