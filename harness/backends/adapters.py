@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from impl import layers
-from spec.schema import Spec
+from spec.schema import Deviation, Spec
 
 from . import BACKENDS
 from ..strategies import Case
@@ -106,6 +106,16 @@ class AdaptersBackend:
 
     def unsupported(self, spec: Spec, capability: str) -> str | None:
         return LACKS.get(capability)
+
+    def deviation(self, spec: Spec, prop: str) -> Deviation | None:
+        """adapters' `train_adapter` freezes the whole model (`self.freeze_model(True)`) and `delete_adapter` does
+        not give the flags back: a design of its training API, like lora-lite's."""
+        if prop != "detach_restores":
+            return None
+        return Deviation("detach_restores", "adapters' train_adapter freezes every parameter of the model "
+                         "(\"Sets the model into mode for training the given adapters.\" ... `self.freeze_model(True)`) "
+                         "and delete_adapter does not restore the requires_grad flags", backend=self.name,
+                         source="adapters/model_mixin.py:584-586 (adapters 1.3.0)", match="requires_grad flags changed")
 
     def spec_config(self, spec: Spec, case: Case, **over):
         over = {k: v for k, v in over.items() if k != "param_dtype"}
