@@ -16,9 +16,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from .backends.protocol import Deviations, FullBackend, PropertyNA, SourceClass, Supports, has, rejects
+from .backends.protocol import Deviations, FullBackend, LibraryDefaults, PropertyNA, SourceClass, Supports, has, rejects
 from .probes import PROPERTIES, Falsified, Property
-from spec.schema import Spec
+from spec.schema import Deviation, Spec
 from .strategies import Case
 
 SCHEMA = "lora-verify/results/2"  # 2: adds `specs` (spec records) and `findings` (mechanical)
@@ -369,7 +369,7 @@ def _run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str
                  None if status == "pass" else cap_text(repr(state["case"])), state["n"], round(time.perf_counter() - t0, 3), kind,
                  where)
     dev = declared_deviation(spec, prop.name, backend)
-    if dev is None or (status == "fail" and not dev.matches(detail)):
+    if dev is None or (status == "fail" and not explains(dev, detail, state["case"])):
         return res
     declared = f"declared: {dev.reason}" + (f" [{dev.source}]" if dev.source else "")
     if dev.size is not None:
@@ -397,6 +397,8 @@ def defaults_case(spec: Spec, backend: FullBackend, device: str = "cpu") -> Case
 
     from .strategies import MAX_DIM
 
+    if has(backend, LibraryDefaults):  # the library's own word on its defaults
+        return backend.defaults_case(spec, device)
     try:
         r = int(backend.spec_config(spec, Case(1, 1, True, torch.float32, 0, {}, device=device)).fields["r"])
     except Exception:  # noqa: BLE001 - a backend whose config needs drawn fields has no default case
@@ -406,6 +408,16 @@ def defaults_case(spec: Spec, backend: FullBackend, device: str = "cpu") -> Case
     if d_in > 2 * MAX_DIM or r > (spec.rank_limit(d_in, d_out) or r):
         return None
     return Case(d_in=d_in, d_out=d_out, bias=True, dtype=torch.float32, seed=0, fields={"r": r}, device=device)
+
+
+def explains(dev: Deviation, detail: str, case) -> bool:
+    """A declared deviation explains a failure whose detail its `match` matches (Deviation.matches) and, for one
+    measured on a fixed case, whose failing example has that case's dtype (a float64 rounding choice does not
+    excuse a bf16 failure)."""
+    if not dev.matches(detail):
+        return False
+    want = (dev.case or {}).get("dtype")
+    return want is None or case is None or str(case.dtype) == f"torch.{want}"
 
 
 def declared_deviation(spec: Spec, prop: str, backend: FullBackend):

@@ -36,12 +36,13 @@ def identity_at_init(spec, be: FullBackend, case):
                                    f"layer's is {tuple(s.y0.shape)}")
     diff = tol.maxabs(y.double() - s.y0.double())
     if spec.identity == "bitwise":
-        require(torch.equal(y, s.y0), f"not bitwise identical at init: max |y - y_base| = {diff:.3g}")
+        require(torch.equal(y, s.y0), f"not bitwise identical at init: max |y - y_base| = {diff:.3g}", diff)
         return 0.0
     rel = diff / (tol.maxabs(s.y0) + 1e-300)
     if spec.identity == "tolerance":
         ok, err = tol.close(y, s.y0, None, case.dtype, spec.identity_factor)
-        require(ok, f"identity off by {rel:.3g} relative, beyond {tol.ACCUMULATION[case.dtype] * spec.identity_factor:g} eps({case.dtype})")
+        require(ok, f"identity off by {rel:.3g} relative, beyond {tol.ACCUMULATION[case.dtype] * spec.identity_factor:g} eps({case.dtype})",
+                rel)
         return err
     # a declared start size is a property of the layer's linear map, not of its bias (a bias that partly cancels
     # W x would inflate a max|y| ratio without bound): per token ‖y − y_base‖₂ against the bias-free ‖W x‖₂,

@@ -226,3 +226,30 @@ def test_real_lora_lite_clone(tmp_path):
     status = {r["property"]: r["status"] for r in data["results"]}
     assert status == {"oracle": "pass", "merge": "na"}, proc.stdout[-2000:]
     assert len(data["backend_version"]) == 40
+
+
+def test_ignored_dropout_field_fails_and_the_library_defaults_are_a_case(tmp_path):
+    """Commit 1's config has a `dropout` field the adapter never reads: the dropout property fails there (not n/a);
+    commit 2 has no such field (n/a, with the reason) and a bug only at the library's own default alpha (16, which
+    the drawn cases never take): the oracle catches it through the library-defaults case."""
+    repo = tmp_path / "lora-lite"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    era1 = CONFIG_ERA1.replace("    variant_kwargs:", "    dropout: float = 0.0  # currently ignored\n    variant_kwargs:")
+    ignored = _commit(repo, era1, "cfg.alpha / cfg.r", "dropout field, ignored")
+    default_bug = _commit(repo, CONFIG_ERA2, "(cfg.alpha if cfg.alpha != 16.0 else 1.0) / cfg.r", "bug at the default")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.lora_lite", "timeline", "--repo", str(repo), "--variants", "lora",
+         "--properties", "dropout,oracle", "--out", str(out), "--cache", str(tmp_path / "cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((out / "lora-lite-timeline.json").read_text())
+    assert [c["commit"] for c in data["commits"]] == [ignored, default_bug]
+    first, second = ({(r["variant"], r["property"]): r for r in c["results"]} for c in data["commits"])
+    assert first[("lora", "dropout")]["status"] == "fail", first[("lora", "dropout")]
+    assert "dropout mask" in first[("lora", "dropout")]["detail"]
+    assert second[("lora", "dropout")]["status"] == "na" and "no adapter dropout" in second[("lora", "dropout")]["detail"]
+    assert first[("lora", "oracle")]["status"] == "pass", first[("lora", "oracle")]
+    assert second[("lora", "oracle")]["status"] == "fail"
+    assert "fields={'r': 8, 'alpha': 16.0" in second[("lora", "oracle")]["example"]

@@ -126,7 +126,7 @@ class ImplBackend:
 
 BACKENDS: dict[str, type[Any]] = {"impl": ImplBackend}
 LAZY = {"peft": ".peft", "lora-lite": ".lora_lite", "loralib": ".loralib", "loralib-merged": ".loralib",
-        "torchtune": ".torchtune"}  # built-in backends imported on first use
+        "torchtune": ".torchtune", "litgpt": ".litgpt", "adapters": ".adapters"}  # built-in backends imported on first use
 SHIPPED = ("impl", *LAZY)  # names only this package's own backends may register
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")  # a backend's name names its results file: never a path
 

@@ -483,6 +483,15 @@ class ResultsStem(Protocol):
         ...
 
 
+@runtime_checkable
+class LibraryDefaults(Protocol):
+    def defaults_case(self, spec: Spec, device: str = "cpu") -> Case | None:
+        """The case a user who changes nothing gets: the library's own default config (r, alpha, the adapter
+        dtype, the variant's own fields). Every property drawing plain cases runs it first. Absent: the engine
+        builds one from `spec_config`'s defaults (harness.engine.defaults_case)."""
+        ...
+
+
 class ModeSwitchMerges(Protocol):
     @property
     def mode_switch_merges(self) -> bool:
@@ -509,7 +518,7 @@ class TrainablePrecision(Protocol):
 OPTIONAL: Mapping[str, type] = MappingProxyType({
     "supports": Supports, "property_na": PropertyNA, "deviation": Deviations, "base_bias": BaseBias,
     "checkpoint_suffix": CheckpointSuffix, "source_class": SourceClass, "results_stem": ResultsStem,
-    "mode_switch_merges": ModeSwitchMerges, "trainable_precision": TrainablePrecision})
+    "defaults_case": LibraryDefaults, "mode_switch_merges": ModeSwitchMerges, "trainable_precision": TrainablePrecision})
 # The protocol declaring each capability's methods (the signatures check_backend compares).
 PROTOCOL_OF: Mapping[str, type] = MappingProxyType({
     "detach": Detach, "merge": Merge, "knobs": Knobs, "checkpoint": Checkpoint, "model": WholeModel,
