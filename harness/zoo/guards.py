@@ -5,6 +5,7 @@ every part to its mutant (these, and older mutants that one part alone catches).
 
 - only on non-square layers: the rank limit checked against max(d_in, d_out) (min == max on a square layer);
 - only on square layers: detach picks a Conv1D's layout by shape and writes a square weight back transposed;
+- only at out_features = 1: a single-output fast path that drops the scale;
 - only with alpha != r: the plain scale inverted (r / alpha);
 - only in bfloat16: the adapter skipped where the input's dtype differs from the trainables';
 - only within float32's tolerance: the float32 adapter path rounded through float16;
@@ -58,6 +59,15 @@ def dora_norm_unfloored():
     """DoRA's row norm not floored: a zero row of W divides 0 by 0 at init."""
     with mock.patch.object(dora, "norm_floor", lambda dtype: 0.0):
         yield
+
+
+class SingleOutputFastPath(LoRA):
+    """A special path for single-output layers (a regression head) that forgets the scale: y + B A x."""
+
+    def forward(self, ad, x, y):
+        if y.shape[-1] == 1:
+            return lora_add(y, ad.drop(x), ad.A, ad.B, 1.0)
+        return super().forward(ad, x, y)
 
 
 class ScaleInverted(LoRA):
@@ -116,6 +126,8 @@ MUTANTS = [
     Mutant("pissa.detach_square_conv1d_dense", PiSSA, "detach_restores",
            "detach picks a Conv1D's layout by shape: a square rewritten weight is written back transposed",
            patch=detach_square_conv1d_dense),
+    Mutant("lora.out1_fast_path_unscaled", SingleOutputFastPath, "oracle",
+           "a special path for out_features = 1 that drops the scale alpha / r"),
     Mutant("lora.scale_inverted", ScaleInverted, "oracle", "the plain scale r / alpha instead of alpha / r"),
     Mutant("lora.bf16_adapter_skipped", SkippedOnDtypeMismatch, "oracle",
            "the adapter skipped when the input's dtype differs from the trainables' (bfloat16 layers)"),
