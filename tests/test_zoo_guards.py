@@ -16,6 +16,7 @@ escape; under the normal harness it is caught by the property that names its bug
 | tolerance.ACCUMULATION[bfloat16]               | lora.bf16_through_fp8                | oracle           |
 | tolerance.BACKWARD (gradients)                 | lora.gradient_of_a_off               | oracle           |
 | strategies.base_weight: degenerate kinds       | dora.norm_unfloored                  | degenerate_weights |
+| strategies.calibration: padding values varied  | eva.padding_not_masked               | data_path        |
 | probes.drawn_knob: knobs off their default     | antipasto.merge_coeff_from_config    | merge            |
 | whole_model: every architecture, GPT-2's roles | lora.gpt2_projections_swapped        | model_targeting  |
 | whole_model: exclusions by path                | lora.exclusions_on_leaf_names        | model_targeting  |
@@ -142,6 +143,9 @@ GUARDS = {
         "base_weight", lambda case, kind="random", _real=strategies.base_weight: _real(case))),
     "knobs at drawn values": ("antipasto.merge_coeff_from_config", lambda: _everywhere(
         "drawn_knob", lambda default, identity, g: default, home=probes)),
+    "calibration padding varied": ("eva.padding_not_masked", lambda: _everywhere(
+        "calibration", lambda case, W, r, variant=0, pad_value=1e3, tokens=12, _real=strategies.calibration:
+        _real(case, W, r, variant, 1e3, tokens))),
     "every architecture": ("lora.gpt2_projections_swapped", lambda: _one_arch("llama")),
     "exclusions by path": ("lora.exclusions_on_leaf_names", _path_exclusions_dropped),
     "bool fields both ways": ("antipasto_ablate.calibrate_through_adapters", _bools_left_as_drawn),

@@ -12,7 +12,8 @@ every part to its mutant (these, and older mutants that one part alone catches).
 - only within float64's tolerance: the float64 adapter path computed in float32;
 - only within bfloat16's tolerance: the bfloat16 adapter input rounded through float8;
 - only in gradients: the gradient of A off by 1 % (the forward exact);
-- only on a degenerate base weight (a zero row): DoRA's row norm not floored.
+- only on a degenerate base weight (a zero row): DoRA's row norm not floored;
+- only when the calibration data's padded positions change: the attention mask ignored.
 """
 import contextlib
 from unittest import mock
@@ -22,6 +23,7 @@ import torch
 from impl import runtime
 from impl.variants import dora
 from impl.variants.dora import DoRA
+from impl.variants.eva import EVA
 from impl.variants.lora import LoRA, lora_add, lora_scale
 from impl.variants.pissa import PiSSA
 
@@ -68,6 +70,20 @@ class SingleOutputFastPath(LoRA):
         if y.shape[-1] == 1:
             return lora_add(y, ad.drop(x), ad.A, ad.B, 1.0)
         return super().forward(ad, x, y)
+
+
+@contextlib.contextmanager
+def padding_not_masked():
+    """The calibration pass drops each batch's attention_mask: padded positions count as tokens."""
+    real = runtime.capture_inputs
+
+    def capture(model, targets, calibration):
+        unmasked = [{k: v for k, v in b.items() if k != "attention_mask"} if isinstance(b, dict) else b
+                    for b in calibration]
+        return real(model, targets, unmasked)
+
+    with mock.patch.object(runtime, "capture_inputs", capture):
+        yield
 
 
 class ScaleInverted(LoRA):
@@ -139,5 +155,8 @@ MUTANTS = [
            "the bfloat16 adapter input rounded through float8 (e5m2)"),
     Mutant("dora.norm_unfloored", DoRA, "degenerate_weights", "the row norm not floored: a zero row of W gives 0 / 0",
            patch=dora_norm_unfloored),
+    Mutant("eva.padding_not_masked", EVA, "data_path",
+           "the calibration pass ignores the attention mask: padded positions count as tokens",
+           patch=padding_not_masked),
     Mutant("lora.gradient_of_a_off", GradientOfAOff, "oracle", "A's gradient 1.01 times the true one (forward exact)"),
 ]
