@@ -482,8 +482,8 @@ def layer_kinds(spec, be: FullBackend, case):
     """On each layer kind the backend adapts for the spec: a plain Embedding and transformers' scaled embedding
     (its adapter output scaled alike), each a capability of its own, equal the base embedding at init (the spec's
     identity class, before any perturbation) and, with every trainable perturbed, the spec's oracle on one-hot
-    inputs with W = the embedding matrix transposed; a Conv2d with bias equals the oracle on the unfolded patches with W
-    = the flattened kernel; on each, and on a Linear with an adapter-output bias (lora_bias), merge gives the
+    inputs with W = the embedding matrix transposed; a Conv2d with bias equals the oracle on the unfolded patches
+    with W = the flattened kernel; on each, and on a Linear with an adapter-output bias (lora_bias), merge gives the
     hooked output and unmerge restores the base weight and bias."""
     worst = 0.0
     if lacks(be, spec, "embedding") is None:
@@ -518,12 +518,12 @@ ROUNDING_MARGIN = 3.0  # merged and hooked logits each carry the model's own rou
 
 @prop("model_merge_unload", _merge_cases, needs=("model", "merge"), applies=_whole, max_examples=1)
 def model_merge_unload(spec, be: FullBackend, drawn):
-    """On a tiny Llama, Qwen and GPT-2 in float32 or bfloat16 with every adapter tensor of every adapted layer perturbed,
-    merging all adapters into the weights and unloading (merge_and_unload) leaves no adapter module or hook and
-    gives the hooked model's logits: the merged logits are as close to the float64 hooked logits (a float64 twin
-    holding the same state) as the dtype's tolerance allows, or as ROUNDING_MARGIN times the hooked model's own
-    rounding error (a whole model amplifies rounding through its norms and attention: the hooked model in the
-    same dtype shows how much)."""
+    """On a tiny Llama, Qwen and GPT-2 in float32 or bfloat16 with every adapter tensor of every adapted layer
+    perturbed, merging all adapters into the weights and unloading (merge_and_unload) leaves no adapter module or
+    hook and gives the hooked model's logits: the merged logits are as close to the float64 hooked logits (a float64
+    twin holding the same state) as the dtype's tolerance allows, or as ROUNDING_MARGIN times the hooked model's own
+    rounding error (a whole model amplifies rounding through its norms and attention: the hooked model in the same
+    dtype shows how much)."""
     per_arch, dtype = drawn
     other = torch.bfloat16 if dtype == torch.float32 else torch.float32
     # GPT-2's projections are transformers' Conv1D: where the spec declares (for this backend) that the variant

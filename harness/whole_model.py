@@ -165,11 +165,11 @@ def _logits(model, batch, grad: bool = False):
 
 @prop("model_targeting", _selections, applies=_needs("model", "targets", "detach"), max_examples=1)
 def model_targeting(spec, be: FullBackend, drawn):
-    """On each tiny model (Llama, Qwen, GPT-2), the adapted modules are exactly the expected set for every kind
-    of selection (SELECTION_KINDS): role selections that tell every role apart (role_trials), target_names within
-    one block's layers (alone and with roles), every role less one leaf-name and one path exclusion; a selection that matches nothing is
-    a clear error leaving the model untouched. Every example checks every kind on every architecture; only the
-    values within each kind are drawn."""
+    """On each tiny model (Llama, Qwen, GPT-2), the adapted modules are exactly the expected set for every kind of
+    selection (SELECTION_KINDS): role selections that tell every role apart (role_trials), target_names within one
+    block's layers (alone and with roles), every role less one leaf-name and one path exclusion; a selection that
+    matches nothing is a clear error leaving the model untouched. Every example checks every kind on every
+    architecture; only the values within each kind are drawn."""
     case, per_arch = drawn
     cal = _calibration(spec)
     for arch, trials in per_arch:

@@ -6,6 +6,7 @@ escape; under the normal harness it is caught by the property that names its bug
 |------------------------------------------------|--------------------------------------|------------------|
 | strategies._dims: non-square layers            | lora.rank_limit_max                  | rank_limit       |
 | strategies.square_or_not: square layers        | pissa.detach_square_conv1d_dense     | detach_restores  |
+| strategies._dims: out_features = 1            | lora.out1_fast_path_unscaled         | oracle           |
 | cases: r >= 2 ("mid", "max" rank kinds)        | lora.alpha_scale                     | oracle           |
 | cases: alpha != r                              | lora.scale_inverted                  | oracle           |
 | cases: bias on                                 | ia3.bias_not_gated                   | oracle           |
@@ -15,6 +16,7 @@ escape; under the normal harness it is caught by the property that names its bug
 | tolerance.ACCUMULATION[bfloat16]               | lora.bf16_through_fp8                | oracle           |
 | tolerance.BACKWARD (gradients)                 | lora.gradient_of_a_off               | oracle           |
 | strategies.base_weight: degenerate kinds       | dora.norm_unfloored                  | degenerate_weights |
+| strategies.calibration: padding values varied  | eva.padding_not_masked               | data_path        |
 | probes.drawn_knob: knobs off their default     | antipasto.merge_coeff_from_config    | merge            |
 | whole_model: every architecture, GPT-2's roles | lora.gpt2_projections_swapped        | model_targeting  |
 | whole_model: exclusions by path                | lora.exclusions_on_leaf_names        | model_targeting  |
@@ -69,6 +71,14 @@ def _square_only():
 
 
 @contextlib.contextmanager
+def _no_out1():
+    real = strategies._dims
+    with mock.patch.object(strategies, "_dims", lambda min_width, square: real(min_width, square).filter(
+            lambda d: d[1] != 1)):
+        yield
+
+
+@contextlib.contextmanager
 def _no_square():
     def square_or_not(spec, dtypes=(torch.float32,), device="cpu"):
         return strategies.cases(spec, dtypes=dtypes, device=device)
@@ -119,6 +129,7 @@ def _bools_left_as_drawn():
 GUARDS = {
     "non-square layers": ("lora.rank_limit_max", _square_only),
     "square layers": ("pissa.detach_square_conv1d_dense", _no_square),
+    "out_features = 1": ("lora.out1_fast_path_unscaled", _no_out1),
     "r >= 2": ("lora.alpha_scale", lambda: _mapped(lambda c: _fields(c, r=1))),
     "alpha != r": ("lora.scale_inverted", lambda: _mapped(lambda c: _fields(c, alpha=float(c.fields["r"])))),
     "bias on": ("ia3.bias_not_gated", lambda: _mapped(lambda c: c.with_(bias=False))),
@@ -132,6 +143,9 @@ GUARDS = {
         "base_weight", lambda case, kind="random", _real=strategies.base_weight: _real(case))),
     "knobs at drawn values": ("antipasto.merge_coeff_from_config", lambda: _everywhere(
         "drawn_knob", lambda default, identity, g: default, home=probes)),
+    "calibration padding varied": ("eva.padding_not_masked", lambda: _everywhere(
+        "calibration", lambda case, W, r, variant=0, pad_value=1e3, tokens=12, _real=strategies.calibration:
+        _real(case, W, r, variant, 1e3, tokens))),
     "every architecture": ("lora.gpt2_projections_swapped", lambda: _one_arch("llama")),
     "exclusions by path": ("lora.exclusions_on_leaf_names", _path_exclusions_dropped),
     "bool fields both ways": ("antipasto_ablate.calibrate_through_adapters", _bools_left_as_drawn),
@@ -148,3 +162,11 @@ def test_weakening_the_part_lets_its_mutant_escape(part):
         res = run_mutant(m)
     assert res.status == "pass", f"{name} still flagged with '{part}' weakened: the part is not what catches it " \
                                  f"({res.status} {res.detail[:200]})"
+
+
+def test_every_guard_mutant_guards_a_part():
+    from harness.zoo import guards, targeting
+
+    mapped = {name for name, _ in GUARDS.values()}
+    assert {m.name for m in guards.MUTANTS + targeting.MUTANTS} <= mapped
+    assert mapped <= set(MUTANTS)

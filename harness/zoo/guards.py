@@ -5,13 +5,15 @@ every part to its mutant (these, and older mutants that one part alone catches).
 
 - only on non-square layers: the rank limit checked against max(d_in, d_out) (min == max on a square layer);
 - only on square layers: detach picks a Conv1D's layout by shape and writes a square weight back transposed;
+- only at out_features = 1: a single-output fast path that drops the scale;
 - only with alpha != r: the plain scale inverted (r / alpha);
 - only in bfloat16: the adapter skipped where the input's dtype differs from the trainables';
 - only within float32's tolerance: the float32 adapter path rounded through float16;
 - only within float64's tolerance: the float64 adapter path computed in float32;
 - only within bfloat16's tolerance: the bfloat16 adapter input rounded through float8;
 - only in gradients: the gradient of A off by 1 % (the forward exact);
-- only on a degenerate base weight (a zero row): DoRA's row norm not floored.
+- only on a degenerate base weight (a zero row): DoRA's row norm not floored;
+- only when the calibration data's padded positions change: the attention mask ignored.
 """
 import contextlib
 from unittest import mock
@@ -21,6 +23,7 @@ import torch
 from impl import runtime
 from impl.variants import dora
 from impl.variants.dora import DoRA
+from impl.variants.eva import EVA
 from impl.variants.lora import LoRA, lora_add, lora_scale
 from impl.variants.pissa import PiSSA
 
@@ -57,6 +60,29 @@ def detach_square_conv1d_dense():
 def dora_norm_unfloored():
     """DoRA's row norm not floored: a zero row of W divides 0 by 0 at init."""
     with mock.patch.object(dora, "norm_floor", lambda dtype: 0.0):
+        yield
+
+
+class SingleOutputFastPath(LoRA):
+    """A special path for single-output layers (a regression head) that forgets the scale: y + B A x."""
+
+    def forward(self, ad, x, y):
+        if y.shape[-1] == 1:
+            return lora_add(y, ad.drop(x), ad.A, ad.B, 1.0)
+        return super().forward(ad, x, y)
+
+
+@contextlib.contextmanager
+def padding_not_masked():
+    """The calibration pass drops each batch's attention_mask: padded positions count as tokens."""
+    real = runtime.capture_inputs
+
+    def capture(model, targets, calibration):
+        unmasked = [{k: v for k, v in b.items() if k != "attention_mask"} if isinstance(b, dict) else b
+                    for b in calibration]
+        return real(model, targets, unmasked)
+
+    with mock.patch.object(runtime, "capture_inputs", capture):
         yield
 
 
@@ -116,6 +142,8 @@ MUTANTS = [
     Mutant("pissa.detach_square_conv1d_dense", PiSSA, "detach_restores",
            "detach picks a Conv1D's layout by shape: a square rewritten weight is written back transposed",
            patch=detach_square_conv1d_dense),
+    Mutant("lora.out1_fast_path_unscaled", SingleOutputFastPath, "oracle",
+           "a special path for out_features = 1 that drops the scale alpha / r"),
     Mutant("lora.scale_inverted", ScaleInverted, "oracle", "the plain scale r / alpha instead of alpha / r"),
     Mutant("lora.bf16_adapter_skipped", SkippedOnDtypeMismatch, "oracle",
            "the adapter skipped when the input's dtype differs from the trainables' (bfloat16 layers)"),
@@ -127,5 +155,8 @@ MUTANTS = [
            "the bfloat16 adapter input rounded through float8 (e5m2)"),
     Mutant("dora.norm_unfloored", DoRA, "degenerate_weights", "the row norm not floored: a zero row of W gives 0 / 0",
            patch=dora_norm_unfloored),
+    Mutant("eva.padding_not_masked", EVA, "data_path",
+           "the calibration pass ignores the attention mask: padded positions count as tokens",
+           patch=padding_not_masked),
     Mutant("lora.gradient_of_a_off", GradientOfAOff, "oracle", "A's gradient 1.01 times the true one (forward exact)"),
 ]
