@@ -411,13 +411,11 @@ def defaults_case(spec: Spec, backend: FullBackend, device: str = "cpu") -> Case
 
 
 def explains(dev: Deviation, detail: str, case) -> bool:
-    """A declared deviation explains a failure whose detail its `match` matches (Deviation.matches) and, for one
-    measured on a fixed case, whose failing example has that case's dtype (a float64 rounding choice does not
-    excuse a bf16 failure)."""
+    """A declared deviation explains a failure whose detail its `match` matches (Deviation.matches) and whose
+    failing example has one of its `dtypes` (a float64 rounding choice does not excuse a bf16 failure)."""
     if not dev.matches(detail):
         return False
-    want = (dev.case or {}).get("dtype")
-    return want is None or case is None or str(case.dtype) == f"torch.{want}"
+    return not dev.dtypes or case is None or str(case.dtype).removeprefix("torch.") in dev.dtypes
 
 
 def declared_deviation(spec: Spec, prop: str, backend: FullBackend):

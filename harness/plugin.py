@@ -380,9 +380,9 @@ def results_name(stem: str, config) -> str:
     never overwrites the full run's file or its .prev.json."""
     import hashlib
 
-    variants = [v for v in _opt(config, "variants").split(",") if v]
-    props = [p for p in _opt(config, "properties").split(",") if p]
-    modules = [Path(m).stem if m.endswith(".py") else m for m in _opt(config, "variant_module")]
+    variants = [v for v in (_opt(config, "variants") or "").split(",") if v]
+    props = [p for p in (_opt(config, "properties") or "").split(",") if p]
+    modules = [Path(m).stem if m.endswith(".py") else m for m in _opt(config, "variant_module") or ()]
     if not (variants or props or modules):
         return f"{stem}.json"
     tag = "-".join(["+".join(variants) or "all", "+".join(props) or "all"] + (["with-" + "+".join(modules)] if modules else []))

@@ -112,6 +112,8 @@ class Deviation:
     fields); verify re-measures it there and fails if it moves outside 0.5x-2x of `size`. `match`: a regular
     expression (Python `re`); only a failure whose message it matches in whole tokens is the declared one, any other
     failure stays a failure (see `matches`). Empty: every failure of the property on the backend is the declared one.
+    `dtypes`: the dtype names whose failures the deviation explains (a float64 rounding choice does not excuse a
+    bf16 failure); empty: every dtype.
     """
 
     property: str
@@ -121,6 +123,7 @@ class Deviation:
     size: float | None = None
     case: Mapping[str, Any] | None = None
     match: str = ""
+    dtypes: tuple[str, ...] = ()
 
     def __post_init__(self):
         try:

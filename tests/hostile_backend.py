@@ -1,5 +1,6 @@
 """A backend module for tests/test_hostile_engine.py: impl's backend, misbehaving in `attach` on the variants the
-HOSTILE environment variable names, e.g. HOSTILE="dora=exit,ia3=leak". Its version is an object JSON cannot hold.
+HOSTILE environment variable names, e.g. HOSTILE="dora=exit,ia3=leak"; with "version=object" its version is an
+object JSON cannot hold.
 
 exit: os._exit(3)  segv: SIGSEGV to itself  sysexit: raise SystemExit(7)  kbint: raise KeyboardInterrupt
 leak: torch.set_grad_enabled(False) and float64 as the default dtype, never undone (the attach then proceeds).
@@ -26,7 +27,7 @@ class Version:
 @register
 class HostileBackend(ImplBackend):
     name = "hostile"
-    version = Version()
+    version = Version() if ACTIONS.get("version") == "object" else "hostile-1"
 
     def attach(self, model, spec, case, calibration=None, **over):
         act = ACTIONS.get(spec.name)

@@ -61,7 +61,7 @@ def test_check_backend_names_every_problem_in_one_line_each(tmp_path):
     text = "\n".join(problems)
     for needle in ("missing required method 'attach'", "missing required method 'hooks_left'",
                    "applies: requires 2 arguments", "errors.attach holds <class 'int'>, not an exception type",
-                   "capability 'unmerge' (and embedding, conv2d, lora_bias, which share them) is partly there: has merge_adapter, lacks unmerge_adapter"):
+                   "capability 'unmerge' (and embedding, scaled_embedding, conv2d, lora_bias, which share them) is partly there: has merge_adapter, lacks unmerge_adapter"):
         assert needle in text, text
     assert all("\n" not in p for p in problems)
     assert check_backend(ImplBackend()) == []

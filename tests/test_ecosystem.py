@@ -194,11 +194,13 @@ def test_unknown_library_is_refused():
 def test_harness_runs_without_peft(tmp_path):
     """With `import peft` failing, the spec oracle still runs and the PEFT references are n/a, saying why."""
     out = tmp_path / "r.json"
-    code = ("import sys; sys.modules['peft'] = None\nfrom tools.verify import main\n"
-            f"sys.exit(main(['--variants', 'lora', '--properties', 'oracle,reference_equivalence', '-n', '0', "
-            f"'--profile', 'ci', '--json', {str(out)!r}]))")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    (tmp_path / "no_peft" / "peft").mkdir(parents=True)  # every process of the run (verify's child too) sees it
+    (tmp_path / "no_peft" / "peft" / "__init__.py").write_text(
+        "raise ImportError(\"No module named 'peft'\", name='peft')\n")
+    p = subprocess.run([sys.executable, "-m", "tools.verify", "--variants", "lora", "--properties",
+                        "oracle,reference_equivalence", "-n", "0", "--profile", "ci", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp_path / 'no_peft'}:{ROOT}"})
     assert out.is_file(), p.stdout[-2000:] + p.stderr[-2000:]
     rows = {r["property"]: r for r in json.loads(out.read_text())["results"]}
     assert rows["oracle"]["status"] == "pass"

@@ -76,12 +76,28 @@ def test_torch_state_leaked_by_one_item_does_not_reach_the_next(serial_run):  # 
     assert rows(data)["lora"]["status"] == "pass", rows(data)["lora"]["detail"]
 
 
-def test_an_unserialisable_backend_version_keeps_the_table_and_the_json(serial_run):  # class 12
+def test_the_table_and_the_json_are_written_and_the_previous_json_kept(serial_run):  # class 12
     proc, data, tmp = serial_run
     assert "legend:" in proc.stdout and "lora" in proc.stdout  # the table
     assert data is not None and data["backend"] == "hostile"
-    assert "hostile-version-object" in data["backend_version"]
     assert (tmp / "out.prev.json").read_text() == PREVIOUS  # the previous run, kept beside it
+
+
+def test_an_unserialisable_backend_version_is_refused_before_the_run(tmp_path):  # class 12, at its root
+    """check_backend refuses a version that is not a str in one line, before any property runs."""
+    proc, data = verify(tmp_path, "version=object", "lora", "0")
+    assert proc.returncode == 6 and data is None
+    assert "version is" in proc.stderr and "not a str or None" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_value_json_cannot_hold_is_written_as_its_text():  # class 12: nothing else can lose the results
+    from harness.engine import encode_json
+
+    class Odd:
+        def __str__(self) -> str:
+            return "odd-value"
+
+    assert "odd-value" in encode_json({"x": Odd()}).decode()
 
 
 def test_the_previous_json_stays_when_the_new_one_cannot_be_encoded(tmp_path, monkeypatch):  # class 12
@@ -176,7 +192,10 @@ def _noxfile(monkeypatch):
     fake.options = types.SimpleNamespace()
     fake.Session = object
     fake.session = lambda *a, **k: a[0] if a and callable(a[0]) else (lambda f: f)
+    fake.command = types.ModuleType("nox.command")
+    fake.command.CommandFailed = type("CommandFailed", (Exception,), {})
     monkeypatch.setitem(sys.modules, "nox", fake)
+    monkeypatch.setitem(sys.modules, "nox.command", fake.command)
     spec = importlib.util.spec_from_file_location("noxfile_under_test", ROOT / "noxfile.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

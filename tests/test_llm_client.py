@@ -264,7 +264,8 @@ def test_500s_until_the_deadline_give_a_clear_error(server, fake_time):
             client.complete("s", "u")
     err = info.value
     assert err.status == 500
-    assert err.attempts == len(server.requests) > 3
+    # the last attempt may be cut by the deadline before the server records it
+    assert len(server.requests) <= err.attempts <= len(server.requests) + 1 and len(server.requests) > 3
     assert f"127.0.0.1:{server.base_url.rsplit(':', 1)[1]}/v1/chat/completions" in str(err)
     assert "openai" in str(err) and "HTTP 500" in str(err) and "deadline of 2 s" in str(err)
     assert "upstream exploded" in str(err)  # also when the last attempt was cut short by the deadline

@@ -155,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.fetch_only:
         return 0
     if a.backend_module:
-        from harness.backends import check_backend_modules
+        from harness.backends import ModuleLoadError, check_backend_modules
         from harness.backends.protocol import BACKEND_INVALID
 
-        problems = check_backend_modules(a.backend_module, a.backend)
+        try:
+            problems = check_backend_modules(a.backend_module, a.backend)
+        except ModuleLoadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 4  # pytest's usage error, as the plugin answers the same module
         for line in problems:
             print(line, file=sys.stderr)
         if problems:

@@ -173,15 +173,21 @@ def load_backend_module(path_or_module: str) -> list[str]:
     return new
 
 
+class ModuleLoadError(ValueError):
+    """A backend module that cannot be imported (tools.verify: one line, exit 4 as pytest's usage error)."""
+
+
 def check_backend_modules(modules: list[str], name: str | None = None, **options) -> list[str]:
     """Import the backend modules and check the backend they registered (or `name`) against the protocol
-    (protocol.check_backend), before anything runs: one line per problem, [] when none."""
+    (protocol.check_backend), before anything runs: one line per problem, [] when none. A module that cannot be
+    imported (any exception, SystemExit and KeyboardInterrupt raised at import included) raises ModuleLoadError
+    with one line."""
     loaded: list[str] = []
     for m in modules:
         try:
             loaded += load_backend_module(m)
-        except Exception as e:  # noqa: BLE001 - a module that cannot be imported is one line, not a traceback
-            return [f"--backend-module {m}: {type(e).__name__}: {e}"]
+        except BaseException as e:  # noqa: BLE001 - a module that cannot be imported is one line, not a traceback
+            raise ModuleLoadError(f"--backend-module {m} cannot be loaded: {type(e).__name__}: {e}") from None
     names = [name] if name else loaded
     out = []
     for n in names:

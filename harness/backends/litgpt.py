@@ -92,6 +92,9 @@ class LitgptBackend:
     def supports(self, spec: Spec, case: Case) -> str | None:
         if case.fields.get("rslora"):
             return "litgpt has no rsLoRA: `self.scaling = self.lora_alpha / self.r` (litgpt/lora.py:127)"
+        if spec.name == "lora_qkv" and len(case.batch) != 2:  # its grouped conv1d reads (B, T, C) only
+            return ("litgpt's fused layer takes 3-D input only: \"x: input tensor of shape (batch_size, "
+                    "context_length, embedding_size)\" (litgpt/lora.py:388, LoRAQKVLinear.forward)")
         return None
 
     def unsupported(self, spec: Spec, capability: str) -> str | None:
@@ -131,6 +134,7 @@ class LitgptBackend:
         layer = self.build(spec, cfg, base.in_features, base.out_features, base.bias is not None)
         layer.to(dtype or base.weight.dtype)  # litgpt builds the model in its dtype (fabric.init_module)...
         layer.linear.load_state_dict(base.state_dict())  # ...then loads the pretrained weights (strict=False)
+        layer.train(model.training)  # as a user's model.eval() after building it reaches every layer
         model.layer = layer
         self.lora.mark_only_lora_as_trainable(model)
         model.__dict__["_litgpt_cfg"] = (spec.name, dict(cfg.fields))

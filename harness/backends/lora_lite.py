@@ -357,7 +357,8 @@ class LoraLiteBackend:
         return Deviation(prop, f"lora-lite computes part of {spec.name} in float32 whatever the layer's dtype "
                          f"(\"{hit[1]}\"), so a float64 layer is off by float32 rounding", backend=self.name,
                          source=f"src/lora_lite/variants/{spec.name}.py:{hit[0]} at {self.version[:12]}",
-                         size=size, case={**PRECISION_CASE, "fields": fields}, match=match)
+                         size=size, case={**PRECISION_CASE, "fields": fields}, match=match,
+                         dtypes=(PRECISION_CASE["dtype"],))
 
     # ---- config and attach
 

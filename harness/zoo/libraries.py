@@ -112,6 +112,7 @@ def wrap(layer: nn.Linear, cfg: Cfg, cls: type[Adapted] = Adapted) -> None:
     if cfg.rank < 1:
         raise LibError(f"rank must be >= 1, got {cfg.rank}")
     dtype = layer.weight.dtype if cfg.dtype is None else getattr(torch, cfg.dtype)
+    host_training = layer.training
     layer.lib_flags = {n: p.requires_grad for n, p in layer.named_parameters()}
     layer.requires_grad_(False)
     down = torch.empty(cfg.rank, layer.in_features, dtype=dtype, device=layer.weight.device)
@@ -120,7 +121,7 @@ def wrap(layer: nn.Linear, cfg: Cfg, cls: type[Adapted] = Adapted) -> None:
     layer.up = nn.Parameter(torch.zeros(layer.out_features, cfg.rank, dtype=dtype, device=layer.weight.device))
     layer.lib_cfg, layer.lib_merged = cfg, False
     layer.__class__ = cls
-    layer.train(True)  # a fresh adapter starts unmerged, in train mode (as loralib's layers are built)
+    layer.train(host_training)  # a fresh adapter takes its host's mode (eval: merge-on-eval folds it at once)
 
 
 def unwrap(layer: Adapted) -> None:
