@@ -191,3 +191,94 @@ def test_a_reused_release_keeps_the_seconds_of_the_run_that_produced_it(tmp_path
     out, _ = ph.run_history(["0.9.0"], 100.0, [], "history", log=lambda *a, **k: None, reuse=True)
     assert out[0]["reused"] and out[0]["seconds"] == 104.3 and out[0]["results"] == [row]
     assert ph.previous_seconds("ci") == {}  # another profile's times are not taken
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+
+def _fake_history(monkeypatch, tmp_path):
+    """A history with no network and no PEFT: three releases, one of which does not install, and a verify whose
+    rows depend only on (release, spec) (lora's merge fails from 0.10.0 on and is fixed in 0.12.0)."""
+    monkeypatch.setattr(ph, "SHARDS", tmp_path / "shards")
+    monkeypatch.setattr(ph, "AUDIT", tmp_path / "audit" / "peft_history")
+    (tmp_path / "audit").mkdir()
+
+    def prepare(v):
+        if v == "0.11.1":
+            raise ph.ReleaseError("peft 0.11.1 cannot be installed: ERROR: x")
+        return {"site": tmp_path, "shims": [], "transformers": "5.0"}
+
+    def verify(v, s, site, profile, args, python, timeout_s):
+        bad = s == "lora" and v == "0.10.0"
+        return [_res(s, "merge", "fail" if bad else "pass", "check" if bad else None, "drift 3e-2" if bad else ""),
+                _res(s, "oracle", "na" if s == "delora" and v == "0.9.0" else "pass", detail=f"peft {v} has no D")]
+
+    monkeypatch.setattr(ph, "_verify_job", verify)
+    monkeypatch.setattr(ph, "run_jobs", lambda *a, **k: _orig_run_jobs(*a, **{**k, "verify": verify, "prepare": prepare}))
+
+
+_orig_run_jobs = ph.run_jobs
+_RELEASES = "0.9.0,0.10.0,0.11.1,0.12.0"
+_ARGS = ["run", "--releases", _RELEASES, "--variants", "lora,dora,delora", "--properties", "merge,oracle"]
+
+
+def test_shard_slices_partition_the_jobs_and_bad_shards_are_clear_errors():
+    jobs = ph.job_list(["0.9.0", "0.10.0", "0.12.0"], ["lora", "dora"])
+    slices = [ph.shard_slice(jobs, i, 4) for i in range(1, 5)]
+    assert sorted(j for sl in slices for j in sl) == sorted(jobs) and sum(map(len, slices)) == len(jobs)
+    assert slices[0] == [("0.9.0", "lora"), ("0.12.0", "lora")]  # deterministic: the same slice on every machine
+    for bad in ("0/2", "3/2", "2", "a/b", ""):
+        with pytest.raises(ValueError, match="--shard must be I/N"):
+            ph.parse_shard(bad)
+
+
+def test_merged_shards_give_the_audit_of_one_unsharded_run(tmp_path, monkeypatch):
+    _fake_history(monkeypatch, tmp_path)
+    assert ph.main(_ARGS) == 1  # 0.11.1 does not install: an error row, exit 1
+    whole = json.loads((tmp_path / "audit" / "peft_history.json").read_text())
+    for i in (1, 2, 3):
+        ph.main(_ARGS + ["--shard", f"{i}/3"])
+    shards = [str(ph.shard_path(i, 3)) for i in (1, 2, 3)]
+    assert ph.main(["merge", *shards]) == 1
+    merged = json.loads((tmp_path / "audit" / "peft_history.json").read_text())
+    run_w, run_m = whole.pop("run"), merged.pop("run")
+    assert json.dumps(ph.without_times(merged)) == json.dumps(ph.without_times(whole))
+    assert [s["shard"] for s in run_m["shards"]] == ["1/3", "2/3", "3/3"] and len(run_w["shards"]) == 1
+    assert ph.without_times({k: v for k, v in run_m.items() if k != "shards"}) == \
+        ph.without_times({k: v for k, v in run_w.items() if k != "shards"})
+    rows = {(r["variant"], r["property"]): r for r in merged["rows"]}
+    assert rows[("lora", "merge")]["first_failing"] == "0.10.0" and rows[("lora", "merge")]["fixed_in"] == "0.12.0"
+    rel = {r["version"]: r for r in merged["releases"]}
+    assert rel["0.11.1"]["status"] == "error" and "cannot be installed" in rel["0.11.1"]["line"]
+    # the merge refuses an incomplete or mixed set of shards
+    with pytest.raises(ValueError, match=r"missing \[2\]"):
+        ph.merge_shards([json.loads(open(p).read()) for p in (shards[0], shards[2])])
+    with pytest.raises(ValueError, match=r"given twice \[1\]"):
+        ph.merge_shards([json.loads(open(p).read()) for p in (shards[0], shards[0], shards[2])])
+    other = json.loads(open(shards[1]).read())
+    other["jobs"] = other["jobs"][:-1]
+    with pytest.raises(ValueError, match="another history"):
+        ph.merge_shards([json.loads(open(shards[0]).read()), other, json.loads(open(shards[2]).read())])
+
+
+def test_local_jobs_run_the_shard_commands_then_merge(tmp_path, monkeypatch):
+    """--jobs K launches K times the command a CI matrix job runs (`run ... --shard I/K --out F`), then merges."""
+    _fake_history(monkeypatch, tmp_path)
+    launched = []
+
+    def launch(argv):  # in-process stand-in for the K processes
+        launched.append(argv)
+        ph.main(argv)
+
+    monkeypatch.setattr(ph, "run_local_shards",
+                        lambda common, k, folder: _orig_local(common, k, folder, launch=launch))
+    assert ph.main(_ARGS + ["--jobs", "2"]) == 1
+    assert [a[a.index("--shard") + 1] for a in launched] == ["1/2", "2/2"]
+    assert all(a[0] == "run" and a[a.index("--releases") + 1] == _RELEASES for a in launched)
+    doc = json.loads((tmp_path / "audit" / "peft_history.json").read_text())
+    assert [s["shard"] for s in doc["run"]["shards"]] == ["1/2", "2/2"]
+    assert {(r["variant"], r["property"]) for r in doc["rows"]} == {("lora", "merge")}
+    assert "- Sharded into 2 slices of the (release, spec) jobs" in (tmp_path / "audit" / "peft_history.md").read_text()
+
+
+_orig_local = ph.run_local_shards
