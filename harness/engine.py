@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 
 from .backends.protocol import rejects
+from .checks import outcomes_of
 from .probes import PROPERTIES, Falsified, Property
 from spec.schema import Spec
 from .strategies import Case
@@ -58,9 +59,15 @@ class Result:
     seconds: float = 0.0
     failure_kind: str | None = None  # assertion | crash
     where: str | None = None  # crash site in the code under test
+    # one verdict per check of a property made of several (harness.checks): [{name, status, detail, failure_kind,
+    # where}], a check failing if it failed on any example; absent from the JSON row for a single-check property
+    checks: list[dict] | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["checks"] is None:
+            del d["checks"]
+        return d
 
 
 def _first(exc: BaseException) -> BaseException:
@@ -140,7 +147,12 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     def run(case):
         state["case"] = case
         state["n"] += 1
-        w = prop.check(spec, backend, case)
+        try:
+            w = prop.check(spec, backend, case)
+        except BaseException as e:
+            _note_checks(state, spec, outcomes_of(_first(e)))
+            raise
+        _note_checks(state, spec, outcomes_of(w))
         if w is not None:
             state["worst"] = w if state["worst"] is None else max(state["worst"], w)
 
@@ -166,7 +178,7 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
             state["worst"] = max(state["worst"] or 0.0, float(size))
     res = Result(spec.name, prop.name, status, detail, state["worst"],
                  None if status == "pass" else repr(state["case"]), state["n"], round(time.perf_counter() - t0, 3), kind,
-                 where)
+                 where, list(state["checks"].values()) if state.get("checks") else None)
     dev = declared_deviation(spec, prop.name, backend)
     if dev is None or (status == "fail" and dev.match and dev.match not in detail):
         return res
@@ -183,7 +195,28 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     if status == "fail":
         res.status = "deviation"
         res.detail = f"{declared}; observed: {detail}"
+        for c in res.checks or ():  # the failing checks the declared deviation covers
+            if c["status"] == "fail" and (not dev.match or dev.match in c["detail"]):
+                c["status"] = "deviation"
     return res
+
+
+def _note_checks(state: dict, spec: Spec, outcomes) -> None:
+    """Fold one example's check outcomes into state['checks'] (name -> row): a check fails once it fails on some
+    example; its detail is that of the latest failing example (Hypothesis replays the minimal one last)."""
+    rows = state.setdefault("checks", {})
+    for o in outcomes or ():
+        row = rows.setdefault(o.name, {"name": o.name, "status": "pass", "detail": "", "failure_kind": None,
+                                       "where": None})
+        e = o.error
+        if e is None:
+            continue
+        assertion = isinstance(e, AssertionError)
+        row.update(status="fail", failure_kind="assertion" if assertion else "crash",
+                   detail=str(e) if assertion else f"{type(e).__name__}: {e}", where=None)
+        if not assertion:
+            row["where"] = crash_site(e, variant_files(spec))
+            row["detail"] += f" [at {row['where']}]" if row["where"] else ""
 
 
 def declared_deviation(spec: Spec, prop: str, backend):

@@ -282,3 +282,27 @@ def test_local_jobs_run_the_shard_commands_then_merge(tmp_path, monkeypatch):
 
 
 _orig_local = ph.run_local_shards
+
+
+def test_each_check_of_a_property_gets_its_own_history_row():
+    """adapters_on_one_module fails on 'both_active' at every release; its 'both_merged' check, hidden behind it
+    before, fails at 0.10.0 only: its own row, first failing 0.10.0, fixed in 0.12.0."""
+    def aoom(v):
+        merged = "fail" if v == "0.10.0" else "pass"
+        checks = [{"name": "both_active", "status": "fail", "detail": "both active: off", "failure_kind": "assertion",
+                   "where": None},
+                  {"name": "both_merged", "status": merged, "detail": "both merged: off" if merged == "fail" else "",
+                   "failure_kind": "assertion" if merged == "fail" else None, "where": None}]
+        return {**_res("dora", "adapters_on_one_module", "fail", "assertion", "both active: off", "Case()"),
+                "checks": checks}
+
+    releases = [{"version": v, "status": "ran", "results": [aoom(v)]} for v in ("0.9.0", "0.10.0", "0.12.0")]
+    h = ph.build_history(releases)
+    rows = {r["property"]: r for r in h["rows"]}
+    assert set(rows) == {"adapters_on_one_module", "adapters_on_one_module: both_active",
+                         "adapters_on_one_module: both_merged"}
+    m = rows["adapters_on_one_module: both_merged"]
+    assert m["cells"] == {"0.9.0": "pass", "0.10.0": "F", "0.12.0": "pass"}
+    assert m["first_failing"] == "0.10.0" and m["fixed_in"] == "0.12.0" and m["failures"][0]["detail"] == "both merged: off"
+    assert rows["adapters_on_one_module"]["fixed_in"] is None
+    assert h["counts"]["0.10.0"] == {"pass": 0, "fail": 1, "deviation": 0, "na": 0}  # counts stay per property

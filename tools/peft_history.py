@@ -229,10 +229,10 @@ def build_history(releases: list[dict]) -> dict:
     na-free release after the last failure... the first release after a failing one where it passes) and the
     detail and minimal example of its first and latest failure."""
     ran = [r for r in releases if r["status"] == "ran"]
-    by = {r["version"]: {(x["variant"], x["property"]): x for x in r["results"]} for r in ran}
+    by = {r["version"]: {(x["variant"], x["property"]): x for x in per_check(r["results"])} for r in ran}
     keys: list[tuple[str, str]] = []
     for r in ran:
-        for x in r["results"]:
+        for x in per_check(r["results"]):
             k = (x["variant"], x["property"])
             if x["status"] in ("fail", "deviation") and k not in keys:
                 keys.append(k)
@@ -264,6 +264,21 @@ def build_history(releases: list[dict]) -> dict:
                              if r["status"] == "ran" else None) for r in releases}
     return {"schema": "lora-verify/peft-history/1", "releases": releases_meta(releases), "counts": counts,
             "rows": rows, "availability": availability(ran, versions)}
+
+
+def per_check(results: list[dict]) -> list[dict]:
+    """The results with, after each property made of several checks, one row per check (property
+    'adapters_on_one_module: both_merged'), so that the first-failing and fixed-in columns work per check and a
+    check failing behind another one still gets its own row."""
+    out = []
+    for x in results:
+        out.append(x)
+        for c in x.get("checks") or ():
+            failed = c["status"] != "pass"
+            out.append({"variant": x["variant"], "property": f"{x['property']}: {c['name']}", "status": c["status"],
+                        "failure_kind": c.get("failure_kind"), "detail": c.get("detail") or "",
+                        "example": x.get("example") if failed else None, "where": c.get("where")})
+    return out
 
 
 def availability(ran: list[dict], versions: list[str]) -> list[dict]:
