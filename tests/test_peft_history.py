@@ -306,3 +306,28 @@ def test_each_check_of_a_property_gets_its_own_history_row():
     assert m["first_failing"] == "0.10.0" and m["fixed_in"] == "0.12.0" and m["failures"][0]["detail"] == "both merged: off"
     assert rows["adapters_on_one_module"]["fixed_in"] is None
     assert h["counts"]["0.10.0"] == {"pass": 0, "fail": 1, "deviation": 0, "na": 0}  # counts stay per property
+
+
+def test_a_release_that_names_the_method_otherwise_gets_its_older_mapping(monkeypatch):
+    """Before MiSS (peft 0.14-0.16) PEFT shipped the same layer as BoneConfig with bone_block: the backend takes
+    the older mapping there; a release with neither class is n/a naming the release and the current class."""
+    pytest.importorskip("peft")
+    import types
+
+    from harness.backends import peft as backend
+    from spec import SPECS
+
+    class BoneConfig:  # stands in for peft 0.15's class (only its presence is read here)
+        pass
+
+    old = types.SimpleNamespace(**{k: getattr(backend._peft, k) for k in dir(backend._peft) if k != "MissConfig"},
+                                BoneConfig=BoneConfig)
+    monkeypatch.setattr(backend, "_peft", old)
+    for name, tensor in (("miss", "D"), ("bone", "B")):
+        pm = backend.release_map(SPECS.get(name))
+        assert pm.config == "BoneConfig" and pm.tensors[tensor] == ("bone_block", "id")
+    del old.BoneConfig
+    assert backend.release_map(SPECS.get("miss")).config == "MissConfig"
+    assert backend.PeftBackend().applies(SPECS.get("miss")) == f"peft {backend.VERSION} has no MissConfig"
+    monkeypatch.undo()
+    assert backend.release_map(SPECS.get("miss")).config == "MissConfig"  # the current release: today's names
