@@ -38,6 +38,9 @@ class Measured(float):
         out.checks = list(checks)
         return out
 
+    def __reduce__(self):  # copied or pickled, it is the plain number (the outcomes hold live exceptions)
+        return (float, (float(self),))
+
 
 class Checks:
     """The checks of one example of a property, each run whatever happened to the others."""

@@ -153,6 +153,7 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
             _note_checks(state, spec, outcomes_of(_first(e)))
             raise
         _note_checks(state, spec, outcomes_of(w))
+        w = None if w is None else float(w)  # (a harness.checks.Measured: its checks are noted)
         if w is not None:
             state["worst"] = w if state["worst"] is None else max(state["worst"], w)
 

@@ -207,3 +207,15 @@ def test_adapter_lifecycle_reports_the_disable_and_the_delete_bug_together():
     assert _checks(res)["disable_exception"] == "fail" and _checks(res)["delete_merged"] == "fail", res.checks
     assert _checks(res)["nested_disable"] == "pass" and _checks(res)["unknown_name"] == "pass", res.checks
     assert set(_checks(_run("adapter_lifecycle", "lora")).values()) == {"pass"}
+
+
+def test_measured_worst_error_serialises_as_a_plain_number():
+    import copy
+    import pickle
+
+    from harness.checks import Measured, Outcome
+
+    m = Measured(0.5, [Outcome("a")])
+    assert type(copy.deepcopy(m)) is float and pickle.loads(pickle.dumps(m)) == 0.5
+    res = _run("adapter_lifecycle", "lora")
+    assert type(res.worst_error) is float and res.to_json()["checks"][0]["name"] == "nested_disable"
