@@ -180,13 +180,17 @@ class Layers(nn.Module):
         raise NotImplementedError("call a layer of Layers directly")
 
 
-PATTERN_NAMES = ("p0", "p1", "p2")
+PATTERN_NAMES = ("p0", "p1", "p2", "xp1")
+# the layers rank_pattern / alpha_pattern name; "xp1" ends with the key "p1" but is another module: it keeps the
+# config's r and alpha (a pattern matched as a bare suffix of the module name would give it p1's)
+PATTERN_KEYS = ("p1", "p2")
 
 
 @prop("rank_patterns", _f32_bias, needs=("patterns",), max_examples=3)
 def rank_patterns(spec, be, case):
-    """Three layers of different shapes in one model, p1 and p2 with their own r and alpha (rank_pattern /
-    alpha_pattern), p0 with the config's: each layer's tensors have the shapes of its own r, and with every
+    """Four layers of different shapes in one model, p1 and p2 with their own r and alpha (rank_pattern /
+    alpha_pattern), p0 and xp1 (whose name ends with the key p1) with the config's: each layer's tensors have the
+    shapes of its own r, and with every
     trainable perturbed each layer's output equals the spec's oracle with its own r and alpha, under every
     scaling rule (each boolean config field flipped as well)."""
     return _every_rule(_rank_patterns, spec, be, case)
@@ -196,19 +200,21 @@ def _rank_patterns(spec, be, case):
     g = case.gen(22)
     dims, ranks, alphas, layers = {}, {}, {}, {}
     for i, name in enumerate(PATTERN_NAMES):
-        c = case if i == 0 else case.with_(d_in=case.d_in + 2 * i, d_out=max(2, case.d_out - i))
+        own = name in PATTERN_KEYS
+        c = case if i == 0 else case.with_(d_in=case.d_in + 2 * i, d_out=max(2, case.d_out - i)) if own else \
+            case.with_(d_in=case.d_in + 1, d_out=case.d_out + 1)  # (the config's r fits a wider layer too)
         limit = spec.rank_limit(c.d_in, c.d_out) or 8
-        r = case.fields["r"] if i == 0 else 1 + int(torch.randint(min(limit, 8), (1,), generator=g))
-        if i and r == case.fields["r"]:
+        r = 1 + int(torch.randint(min(limit, 8), (1,), generator=g)) if own else case.fields["r"]
+        if own and r == case.fields["r"]:
             r = _another_rank(spec, c.d_in, c.d_out, r)
-        a = case.fields["alpha"] if i == 0 else 0.5 + float(torch.rand(1, generator=g, dtype=torch.float64)) * 8
+        a = 0.5 + float(torch.rand(1, generator=g, dtype=torch.float64)) * 8 if own else case.fields["alpha"]
         W, b = base_weight(c)
         layers[name] = make_layer(W.to(c.dtype).double(), None if b is None else b.to(c.dtype).double(), c.dtype)
         dims[name], ranks[name], alphas[name] = c, r, a
     model = Layers(layers)
     torch.manual_seed(case.seed)
-    be.attach_patterns(model, spec, case, list(PATTERN_NAMES), {n: ranks[n] for n in PATTERN_NAMES[1:]},
-                       {n: alphas[n] for n in PATTERN_NAMES[1:]})
+    be.attach_patterns(model, spec, case, list(PATTERN_NAMES), {n: ranks[n] for n in PATTERN_KEYS},
+                       {n: alphas[n] for n in PATTERN_KEYS})
     adapted = be.adapted_layers(model)
     require(set(adapted) == set(PATTERN_NAMES), f"adapted {sorted(adapted)}, expected {list(PATTERN_NAMES)}")
     worst = 0.0

@@ -219,3 +219,12 @@ def test_measured_worst_error_serialises_as_a_plain_number():
     assert type(copy.deepcopy(m)) is float and pickle.loads(pickle.dumps(m)) == 0.5
     res = _run("adapter_lifecycle", "lora")
     assert type(res.worst_error) is float and res.to_json()["checks"][0]["name"] == "nested_disable"
+
+
+def test_rank_patterns_flags_a_pattern_key_matched_as_a_bare_suffix():
+    """A rank/alpha pattern key matched as a bare suffix of the module name ('p1' taking 'xp1' too), the bug class
+    of a key that is also the end of another module's name."""
+    def suffix_match(keys, key):
+        return next((k for k in keys if key.endswith(k)), key)
+
+    _flagged("rank_patterns", "lora", mock.patch.object(lora_model, "get_pattern_key", suffix_match), "'xp1'")
