@@ -140,6 +140,8 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
         draw = prop.strategy
         prop = replace(prop, strategy=lambda spec, device: draw(spec, device).filter(admitted))
 
+    prop = replace(prop, check=_noting_checks(prop.check, state, spec))  # (outside run: its source seeds the draw)
+
     # (the derandomized profiles seed Hypothesis with a hash of run's source, decorators included: a change
     # to these lines changes every drawn case)
     @settings(base, max_examples=n)
@@ -147,13 +149,7 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
     def run(case):
         state["case"] = case
         state["n"] += 1
-        try:
-            w = prop.check(spec, backend, case)
-        except BaseException as e:
-            _note_checks(state, spec, outcomes_of(_first(e)))
-            raise
-        _note_checks(state, spec, outcomes_of(w))
-        w = None if w is None else float(w)  # (a harness.checks.Measured: its checks are noted)
+        w = prop.check(spec, backend, case)
         if w is not None:
             state["worst"] = w if state["worst"] is None else max(state["worst"], w)
 
@@ -200,6 +196,22 @@ def run_property(prop: Property, spec: Spec, backend, profile: str = "verify", d
             if c["status"] == "fail" and (not dev.match or dev.match in c["detail"]):
                 c["status"] = "deviation"
     return res
+
+
+def _noting_checks(check, state: dict, spec: Spec):
+    """The property's check, noting each example's check outcomes (harness.checks) in state['checks'] and
+    returning its worst error as a plain float."""
+
+    def noted(spec_, backend, case):
+        try:
+            w = check(spec_, backend, case)
+        except BaseException as e:
+            _note_checks(state, spec, outcomes_of(_first(e)))
+            raise
+        _note_checks(state, spec, outcomes_of(w))
+        return None if w is None else float(w)
+
+    return noted
 
 
 def _note_checks(state: dict, spec: Spec, outcomes) -> None:
