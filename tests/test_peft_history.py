@@ -331,3 +331,20 @@ def test_a_release_that_names_the_method_otherwise_gets_its_older_mapping(monkey
     assert backend.PeftBackend().applies(SPECS.get("miss")) == f"peft {backend.VERSION} has no MissConfig"
     monkeypatch.undo()
     assert backend.release_map(SPECS.get("miss")).config == "MissConfig"  # the current release: today's names
+
+
+def test_reuse_takes_a_job_of_the_same_profile_and_arguments_with_its_seconds(tmp_path, monkeypatch):
+    monkeypatch.setattr(ph, "SHARDS", tmp_path)
+    row = {"variant": "bone", "property": "oracle", "status": "pass"}
+    ph._job_file("0.15.2", "bone").parent.mkdir(parents=True)
+    ph._job_file("0.15.2", "bone").write_text(json.dumps({"profile": "ci", "backend_version": "0.15.2",
+                                                          "results": [row]}))
+    ph._job_file("0.15.2", "bone", ".meta.json").write_text(json.dumps(
+        {"seconds": 593.0, "shims": [], "transformers": "5.0", "profile": "ci", "verify_args": ["-n", "1"]}))
+    out, _ = ph.run_jobs([("0.15.2", "bone")], 100.0, ["-n", "1"], "ci", log=lambda *a, **k: None, reuse=True,
+                         prepare=lambda v: pytest.fail("a reused job prepared its release"))
+    assert out[0]["reused"] and out[0]["seconds"] == 593.0 and out[0]["results"] == [row]
+    assert ph._reused_job("0.15.2", "bone", "history", ["-n", "1"]) is None  # another profile
+    assert ph._reused_job("0.15.2", "bone", "ci", ["-n", "2"]) is None  # other verify arguments
+    rel = ph.releases_from_jobs(["0.15.2"], ["bone"], out)
+    assert rel[0]["status"] == "ran" and rel[0]["reused"] is True
