@@ -27,6 +27,7 @@ from torch import nn
 
 from . import tolerance as tol
 from .backends.protocol import ADAPTER_NAME, FullBackend, lacks
+from .checks import Checks, Measured, Outcome, outcomes_of
 from .models import ARCHS, Single, make_layer, tiny
 from .models import calibration as token_calibration
 from .probes import (Falsified, base_bias, base_out, cfg_of, drawn_knob, engine_base, layouts, oracle_on, perturb,
@@ -93,14 +94,28 @@ def _scaling_rules(spec, case):
 
 
 def _every_rule(check, spec, be: FullBackend, case) -> float:
-    """The check on each case of _scaling_rules; a failure names the fields of the case it failed on."""
-    worst = 0.0
-    for c in _scaling_rules(spec, case):
+    """The check on each case of _scaling_rules; a failure names the fields of the case it failed on. Every rule
+    runs; the first failure is raised, carrying each check's outcome under its first failing rule."""
+    worst, first, merged = 0.0, None, {}
+    for c in _scaling_rules(spec, case):  # every rule runs, so that a check failing under one hides no other
         try:
-            worst = max(worst, check(spec, be, c))
-        except Falsified as e:
-            raise Falsified(f"[fields {c.fields}] {e}", e.size) from None
-    return worst
+            w = check(spec, be, c)
+            worst, outcomes = max(worst, float(w or 0.0)), outcomes_of(w) or []
+        except Exception as e:  # noqa: BLE001 - re-raised below (the first failure over the rules) after the others ran
+            if first is None:
+                first = Falsified(f"[fields {c.fields}] {e}", e.size) if isinstance(e, Falsified) else e
+            outcomes = outcomes_of(e) or []
+        for o in outcomes:  # one verdict per check over the rules: its first failure, named by its case
+            err = o.error
+            if isinstance(err, Falsified):
+                err = Falsified(f"[fields {c.fields}] {err}", err.size)
+            if o.name not in merged or (merged[o.name].error is None and err is not None):
+                merged[o.name] = Outcome(o.name, err)
+    checks = list(merged.values())
+    if first is not None:
+        first.checks = checks  # type: ignore[attr-defined]
+        raise first from None
+    return Measured(worst, checks) if checks else worst
 
 
 @prop("runtime_scale", _f32, applies=_scale_or_knob, max_examples=4)
@@ -164,13 +179,17 @@ class Layers(nn.Module):
         raise NotImplementedError("call a layer of Layers directly")
 
 
-PATTERN_NAMES = ("p0", "p1", "p2")
+PATTERN_NAMES = ("p0", "p1", "p2", "xp1")
+# the layers rank_pattern / alpha_pattern name; "xp1" ends with the key "p1" but is another module: it keeps the
+# config's r and alpha (a pattern matched as a bare suffix of the module name would give it p1's)
+PATTERN_KEYS = ("p1", "p2")
 
 
 @prop("rank_patterns", _f32_bias, needs=("patterns",), max_examples=3)
 def rank_patterns(spec, be: FullBackend, case):
-    """Three layers of different shapes in one model, p1 and p2 with their own r and alpha (rank_pattern /
-    alpha_pattern), p0 with the config's: each layer's tensors have the shapes of its own r, and with every
+    """Four layers of different shapes in one model, p1 and p2 with their own r and alpha (rank_pattern /
+    alpha_pattern), p0 and xp1 (whose name ends with the key p1) with the config's: each layer's tensors have the
+    shapes of its own r, and with every
     trainable perturbed each layer's output equals the spec's oracle with its own r and alpha, under every
     scaling rule (each boolean config field flipped as well)."""
     return _every_rule(_rank_patterns, spec, be, case)
@@ -180,19 +199,21 @@ def _rank_patterns(spec, be: FullBackend, case):
     g = case.gen(22)
     dims, ranks, alphas, layers = {}, {}, {}, {}
     for i, name in enumerate(PATTERN_NAMES):
-        c = case if i == 0 else case.with_(d_in=case.d_in + 2 * i, d_out=max(2, case.d_out - i))
+        own = name in PATTERN_KEYS
+        c = case if i == 0 else case.with_(d_in=case.d_in + 2 * i, d_out=max(2, case.d_out - i)) if own else \
+            case.with_(d_in=case.d_in + 1, d_out=case.d_out + 1)  # (the config's r fits a wider layer too)
         limit = spec.rank_limit(c.d_in, c.d_out) or 8
-        r = case.fields["r"] if i == 0 else 1 + int(torch.randint(min(limit, 8), (1,), generator=g))
-        if i and r == case.fields["r"]:
+        r = 1 + int(torch.randint(min(limit, 8), (1,), generator=g)) if own else case.fields["r"]
+        if own and r == case.fields["r"]:
             r = _another_rank(spec, c.d_in, c.d_out, r)
-        a = case.fields["alpha"] if i == 0 else 0.5 + float(torch.rand(1, generator=g, dtype=torch.float64)) * 8
+        a = 0.5 + float(torch.rand(1, generator=g, dtype=torch.float64)) * 8 if own else case.fields["alpha"]
         W, b = base_weight(c)
         layers[name] = make_layer(W.to(c.dtype).double(), None if b is None else b.to(c.dtype).double(), c.dtype)
         dims[name], ranks[name], alphas[name] = c, r, a
     model = Layers(layers)
     torch.manual_seed(case.seed)
-    be.attach_patterns(model, spec, case, list(PATTERN_NAMES), {n: ranks[n] for n in PATTERN_NAMES[1:]},
-                       {n: alphas[n] for n in PATTERN_NAMES[1:]})
+    be.attach_patterns(model, spec, case, list(PATTERN_NAMES), {n: ranks[n] for n in PATTERN_KEYS},
+                       {n: alphas[n] for n in PATTERN_KEYS})
     adapted = be.adapted_layers(model)
     require(set(adapted) == set(PATTERN_NAMES), f"adapted {sorted(adapted)}, expected {list(PATTERN_NAMES)}")
     worst = 0.0
@@ -254,35 +275,44 @@ def _adapters_on_one_module(spec, be: FullBackend, case):
     y_base = x64 @ W.T + (0 if bias is None else bias.detach().double())
     delta = {n: _oracle(spec, W, bias, be.adapter_tensors(s.model, n), x64, cfg) - y_base for n, cfg in cfgs.items()}
     both = y_base + delta[ADAPTER_NAME] + delta[OTHER]
-    f, worst = spec.identity_factor, 0.0
-    be.set_active(s.model, [ADAPTER_NAME])
-    y_first = _out(s.model, s.x)
-    worst = max(worst, _close(f"'{ADAPTER_NAME}' active: output differs from its oracle", y_first,
-                              y_base + delta[ADAPTER_NAME], y_base, case.dtype, f))
-    be.set_active(s.model, [OTHER])
-    worst = max(worst, _close(f"'{OTHER}' active alone: output differs from its oracle", _out(s.model, s.x),
-                              y_base + delta[OTHER], y_base, case.dtype, f))
-    be.set_active(s.model, [ADAPTER_NAME, OTHER])
-    y_both = _out(s.model, s.x)
-    worst = max(worst, _close("both active: output differs from the base plus both adapters' oracle deltas",
-                              y_both, both, y_base, case.dtype, f))
-    be.set_active(s.model, [ADAPTER_NAME])
-    require(torch.equal(_out(s.model, s.x), y_first), f"switching back to '{ADAPTER_NAME}' does not reproduce its "
-                                                      "output bit-exactly")
-    be.set_active(s.model, [ADAPTER_NAME, OTHER])
-    be.merge_adapters(s.model, [ADAPTER_NAME, OTHER])
-    Wm = be.base_weight(s.model).detach().double().clone()
-    worst = max(worst, _close("both merged: output differs from the hooked sum of both adapters", _out(s.model, s.x),
-                              both, y_base, case.dtype, f))
-    be.unmerge_all(s.model)
-    worst = max(worst, _close("unmerging both: base weight not restored", be.base_weight(s.model), W, Wm,
-                              case.dtype, f))
-    be.set_active(s.model, [ADAPTER_NAME])
-    be.weighted_adapter(s.model, [ADAPTER_NAME], [1.0], "combined")
-    worst = max(worst, _close(f"add_weighted_adapter(['{ADAPTER_NAME}'], [1.0]): output differs from "
-                              f"'{ADAPTER_NAME}' alone", _out(s.model, s.x), y_base + delta[ADAPTER_NAME], y_base,
-                              case.dtype, f))
-    return worst
+    f, worst, ck = spec.identity_factor, 0.0, Checks()  # each check runs whatever the others gave (harness.checks)
+    y_first = None
+    with ck("first_alone"):
+        be.set_active(s.model, [ADAPTER_NAME])
+        y_first = _out(s.model, s.x)
+        worst = max(worst, _close(f"'{ADAPTER_NAME}' active: output differs from its oracle", y_first,
+                                  y_base + delta[ADAPTER_NAME], y_base, case.dtype, f))
+    with ck("other_alone"):
+        be.set_active(s.model, [OTHER])
+        worst = max(worst, _close(f"'{OTHER}' active alone: output differs from its oracle", _out(s.model, s.x),
+                                  y_base + delta[OTHER], y_base, case.dtype, f))
+    with ck("both_active"):
+        be.set_active(s.model, [ADAPTER_NAME, OTHER])
+        y_both = _out(s.model, s.x)
+        worst = max(worst, _close("both active: output differs from the base plus both adapters' oracle deltas",
+                                  y_both, both, y_base, case.dtype, f))
+    with ck("switch_back"):
+        be.set_active(s.model, [ADAPTER_NAME])
+        require(y_first is not None and torch.equal(_out(s.model, s.x), y_first),
+                f"switching back to '{ADAPTER_NAME}' does not reproduce its output bit-exactly")
+    Wm = None
+    with ck("both_merged"):
+        be.set_active(s.model, [ADAPTER_NAME, OTHER])
+        be.merge_adapters(s.model, [ADAPTER_NAME, OTHER])
+        Wm = be.base_weight(s.model).detach().double().clone()
+        worst = max(worst, _close("both merged: output differs from the hooked sum of both adapters",
+                                  _out(s.model, s.x), both, y_base, case.dtype, f))
+    with ck("unmerge_both"):
+        be.unmerge_all(s.model)
+        worst = max(worst, _close("unmerging both: base weight not restored", be.base_weight(s.model), W,
+                                  W if Wm is None else Wm, case.dtype, f))
+    with ck("weighted_one"):
+        be.set_active(s.model, [ADAPTER_NAME])
+        be.weighted_adapter(s.model, [ADAPTER_NAME], [1.0], "combined")
+        worst = max(worst, _close(f"add_weighted_adapter(['{ADAPTER_NAME}'], [1.0]): output differs from "
+                                  f"'{ADAPTER_NAME}' alone", _out(s.model, s.x), y_base + delta[ADAPTER_NAME], y_base,
+                                  case.dtype, f))
+    return ck.done(worst)
 
 
 class _Raised(Exception):
@@ -304,53 +334,64 @@ def adapter_lifecycle(spec, be: FullBackend, case):
     with torch.no_grad():  # the base layer as attach left it (a base-rewriting init's residual: its own property)
         y0 = F.linear(s.x, be.base_weight(s.model), bias)
     y_a = _out(s.model, s.x)
-    with be.disabled(s.model):
-        require(torch.equal(_out(s.model, s.x), y0), "inside the disable context: output is not the base's")
+    ck = Checks()  # each check runs whatever the others gave (harness.checks)
+    with ck("nested_disable"):
         with be.disabled(s.model):
-            require(torch.equal(_out(s.model, s.x), y0), "inside a nested disable context: output is not the base's")
-        require(torch.equal(_out(s.model, s.x), y0), "after leaving a nested disable context the outer one no longer "
-                                                     "disables the adapter")
-    require(torch.equal(_out(s.model, s.x), y_a), "after nested disable contexts: output is not the adapted one")
-    try:
-        with be.disabled(s.model):
-            raise _Raised()
-    except _Raised:
-        pass
-    require(torch.equal(_out(s.model, s.x), y_a), "after a disable context left by an exception: output is not the "
-                                                  "adapted one (the adapter stays disabled)")
-    state = snapshot(s.model)
-    for what, call in (("activating", lambda: be.set_active(s.model, ["no_such_adapter"])),
-                       ("deleting", lambda: be.delete_adapter(s.model, "no_such_adapter"))):
+            require(torch.equal(_out(s.model, s.x), y0), "inside the disable context: output is not the base's")
+            with be.disabled(s.model):
+                require(torch.equal(_out(s.model, s.x), y0), "inside a nested disable context: output is not the "
+                                                             "base's")
+            require(torch.equal(_out(s.model, s.x), y0), "after leaving a nested disable context the outer one no "
+                                                         "longer disables the adapter")
+        require(torch.equal(_out(s.model, s.x), y_a), "after nested disable contexts: output is not the adapted one")
+    with ck("disable_exception"):
         try:
-            call()
-        except be.errors.any:
+            with be.disabled(s.model):
+                raise _Raised()
+        except _Raised:
             pass
-        else:
-            raise AssertionError(f"{what} an unknown adapter name was accepted") from None
-        require(same_state(snapshot(s.model), state) and torch.equal(_out(s.model, s.x), y_a),
-                f"{what} an unknown adapter name changed the model")
-    be.add_adapter(s.model, spec, case, OTHER, **_second(spec, case))
-    perturb_tensors(spec, be.adapter_tensors(s.model, OTHER), case.d_in, case.d_out,
-                    cfg_of(spec, be, case, **_second(spec, case)), case.gen(31))
-    be.set_active(s.model, [ADAPTER_NAME])
-    y_first = _out(s.model, s.x)  # (a base-rewriting init rewrites the base again for the second adapter)
-    be.delete_adapter(s.model, OTHER)
-    require(torch.equal(_out(s.model, s.x), y_first), f"after deleting '{OTHER}': output is not '{ADAPTER_NAME}'s")
-    with torch.no_grad():
-        y0 = F.linear(s.x, be.base_weight(s.model), bias)
-    W = be.base_weight(s.model).detach().double().clone()
-    be.merge_adapters(s.model, [ADAPTER_NAME])
-    Wm, merged = be.base_weight(s.model).detach().double().clone(), snapshot(s.model)
-    try:
-        be.delete_adapter(s.model, ADAPTER_NAME)
-    except be.errors.any:
-        require(same_state(snapshot(s.model), merged), "a refused delete of a merged adapter changed the model")
-        be.unmerge_all(s.model)
-        be.delete_adapter(s.model, ADAPTER_NAME)
-    err = _close("after deleting the (merged) adapter: base weight not restored", be.base_weight(s.model), W, Wm,
-                 case.dtype, spec.identity_factor)
-    return max(err, _close("after deleting the last adapter: output is not the base's", _out(s.model, s.x), y0,
-                           None, case.dtype, spec.identity_factor))
+        require(torch.equal(_out(s.model, s.x), y_a), "after a disable context left by an exception: output is not "
+                                                      "the adapted one (the adapter stays disabled)")
+    with ck("unknown_name"):
+        state, y_now = snapshot(s.model), _out(s.model, s.x)  # (unchanged from here, whatever an earlier check left)
+        for what, call in (("activating", lambda: be.set_active(s.model, ["no_such_adapter"])),
+                           ("deleting", lambda: be.delete_adapter(s.model, "no_such_adapter"))):
+            try:
+                call()
+            except be.errors.any:
+                pass
+            else:
+                raise AssertionError(f"{what} an unknown adapter name was accepted") from None
+            require(same_state(snapshot(s.model), state) and torch.equal(_out(s.model, s.x), y_now),
+                    f"{what} an unknown adapter name changed the model")
+    with ck("delete_second"):
+        be.add_adapter(s.model, spec, case, OTHER, **_second(spec, case))
+        perturb_tensors(spec, be.adapter_tensors(s.model, OTHER), case.d_in, case.d_out,
+                        cfg_of(spec, be, case, **_second(spec, case)), case.gen(31))
+        be.set_active(s.model, [ADAPTER_NAME])
+        y_first = _out(s.model, s.x)  # (a base-rewriting init rewrites the base again for the second adapter)
+        be.delete_adapter(s.model, OTHER)
+        require(torch.equal(_out(s.model, s.x), y_first), f"after deleting '{OTHER}': output is not "
+                                                          f"'{ADAPTER_NAME}'s")
+    err = 0.0
+    with ck("delete_merged"):
+        with torch.no_grad():
+            y0 = F.linear(s.x, be.base_weight(s.model), bias)
+        W = be.base_weight(s.model).detach().double().clone()
+        be.merge_adapters(s.model, [ADAPTER_NAME])
+        Wm, merged = be.base_weight(s.model).detach().double().clone(), snapshot(s.model)
+        try:
+            be.delete_adapter(s.model, ADAPTER_NAME)
+        except be.errors.any:
+            require(same_state(snapshot(s.model), merged), "a refused delete of a merged adapter changed the model")
+            be.unmerge_all(s.model)
+            be.delete_adapter(s.model, ADAPTER_NAME)
+        err = _close("after deleting the (merged) adapter: base weight not restored", be.base_weight(s.model), W, Wm,
+                     case.dtype, spec.identity_factor)
+    with ck("delete_last"):
+        err = max(err, _close("after deleting the last adapter: output is not the base's", _out(s.model, s.x), y0,
+                              None, case.dtype, spec.identity_factor))
+    return ck.done(err)
 
 
 # ----------------------------------------------------------------------------------------------- layer kinds

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis.errors import Unsatisfiable
 
 from .backends.protocol import Deviations, FullBackend, LibraryDefaults, PropertyNA, SourceClass, Supports, has, rejects
+from .checks import outcomes_of
 from .probes import PROPERTIES, Falsified, Property
 from spec.schema import Deviation, Spec
 from .strategies import Case
@@ -125,11 +126,16 @@ class Result:
     failure_kind: str | None = None  # assertion | crash
     where: str | None = None  # crash site in the code under test
     unchecked: bool = False  # n/a, but the spec declares something only this property checks (Property.gap)
+    # one verdict per check of a property made of several (harness.checks): [{name, status, detail, failure_kind,
+    # where}], a check failing if it failed on any example; absent from the JSON row for a single-check property
+    checks: list[dict] | None = None
 
     def to_json(self) -> dict:
         out = asdict(self)
         for k in ("detail", "example", "where"):  # a detail is a (capped) message plus its context
             out[k] = cap_text(out[k], 2 * TEXT_CAP)
+        if out["checks"] is None:
+            del out["checks"]
         return out
 
 
@@ -324,7 +330,8 @@ def _run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str
             state.setdefault("notes", set()).add(w.note)
         return w
 
-    prop = replace(prop, check=noting)
+    # (outside run: its source seeds the draw) the check's notes, and each example's check outcomes
+    prop = replace(prop, check=_noting_checks(noting, state, spec))
 
     # (the derandomized profiles seed Hypothesis with a hash of run's source, decorators included: a change
     # to these lines changes every drawn case)
@@ -366,8 +373,9 @@ def _run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str
     if status == "pass" and state.get("notes"):
         detail = "; ".join(sorted(state["notes"]))
     res = Result(spec.name, prop.name, status, detail, state["worst"],
-                 None if status == "pass" else cap_text(repr(state["case"])), state["n"], round(time.perf_counter() - t0, 3), kind,
-                 where)
+                 None if status == "pass" else cap_text(repr(state["case"])), state["n"],
+                 round(time.perf_counter() - t0, 3), kind, where,
+                 checks=list(state["checks"].values()) if state.get("checks") else None)
     dev = declared_deviation(spec, prop.name, backend)
     if dev is None or (status == "fail" and not explains(dev, detail, state["case"])):
         return res
@@ -384,6 +392,9 @@ def _run_property(prop: Property, spec: Spec, backend: FullBackend, profile: str
     if status == "fail":
         res.status = "deviation"
         res.detail = f"{declared}; observed: {detail}"
+        for c in res.checks or ():  # the failing checks the declared deviation covers
+            if c["status"] == "fail" and (not dev.match or dev.match in c["detail"]):
+                c["status"] = "deviation"
     return res
 
 
@@ -416,6 +427,40 @@ def explains(dev: Deviation, detail: str, case) -> bool:
     if not dev.matches(detail):
         return False
     return not dev.dtypes or case is None or str(case.dtype).removeprefix("torch.") in dev.dtypes
+
+
+def _noting_checks(check, state: dict, spec: Spec):
+    """The property's check, noting each example's check outcomes (harness.checks) in state['checks'] and
+    returning its worst error as a plain float."""
+
+    def noted(spec_, backend, case):
+        try:
+            w = check(spec_, backend, case)
+        except BaseException as e:
+            _note_checks(state, spec, outcomes_of(_first(e)))
+            raise
+        _note_checks(state, spec, outcomes_of(w))
+        return None if w is None else float(w)
+
+    return noted
+
+
+def _note_checks(state: dict, spec: Spec, outcomes) -> None:
+    """Fold one example's check outcomes into state['checks'] (name -> row): a check fails once it fails on some
+    example; its detail is that of the latest failing example (Hypothesis replays the minimal one last)."""
+    rows = state.setdefault("checks", {})
+    for o in outcomes or ():
+        row = rows.setdefault(o.name, {"name": o.name, "status": "pass", "detail": "", "failure_kind": None,
+                                       "where": None})
+        e = o.error
+        if e is None:
+            continue
+        assertion = isinstance(e, AssertionError)
+        row.update(status="fail", failure_kind="assertion" if assertion else "crash",
+                   detail=_text(e) if assertion else _message(e), where=None)
+        if not assertion:
+            row["where"] = crash_site(e, variant_files(spec))
+            row["detail"] += f" [at {row['where']}]" if row["where"] else ""
 
 
 def declared_deviation(spec: Spec, prop: str, backend: FullBackend):

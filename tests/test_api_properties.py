@@ -208,3 +208,65 @@ def test_a_library_with_plain_embedding_only_says_so_and_is_judged_on_plain_embe
     with mock.patch.object(tuners_utils.BaseTunerLayer, "_get_embed_scale", lambda self: None):
         assert _run("layer_kinds", "lora", be).status == "pass"
         assert _run("layer_kinds", "lora").status == "fail"
+
+
+def _checks(res):
+    return {c["name"]: c["status"] for c in res.checks or ()}
+
+
+def test_one_failing_check_no_longer_hides_another_adapters_on_one_module():
+    """DoRA's 'both active' fails on PEFT 0.21.2 and used to hide every later check: its two-adapter merge and
+    add_weighted_adapter now have their own verdicts. On LoRA (rsLoRA rule), a two-adapter merge that merges only
+    the first adapter (the bug PEFT 0.21.0 fixed) and add_weighted_adapter's sqrt(r) with rsLoRA are both reported,
+    under different scaling rules. The property's own verdict and detail stay those of its first failing check."""
+    real = lora_layer.Linear.merge
+
+    def merge_first(self, safe_merge=False, adapter_names=None):
+        return real(self, safe_merge=safe_merge, adapter_names=None if adapter_names is None else adapter_names[:1])
+
+    dora = _run("adapters_on_one_module", "dora")
+    assert dora.status in ("fail", "deviation") and "both active" in dora.detail, dora
+    assert _checks(dora)["both_active"] in ("fail", "deviation") and _checks(dora)["first_alone"] == "pass", dora
+    assert "weighted_one" in _checks(dora), dora  # reached despite the earlier failure
+    clean = _run("adapters_on_one_module", "lora")
+    assert _checks(clean)["weighted_one"] == "fail" and _checks(clean)["both_merged"] == "pass", clean.checks
+    with mock.patch.object(lora_layer.Linear, "merge", merge_first):
+        res = _run("adapters_on_one_module", "lora")
+    assert res.status == "fail", res
+    checks = {c["name"]: c for c in res.checks}
+    assert checks["both_merged"]["status"] == "fail" and "both merged" in checks["both_merged"]["detail"], res
+    assert checks["weighted_one"]["status"] == "fail" and "'rslora': True" in checks["weighted_one"]["detail"], res
+    assert checks["first_alone"]["status"] == "pass" and checks["other_alone"]["status"] == "pass"
+    assert "checks" in res.to_json() and "checks" not in _run("identity_at_init", "lora").to_json()
+
+
+def test_adapter_lifecycle_reports_the_disable_and_the_delete_bug_together():
+    """Before: either the disable-on-exception bug or the delete bug, never both."""
+    with mock.patch.object(PeftModel, "disable_adapter", _disable_without_finally), \
+            mock.patch.object(tuners_utils, "_check_adapters_not_merged", lambda model, names: None):
+        res = _run("adapter_lifecycle", "lora")
+    assert res.status == "fail" and "left by an exception" in res.detail, res
+    assert _checks(res)["disable_exception"] == "fail" and _checks(res)["delete_merged"] == "fail", res.checks
+    assert _checks(res)["nested_disable"] == "pass" and _checks(res)["unknown_name"] == "pass", res.checks
+    assert set(_checks(_run("adapter_lifecycle", "lora")).values()) == {"pass"}
+
+
+def test_measured_worst_error_serialises_as_a_plain_number():
+    import copy
+    import pickle
+
+    from harness.checks import Measured, Outcome
+
+    m = Measured(0.5, [Outcome("a")])
+    assert type(copy.deepcopy(m)) is float and pickle.loads(pickle.dumps(m)) == 0.5
+    res = _run("adapter_lifecycle", "lora")
+    assert type(res.worst_error) is float and res.to_json()["checks"][0]["name"] == "nested_disable"
+
+
+def test_rank_patterns_flags_a_pattern_key_matched_as_a_bare_suffix():
+    """A rank/alpha pattern key matched as a bare suffix of the module name ('p1' taking 'xp1' too), the bug class
+    of a key that is also the end of another module's name."""
+    def suffix_match(keys, key):
+        return next((k for k in keys if key.endswith(k)), key)
+
+    _flagged("rank_patterns", "lora", mock.patch.object(lora_model, "get_pattern_key", suffix_match), "'xp1'")

@@ -54,7 +54,7 @@ def test_a_budget_that_is_not_finite_and_positive_is_refused_before_anything_run
     assert err.count("\n") == 0 and "--budget-s must be a finite positive number" in err
     assert _unchanged(committed)
     with pytest.raises(ValueError, match="finite positive"):
-        ph.run_history(["0.9.0"], float(budget), [], "history", log=lambda *a, **k: None)
+        ph.run_jobs([("0.9.0", "lora")], float(budget), [], "history", log=lambda *a, **k: None)
 
 
 def test_the_committed_history_is_replaced_only_by_a_run_that_completed(committed, monkeypatch):
@@ -72,7 +72,7 @@ def test_the_committed_history_is_replaced_only_by_a_run_that_completed(committe
 
 def test_a_run_whose_releases_all_fail_still_writes_nothing_on_a_refused_budget(committed, monkeypatch):
     monkeypatch.setattr(ph, "index_versions", lambda *a, **k: ["0.9.0"])
-    monkeypatch.setattr(ph, "run_history", lambda *a, **k: pytest.fail("the run started"))
+    monkeypatch.setattr(ph, "run_jobs", lambda *a, **k: pytest.fail("the run started"))
     assert ph.main(["run", "--budget-s", "nan", "--peft-versions", "0.9.0"]) == 2
     assert _unchanged(committed)
 
@@ -81,13 +81,13 @@ def test_a_run_whose_releases_all_fail_still_writes_nothing_on_a_refused_budget(
 
 
 def test_a_release_whose_verify_hangs_is_an_error_row_naming_the_limit(tmp_path, committed, monkeypatch):
-    monkeypatch.setattr(ph, "ensure_env", lambda *a, **k: tmp_path)
-    monkeypatch.setattr(ph, "probe", lambda *a, **k: {"shims": [], "transformers": "5.0"})
+    monkeypatch.setattr(ph, "SHARDS", tmp_path)
     lines: list[str] = []
-    out, stopped = ph.run_history(["0.9.0"], 3600.0, [], "history", python=_hang(tmp_path),
-                                  log=lambda s, **k: lines.append(s), timeout_s=0.5)
+    out, stopped = ph.run_jobs([("0.9.0", "lora")], 3600.0, [], "history", python=_hang(tmp_path),
+                               log=lambda s, **k: lines.append(s), timeout_s=0.5,
+                               prepare=lambda v: {"site": tmp_path, "shims": [], "transformers": "5.0"})
     assert not stopped and out[0]["status"] == "error"
-    assert out[0]["line"] == "peft 0.9.0: verify did not finish within the timeout of 0.5 s (killed)"
+    assert "did not finish within the timeout of 0.5 s (killed)" in out[0]["line"]
     assert "timeout of 0.5 s" in lines[0]
 
 

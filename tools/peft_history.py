@@ -3,6 +3,9 @@
     python -m tools.peft_history run [--peft-versions 0.9.0..0.21.2] [--all-patches] [--budget-s N] [-n 2]
                                      [--profile history] [--variants ...] [--properties ...]
     python -m tools.peft_history one VERSION [tools.verify args]     (what `nox -s verify -- --peft-version X` runs)
+    python -m tools.peft_history run ... --shard I/N [--out F]    (one fixed slice of the (release, spec) jobs)
+    python -m tools.peft_history run ... --jobs K                  (K such shards as local processes, then merged)
+    python -m tools.peft_history merge build/peft_history/shard-*-of-N.json
     python -m tools.peft_history render [--json audits/peft_history.json]
 
 Each release gets its own cached environment `.nox/verify-peft-<version>/`: that release alone
@@ -15,7 +18,12 @@ or does not import gives one line naming why and a non-zero exit.
 `run` lists the releases from the package index (`pip index versions peft`), by default the newest patch of each
 minor between A and B (`--all-patches`: every release), verifies each one in its own process (results in
 build/verify/peft-<version>.json), prints one progress line per release, starts no new release once --budget-s is
-spent, and renders audits/peft_history.md and .json (written atomically).
+spent, and renders audits/peft_history.md and .json (written atomically). Its unit of work is one (release, spec)
+job: tools.verify on one spec against one release. `--shard I/N` runs jobs I-1, I-1+N, ... of the release-major job
+list and writes build/peft_history/shard-I-of-N.json; `merge` checks that the N files are the N shards of one
+history and renders the same audit an unsharded run renders (the same JSON but for times). A CI matrix runs the
+shard command once per I, then the merge; `--jobs K` does both locally (0: one shard per core). Pass `--releases`
+to every shard of a matrix so that all of them agree on the release list without asking the index.
 """
 from __future__ import annotations
 
@@ -248,10 +256,6 @@ def verify_release(version: str, verify_args: list[str], python: str = sys.execu
 # ----------------------------------------------------------------------------------------------- history
 
 
-class _Reused(Exception):
-    """Control flow in run_history: an earlier run's results of the release were taken."""
-
-
 CELL = {"pass": "pass", "fail": "F", "deviation": "dev", "na": "na"}
 
 
@@ -278,10 +282,10 @@ def build_history(releases: list[dict]) -> dict:
     na-free release after the last failure... the first release after a failing one where it passes) and the
     detail and minimal example of its first and latest failure."""
     ran = [r for r in releases if r["status"] == "ran"]
-    by = {r["version"]: {(x["variant"], x["property"]): x for x in r["results"]} for r in ran}
+    by = {r["version"]: {(x["variant"], x["property"]): x for x in per_check(r["results"])} for r in ran}
     keys: list[tuple[str, str]] = []
     for r in ran:
-        for x in r["results"]:
+        for x in per_check(r["results"]):
             k = (x["variant"], x["property"])
             if x["status"] in ("fail", "deviation") and k not in keys:
                 keys.append(k)
@@ -313,6 +317,21 @@ def build_history(releases: list[dict]) -> dict:
                              if r["status"] == "ran" else None) for r in releases}
     return {"schema": "lora-verify/peft-history/1", "releases": releases_meta(releases), "counts": counts,
             "rows": rows, "availability": availability(ran, versions)}
+
+
+def per_check(results: list[dict]) -> list[dict]:
+    """The results with, after each property made of several checks, one row per check (property
+    'adapters_on_one_module: both_merged'), so that the first-failing and fixed-in columns work per check and a
+    check failing behind another one still gets its own row."""
+    out = []
+    for x in results:
+        out.append(x)
+        for c in x.get("checks") or ():
+            failed = c["status"] != "pass"
+            out.append({"variant": x["variant"], "property": f"{x['property']}: {c['name']}", "status": c["status"],
+                        "failure_kind": c.get("failure_kind"), "detail": c.get("detail") or "",
+                        "example": x.get("example") if failed else None, "where": c.get("where")})
+    return out
 
 
 def availability(ran: list[dict], versions: list[str]) -> list[dict]:
@@ -381,74 +400,276 @@ def load_history(path: Path) -> tuple[dict, dict]:
     return doc, run
 
 
-def previous_seconds(profile: str) -> dict[str, float]:
-    """{release: seconds} of the history JSON written before, when it ran the same profile (what a reused
-    release's row shows: the time of the run that produced its results)."""
+# ----------------------------------------------------------------------------------------------- shards
+#
+# The full history is a list of (release, spec) jobs, each one tools.verify process on one spec against one release.
+# `run --shard I/N` runs the fixed slice jobs[I-1::N] of that list and writes build/peft_history/shard-I-of-N.json;
+# `merge` renders the audit from the N shard files. Round robin over a list ordered release-major spreads every
+# release over the shards, so no shard gets all the slow recent releases. The same two commands run unchanged as a
+# CI matrix (one shard per job, then one merge job); `run --jobs K` runs the K shards as K local processes.
+
+SHARDS = ROOT / "build" / "peft_history"
+SHARD_SCHEMA = "lora-verify/peft-history-shard/1"
+# what may differ between shards of one history (and between a sharded and an unsharded run): times only
+TIME_KEYS = ("seconds", "date")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 1 <= I <= N; anything else is a clear error."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ValueError(f"--shard must be I/N with 1 <= I <= N (e.g. 2/4), not {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def job_list(versions: list[str], variants: list[str]) -> list[tuple[str, str]]:
+    """Every (release, spec) job of a history, release-major: the order every shard and the merge agree on."""
+    return [(v, s) for v in versions for s in variants]
+
+
+def shard_slice(jobs: list[tuple[str, str]], i: int, n: int) -> list[tuple[str, str]]:
+    """Shard i of n (1-based): jobs i-1, i-1+n, i-1+2n, ...; the n slices partition the list."""
+    return jobs[i - 1::n]
+
+
+def shard_path(i: int, n: int, folder: Path | None = None) -> Path:
+    return (folder or SHARDS) / f"shard-{i}-of-{n}.json"
+
+
+def _job_file(version: str, variant: str, suffix: str = ".json") -> Path:
+    return SHARDS / "jobs" / f"peft-{version}-{variant}{suffix}"
+
+
+def _reused_job(version: str, variant: str, profile: str, verify_args: list[str]) -> dict | None:
+    """An earlier run's results of the job and its meta (seconds, shims), when that run used the same profile and
+    verify arguments against the same release; else None."""
     try:
-        doc = json.loads(AUDIT.with_name(AUDIT.name + ".json").read_text())
+        doc = json.loads(_job_file(version, variant).read_text())
+        meta = json.loads(_job_file(version, variant, ".meta.json").read_text())
     except (OSError, ValueError):
-        return {}
-    if not isinstance(doc, dict) or (doc.get("run") or {}).get("profile") != profile:
-        return {}
-    return {r["version"]: r["seconds"] for r in doc.get("releases") or [] if isinstance(r.get("seconds"), (int, float))}
+        return None
+    if (doc.get("profile") != profile or doc.get("backend_version") != version or meta.get("profile") != profile
+            or meta.get("verify_args") != verify_args):
+        return None
+    return {**meta, "results": [x for x in doc["results"] if x["variant"] == variant]}
 
 
-def run_history(versions: list[str], budget_s: float, verify_args: list[str], profile: str,
-                python: str = sys.executable, log=print, reuse: bool = False,
-                timeout_s: float = VERIFY_TIMEOUT_S) -> tuple[list[dict], bool]:
-    """Verify each release in turn (its own process and environment); stop starting new ones when the budget is
-    spent. reuse: take a release's build/verify/peft-<version>.json of an earlier run with the same profile
-    instead of running it again (delete that file to rerun one release); its row keeps the seconds the previous
-    history recorded for it. A release's verify that runs past `timeout_s` is killed: an error row naming the
-    limit. Returns (one record per release, whether the budget stopped the run)."""
-    budget_s, timeout_s = positive_seconds(budget_s, "--budget-s"), positive_seconds(timeout_s, "--timeout-s")
-    before = previous_seconds(profile) if reuse else {}
+def _verify_job(version: str, variant: str, site: Path, profile: str, verify_args: list[str], python: str,
+                timeout_s: float | None) -> list[dict]:
+    """tools.verify on one spec against one release, in that release's environment: its result rows;
+    ReleaseError in one line when it writes none."""
+    js = _job_file(version, variant)
+    js.parent.mkdir(parents=True, exist_ok=True)
+    if js.exists():
+        js.unlink()
+    cmd = [python, "-m", "tools.verify", "--backend", "peft", "--peft-version", version, "--profile", profile,
+           "--variants", variant, "--json", str(js), *verify_args]
+    try:
+        p = subprocess.run(cmd, env=env_vars(site), cwd=str(ROOT), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise ReleaseError(f"peft {version} / {variant}: verify did not finish within {timeout_s:g} s (killed)") from None
+    if not js.is_file():
+        raise ReleaseError(f"peft {version} / {variant}: verify wrote no results (exit {p.returncode}): "
+                           f"{_last_line(p.stdout + p.stderr)}")
+    return [x for x in json.loads(js.read_text())["results"] if x["variant"] == variant]
+
+
+def _locked_env(version: str, python: str) -> Path:
+    """ensure_env under a per-release file lock: two local shards never pip-install one release at once."""
+    import fcntl
+
+    lock = ENVS / f"verify-peft-{version}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            return ensure_env(version, python)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def run_jobs(jobs: list[tuple[str, str]], budget_s: float, verify_args: list[str], profile: str,
+             python: str = sys.executable, log=print, verify=_verify_job, timeout_s: float | None = None,
+             prepare=None, reuse: bool = False) -> tuple[list[dict], bool]:
+    """Run the (release, spec) jobs in order; each release's environment is prepared (installed and probed) once.
+    Once budget_s is spent no job starts: it is recorded 'skipped'. A release that cannot be installed or imported
+    makes each of its jobs an 'error' naming why. reuse: a job whose results an earlier run with the same profile
+    and verify arguments left in build/peft_history/jobs/ is taken as is, with that run's seconds (delete the file
+    to rerun it). A job's verify that runs past `timeout_s` is killed: an error row naming the limit. Returns (one
+    record per job, whether the budget stopped the run)."""
+    budget_s = positive_seconds(budget_s, "--budget-s")
+    timeout_s = None if timeout_s is None else positive_seconds(timeout_s, "--timeout-s")
+
+    def _prepare(v: str) -> dict:
+        site = _locked_env(v, python)
+        return {"site": site, **probe(v, site, python)}
+
+    prepare = prepare or _prepare
+    envs: dict[str, dict | ReleaseError] = {}
     t0 = time.monotonic()
     out, stopped = [], False
-    for i, v in enumerate(versions, 1):
-        js = RESULTS / f"peft-{v}.json"
-        if time.monotonic() - t0 > budget_s and not (reuse and js.is_file()):
+    for k, (v, s) in enumerate(jobs, 1):
+        rec = {"version": v, "variant": s, "profile": profile}
+        if time.monotonic() - t0 > budget_s:
             stopped = True
-            out.append({"version": v, "status": "skipped", "line": f"not started: the budget of {budget_s:.0f} s was spent",
-                        "results": None})
-            log(f"[{i}/{len(versions)}] peft {v}: skipped (budget of {budget_s:.0f} s spent)", flush=True)
+            rec.update(status="skipped", line=f"not started: the budget of {budget_s:.0f} s was spent", results=None,
+                       seconds=None)
+            log(f"[{k}/{len(jobs)}] peft {v} / {s}: skipped (budget of {budget_s:.0f} s spent)", flush=True)
+            out.append(rec)
             continue
         t = time.monotonic()
-        rec = {"version": v, "profile": profile}
-        js = RESULTS / f"peft-{v}.json"
+        old = _reused_job(v, s, profile, verify_args) if reuse else None
+        if old is not None:
+            rec.update(status="ran", line=None, results=old["results"], seconds=old["seconds"], reused=True,
+                       shims=old.get("shims"), transformers=old.get("transformers"))
+            log(f"[{k}/{len(jobs)}] peft {v} / {s}: reused", flush=True)
+            out.append(rec)
+            continue
         try:
-            site = ensure_env(v, python)
-            info = probe(v, site, python)
-            rec.update(shims=info["shims"], transformers=info["transformers"])
-            old = json.loads(js.read_text()) if reuse and js.is_file() else None
-            if old is not None and old.get("profile") == profile and old.get("backend_version") == v:
-                rec.update(status="ran", results=old["results"], line=None, reused=True)
-                raise _Reused
-            if js.exists():
-                js.unlink()
-            try:
-                p = subprocess.run([python, "-m", "tools.verify", "--backend", "peft", "--peft-version", v,
-                                    "--profile", profile, "--json", str(js), *verify_args], env=env_vars(site),
-                                   cwd=str(ROOT), capture_output=True, text=True, timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                raise _timed_out(f"peft {v}: verify", timeout_s) from None
-            if not js.is_file():
-                raise ReleaseError(f"peft {v}: verify wrote no results (exit {p.returncode}): {_last_line(p.stdout + p.stderr)}")
-            rec.update(status="ran", results=json.loads(js.read_text())["results"], line=None)
-        except _Reused:
-            pass
+            if v not in envs:
+                try:
+                    envs[v] = prepare(v)
+                except ReleaseError as e:
+                    envs[v] = e
+            env = envs[v]
+            if isinstance(env, ReleaseError):
+                raise env
+            rec.update(shims=env.get("shims"), transformers=env.get("transformers"))
+            rec.update(status="ran", line=None,
+                       results=verify(v, s, env["site"], profile, verify_args, python, timeout_s))
         except ReleaseError as e:
             rec.update(status="error", line=str(e), results=None)
-        rec["seconds"] = before.get(v) if rec.get("reused") else round(time.monotonic() - t, 1)
+        rec["seconds"] = round(time.monotonic() - t, 1)
+        if rec["status"] == "ran" and verify is _verify_job:
+            from impl.atomic import atomic_write_bytes
+
+            meta = {k2: rec.get(k2) for k2 in ("seconds", "shims", "transformers")}
+            atomic_write_bytes(_job_file(v, s, ".meta.json"),
+                               json.dumps({**meta, "profile": profile, "verify_args": verify_args}).encode())
         if rec["status"] == "ran":
-            n = {s: sum(x["status"] == s for x in rec["results"]) for s in ("pass", "fail", "deviation", "na")}
-            shim = f", shims {rec['shims']}" if rec.get("shims") else ""
-            log(f"[{i}/{len(versions)}] peft {v}: {n['pass']} pass, {n['fail']} fail, {n['deviation']} dev, {n['na']} na "
-                + ("(reused)" if rec.get("reused") else f"in {rec['seconds']:.0f} s") + shim, flush=True)
+            n = {st: sum(x["status"] == st for x in rec["results"]) for st in ("pass", "fail", "deviation", "na")}
+            log(f"[{k}/{len(jobs)}] peft {v} / {s}: {n['pass']} pass, {n['fail']} fail, {n['deviation']} dev, "
+                f"{n['na']} na in {rec['seconds']:.0f} s", flush=True)
         else:
-            log(f"[{i}/{len(versions)}] peft {v}: ERROR {rec['line']} ({rec['seconds']:.0f} s)", flush=True)
+            log(f"[{k}/{len(jobs)}] peft {v} / {s}: ERROR {rec['line']} ({rec['seconds']:.0f} s)", flush=True)
         out.append(rec)
     return out, stopped
+
+
+def releases_from_jobs(versions: list[str], variants: list[str], records: list[dict]) -> list[dict]:
+    """The per-release records build_history reads, assembled from job records (from one run or from many shards):
+    a release's results are its jobs' results in spec order; it 'ran' when some job ran (the other jobs' errors
+    and skips are named in its line), is an 'error' when its jobs only errored, else 'skipped'. Its seconds are the
+    sum of its jobs' (CPU-side cost, whichever shard ran them)."""
+    by = {(r["version"], r["variant"]): r for r in records}
+    out = []
+    for v in versions:
+        recs = [by[(v, s)] for s in variants if (v, s) in by]
+        ran = [r for r in recs if r["status"] == "ran"]
+        errors = list(dict.fromkeys(r["line"] for r in recs if r["status"] == "error"))
+        skipped = [r["variant"] for r in recs if r["status"] == "skipped"]
+        missing = [s for s in variants if (v, s) not in by]
+        rec = {"version": v, "profile": recs[0]["profile"] if recs else None,
+               "seconds": round(sum(r["seconds"] or 0 for r in recs), 1) if recs else None}
+        notes = errors + ([f"not started (budget spent): {', '.join(skipped)}"] if skipped else []) \
+            + ([f"no shard ran: {', '.join(missing)}"] if missing else [])
+        if ran:
+            rec.update(status="ran", shims=ran[0].get("shims"), transformers=ran[0].get("transformers"),
+                       results=[x for r in ran for x in r["results"]], line="; ".join(notes) or None,
+                       reused=True if all(r.get("reused") for r in ran) else None)
+        elif errors:
+            rec.update(status="error", line="; ".join(notes), results=None)
+        else:
+            rec.update(status="skipped", line="; ".join(notes) or "not started", results=None)
+        out.append(rec)
+    return out
+
+
+def run_shard(versions: list[str], variants: list[str], shard: tuple[int, int], budget_s: float,
+              verify_args: list[str], run: dict, log=print, **kw) -> dict:
+    """One shard of a history: its slice of the jobs, run; the document `merge` reads (every job of the whole
+    history is listed, so the merge can check that the shards belong together and cover it)."""
+    i, n = shard
+    jobs = job_list(versions, variants)
+    mine = shard_slice(jobs, i, n)
+    log(f"peft history shard {i}/{n}: {len(mine)} of {len(jobs)} (release, spec) jobs", flush=True)
+    t0 = time.time()
+    records, stopped = run_jobs(mine, budget_s, verify_args, run["profile"], log=log, **kw)
+    return {"schema": SHARD_SCHEMA, "shard": [i, n], "versions": versions, "variants": variants,
+            "jobs": [list(j) for j in jobs], "run": run, "records": records, "budget_spent": stopped,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def write_shard(doc: dict, path: Path) -> Path:
+    from impl.atomic import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode())
+    return path
+
+
+def merge_shards(docs: list[dict]) -> tuple[dict, dict]:
+    """(history, run) from the shard documents of one history; ValueError in one line when they are not the N
+    shards of one and the same history (another job list or run options, a shard missing or given twice)."""
+    if not docs:
+        raise ValueError("merge needs the shard JSON files of a history (none given)")
+    for d in docs:
+        if not isinstance(d, dict) or d.get("schema") != SHARD_SCHEMA:
+            raise ValueError(f"not a PEFT history shard (schema {SHARD_SCHEMA} expected)")
+    first = docs[0]
+    n = first["shard"][1]
+    for d in docs[1:]:
+        for key in ("jobs", "versions", "variants", "run"):
+            if d[key] != first[key]:
+                raise ValueError(f"shard {d['shard'][0]}/{d['shard'][1]} belongs to another history than shard "
+                                 f"{first['shard'][0]}/{n}: its {key!r} differ")
+        if d["shard"][1] != n:
+            raise ValueError(f"shards of {n} and of {d['shard'][1]} cannot be merged")
+    got = sorted(d["shard"][0] for d in docs)
+    if got != list(range(1, n + 1)):
+        dup = sorted({i for i in got if got.count(i) > 1})
+        lost = sorted(set(range(1, n + 1)) - set(got))
+        raise ValueError(f"the shards of {n} are not all there exactly once: "
+                         + ", ".join(([f"missing {lost}"] if lost else []) + ([f"given twice {dup}"] if dup else [])))
+    records = [r for d in sorted(docs, key=lambda d: d["shard"][0]) for r in d["records"]]
+    releases = releases_from_jobs(first["versions"], first["variants"], records)
+    history = build_history(releases)
+    run = {**first["run"], "budget_spent": any(d["budget_spent"] for d in docs),
+           "shards": [{"shard": f"{d['shard'][0]}/{n}", "jobs": len(d["records"]), "seconds": d["seconds"]}
+                      for d in sorted(docs, key=lambda d: d["shard"][0])],
+           "seconds": round(max(d["seconds"] for d in docs)),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return history, run
+
+
+def without_times(doc):
+    """A history or shard document with every time field (seconds, date) removed: what must be equal between a
+    sharded and an unsharded run, and between runs."""
+    if isinstance(doc, dict):
+        return {k: without_times(v) for k, v in doc.items() if k not in TIME_KEYS}
+    if isinstance(doc, list):
+        return [without_times(x) for x in doc]
+    return doc
+
+
+def run_local_shards(argv_common: list[str], k: int, folder: Path, launch=None) -> list[Path]:
+    """`run --jobs K`: the K shards as K processes at once (each the command a CI matrix job runs), then their
+    files. A shard whose process fails leaves no file, which the merge names."""
+    launch = launch or (lambda argv: subprocess.Popen([sys.executable, "-m", "tools.peft_history", *argv], cwd=str(ROOT)))
+    procs = []
+    for i in range(1, k + 1):
+        out = shard_path(i, k, folder)
+        if out.exists():
+            out.unlink()
+        procs.append(launch([*argv_common, "--shard", f"{i}/{k}", "--out", str(out)]))
+    for p in procs:
+        if hasattr(p, "wait"):
+            p.wait()
+    paths = [shard_path(i, k, folder) for i in range(1, k + 1)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ReleaseError(f"{len(missing)} of {k} shards wrote no result: {', '.join(missing)}")
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -461,9 +682,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default="history")
     r.add_argument("--variants", default=HISTORY_VARIANTS)
     r.add_argument("--properties", default="")
-    r.add_argument("-n", "--workers", default="2")
-    r.add_argument("--reuse", action="store_true", help="reuse build/verify/peft-<version>.json of the same profile")
-    r.add_argument("--timeout-s", type=float, default=VERIFY_TIMEOUT_S, help="limit on one release's verify")
+    r.add_argument("-n", "--workers", default=None, help="tools.verify's workers per job (default 2, 1 with --jobs)")
+    r.add_argument("--reuse", action="store_true",
+                   help="reuse build/peft_history/jobs/peft-<version>-<spec>.json of the same profile")
+    r.add_argument("--releases", default="", help="exactly these releases (comma-separated), not the index listing")
+    r.add_argument("--shard", default="", help="I/N: run the I-th of N fixed slices of the (release, spec) jobs and "
+                   "write build/peft_history/shard-I-of-N.json (then `merge`)")
+    r.add_argument("--jobs", type=int, default=1, help="run K shards as K local processes, then merge (0: one per core)")
+    r.add_argument("--out", default="", help="the shard JSON path (with --shard)")
+    r.add_argument("--timeout-s", type=float, default=VERIFY_TIMEOUT_S, help="limit on one job's verify")
+    m = sub.add_parser("merge", help="render the history from the JSON files of all shards of a run")
+    m.add_argument("shards", nargs="+")
     o = sub.add_parser("one", help="verify one release (nox -s verify -- --peft-version X)")
     o.add_argument("version")
     o.add_argument("verify_args", nargs=argparse.REMAINDER)
@@ -478,24 +707,54 @@ def main(argv: list[str] | None = None) -> int:
             _, md = write_history(doc, run)
             print(f"rendered {md}")
             return 0
+        if a.cmd == "merge":
+            docs = []
+            for f in a.shards:
+                try:
+                    docs.append(json.loads(Path(f).read_text(encoding="utf-8")))
+                except (OSError, UnicodeDecodeError, ValueError) as e:
+                    raise ValueError(f"{f}: not a readable shard JSON ({type(e).__name__}: {str(e)[:160]})") from None
+            history, run = merge_shards(docs)
+            js, md = write_history(history, run, AUDIT)
+            print(f"peft history ({len(docs)} shards) -> {md}, {js}")
+            return 0 if all(r["status"] == "ran" for r in history["releases"]) else 1
         positive_seconds(a.budget_s, "--budget-s"), positive_seconds(a.timeout_s, "--timeout-s")
         lo, hi = parse_range(a.peft_versions)
-        versions = select(index_versions(), lo, hi, a.all_patches)
+        if a.releases:
+            versions = sorted({v.strip() for v in a.releases.split(",") if v.strip()}, key=parse_version)
+        else:
+            versions = select(index_versions(), lo, hi, a.all_patches)
         if not versions:
             raise ReleaseError(f"no PEFT release on the index between {lo} and {hi}")
-        print(f"peft history: {len(versions)} releases {', '.join(versions)}; profile {a.profile}; budget "
-              f"{a.budget_s:.0f} s", flush=True)
+        variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+        k = a.jobs if a.jobs > 0 else (os.cpu_count() or 1)
+        shard = parse_shard(a.shard) if a.shard else None
+        workers = a.workers or ("1" if (k > 1 or shard) else "2")
         props = history_properties(a.properties)
-        args = ["--variants", a.variants, "-n", a.workers] + (["--properties", props] if props else [])
-        t0 = time.time()
-        releases, stopped = run_history(versions, a.budget_s, args, a.profile, reuse=a.reuse, timeout_s=a.timeout_s)
-        history = build_history(releases)
+        args = ["-n", workers] + (["--properties", props] if props else [])
         run = {"range": f"{lo}..{hi}", "all_patches": a.all_patches, "profile": a.profile, "variants": a.variants,
-               "properties": a.properties or f"all but {', '.join(HISTORY_SKIP)}", "budget_s": a.budget_s, "budget_spent": stopped,
-               "seconds": round(time.time() - t0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-        js, md = write_history(history, run)
-        print(f"peft history -> {md}, {js}" + ("; the budget stopped the run" if stopped else ""))
-        return 0 if all(r["status"] == "ran" for r in releases) else 1
+               "properties": a.properties or f"all but {', '.join(HISTORY_SKIP)}", "budget_s": a.budget_s}
+        if shard is None:
+            print(f"peft history: {len(versions)} releases {', '.join(versions)}; {len(variants)} specs; profile "
+                  f"{a.profile}; budget {a.budget_s:.0f} s" + (f"; {k} local shards" if k > 1 else ""), flush=True)
+        if shard is None and k > 1:
+            common = ["run", "--releases", ",".join(versions), "--peft-versions", a.peft_versions, "--budget-s",
+                      str(a.budget_s), "--profile", a.profile, "--variants", a.variants, "--properties", a.properties,
+                      "-n", workers, "--timeout-s", str(a.timeout_s)] + (["--all-patches"] if a.all_patches else []) + (["--reuse"] if a.reuse else [])
+            paths = run_local_shards(common, k, SHARDS)
+            docs = [json.loads(p.read_text()) for p in paths]
+        else:
+            doc = run_shard(versions, variants, shard or (1, 1), a.budget_s, args, run, reuse=a.reuse,
+                            timeout_s=a.timeout_s)
+            if shard is not None:
+                out = write_shard(doc, Path(a.out) if a.out else shard_path(*shard))
+                print(f"peft history shard {shard[0]}/{shard[1]} -> {out}")
+                return 0 if all(r["status"] == "ran" for r in doc["records"]) else 1
+            docs = [doc]
+        history, run = merge_shards(docs)
+        js, md = write_history(history, run, AUDIT)
+        print(f"peft history -> {md}, {js}" + ("; the budget stopped the run" if run["budget_spent"] else ""))
+        return 0 if all(r["status"] == "ran" for r in history["releases"]) else 1
     except (ReleaseError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -252,6 +252,16 @@ def _unpack(path: Path, folder: Path) -> str:
     return meta.get(PACK_SPEC, "")
 
 
+def release_map(spec: Spec):
+    """The spec's PeftMap as the installed release names it: the first of the mapping and its `older` ones
+    (harness.backends.peft_maps.PeftMap.older) whose config class the release exports; the mapping itself when
+    none is (its missing class is then the n/a reason, naming the release)."""
+    pm = peft_map(spec)
+    if pm is None or not pm.older or _peft is None:
+        return pm
+    return next((m for m in (pm, *pm.older) if getattr(_peft, m.config, None) is not None), pm)
+
+
 def _mapped(layer: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
     """The spec's tensors of one PEFT tuner layer, through the spec's PeftMap."""
     live = {}
@@ -264,7 +274,7 @@ def _mapped(layer: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
             live.setdefault(short[: -len(".weight")], t)
     out = {}
     conditional = {t.name for t in spec.tensors if t.when}  # tensors the spec declares only for some configs
-    for name, (key, transform) in peft_map(spec).tensors.items():
+    for name, (key, transform) in release_map(spec).tensors.items():
         t = live.get(key)
         if t is None and name in conditional:
             continue  # absent in this config (which ones must exist is checked against the spec's `when`)
@@ -333,7 +343,7 @@ class PeftBackend:
 
     def applies(self, spec: Spec, init_only: bool = False) -> str | None:
         """None when PEFT can build the spec's layer (init_only: also a counterpart sharing only the init)."""
-        pm = peft_map(spec)
+        pm = release_map(spec)
         if pm is None:
             return f"PEFT has no counterpart of '{spec.name}' (harness/backends/peft_maps.py maps none)"
         if pm.compare is not None and not init_only:
@@ -378,14 +388,14 @@ class PeftBackend:
             return "config constraints are impl's config-time checks"
         if capability == "knobs":
             return "PEFT's layers have no runtime knobs"
-        pm = peft_map(spec)
+        pm = release_map(spec)
         if capability == "dropout" and pm is not None and not pm.input_dropout:
             return f"PEFT's {pm.config} has no adapter-input dropout field (its rank/module dropouts are other things)"
         return None
 
     def property_na(self, spec: Spec, prop: str) -> str | None:
         """Properties that cannot apply to PEFT's design for this spec."""
-        pm = peft_map(spec)
+        pm = release_map(spec)
         if prop == "trainable_set" and pm is not None:
             mapped = [n for n, (_, tf) in pm.tensors.items() if tf != "id"]
             if mapped:
@@ -413,7 +423,7 @@ class PeftBackend:
 
     def peft_config(self, spec: Spec, case: Case, targets=("layer",), layer: nn.Module | None = None, **over):
         """The PEFT config object for the case: PeftMap kwargs from the spec's config, targets, fan_in_fan_out."""
-        pm = peft_map(spec)
+        pm = release_map(spec)
         cls = getattr(_peft, pm.config)
         kwargs = _subconfigs(dict(pm.kwargs(self.spec_config(spec, case, **over))))
         kwargs["target_modules"] = list(targets)
@@ -636,7 +646,7 @@ class PeftBackend:
 
     def _api_unsupported(self, spec: Spec, capability: str) -> str | None:
         """What PEFT lacks of the API beyond one adapter for this spec, decided from its PeftMap."""
-        pm = peft_map(spec)
+        pm = release_map(spec)
         if pm is None or pm.compare is not None:
             return f"PEFT has no counterpart of '{spec.name}' with the spec's tensors"
         if capability in ("scale", "patterns", "multi_adapter", "lora_bias") and not _lora_like(pm):
@@ -730,7 +740,7 @@ class PeftBackend:
             if key not in live and alias in live:
                 live[key] = live[alias]
         out = {}
-        for sname, (key, transform) in peft_map(spec).tensors.items():
+        for sname, (key, transform) in release_map(spec).tensors.items():
             if key not in live:
                 what = f"adapter '{name}' on the layer has no '{key}'" if live else f"no adapter '{name}' on the layer"
                 raise impl.AdapterError(f"{what} (the spec's {sname}; PEFT tensors of '{name}': {sorted(live)})")

@@ -32,6 +32,10 @@ class PeftMap:
       "isotropic" (second moment proportional to I, where CorDA's orientation reduces to the plain SVD).
     input_dropout: False when PEFT's config has no field for the spec's adapter-input dropout (the `dropout`
       capability is then unsupported: a dropout the kwargs cannot pass is neither honoured nor refused by PEFT).
+    older: the mappings of older releases that name the method (its config class) and its tensors otherwise,
+      newest first. The backend takes the first of this mapping and its `older` ones whose config class the
+      installed release exports (harness.backends.peft.release_map); when none is, the variant is n/a naming the
+      release and this mapping's class. Only a pure renaming belongs here: the same math under other names.
     """
 
     config: str
@@ -42,6 +46,7 @@ class PeftMap:
     compare: Callable[..., dict] | None = None
     calibration: str = "gapped"
     input_dropout: bool = True  # False: PEFT's config has no adapter-input dropout field (the capability is n/a)
+    older: tuple["PeftMap", ...] = ()
 
 
 def corda_compare(ours, peft, cfg):
@@ -201,12 +206,19 @@ MAPS: dict[str, PeftMap] = {
         config="MissConfig",
         kwargs=lambda cfg: {"r": cfg.r, "miss_dropout": cfg.dropout, "init_weights": True},
         tensors={"D": ("miss_block", "id")},
+        older=(PeftMap(config="BoneConfig", input_dropout=False, kwargs=lambda cfg: {"r": cfg.r, "init_weights": True},
+                       tensors={"D": ("bone_block", "id")},
+                       notes="Before MiSS (peft 0.14-0.16): BoneConfig(init_weights=True), the same layer with "
+                             "bone_block for miss_block and no dropout field."),),
     ),
     "bone": PeftMap(
         config="MissConfig",
         kwargs=lambda cfg: {"r": cfg.r, "init_weights": "bat"},
         tensors={"B": ("miss_block", "id")},
         notes="PEFT 0.21.2 ships Bone as MiSS's init_weights='bat' mode.",
+        older=(PeftMap(config="BoneConfig", kwargs=lambda cfg: {"r": cfg.r, "init_weights": "bat"},
+                       tensors={"B": ("bone_block", "id")},
+                       notes="Before MiSS (peft 0.14-0.16): BoneConfig(init_weights='bat'), bone_block."),),
     ),
 }
 
