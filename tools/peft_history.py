@@ -467,7 +467,7 @@ def _verify_job(version: str, variant: str, site: Path, profile: str, verify_arg
     try:
         p = subprocess.run(cmd, env=env_vars(site), cwd=str(ROOT), capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise ReleaseError(f"peft {version} / {variant}: verify did not finish within {timeout_s:g} s (killed)") from None
+        raise _timed_out(f"peft {version} / {variant}: verify", timeout_s) from None
     if not js.is_file():
         raise ReleaseError(f"peft {version} / {variant}: verify wrote no results (exit {p.returncode}): "
                            f"{_last_line(p.stdout + p.stderr)}")
