@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from tools import envs
+from tools.peft_history import cell  # the same table cells as the PEFT history
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "build" / "ecosystem"
 AUDIT = ROOT / "audits" / "ecosystem"
 TEMPLATE = "ecosystem.md.j2"
 SCHEMA = "lora-verify/ecosystem/1"
-CELL = {"pass": "pass", "fail": "F", "deviation": "dev", "na": "na"}
 
 
 class EcosystemError(RuntimeError):
@@ -240,14 +240,6 @@ def run_all(libs: dict[str, list[envs.Declared]], names: list[str], budget_s: fl
 
 
 # ----------------------------------------------------------------------------------------------- the audit
-
-
-def cell(r: dict | None) -> str:
-    if r is None:
-        return ""
-    if r["status"] == "fail" and r.get("failure_kind") == "crash":
-        return "E"
-    return CELL.get(r["status"], r["status"])
 
 
 def classify(r: dict) -> str:
