@@ -158,7 +158,9 @@ def _check_attachable(model: nn.Module, cfg: Config, variant: Variant, calibrati
     for name, layer in targets.items():
         if "adapter" in layer._modules or hasattr(layer, "adapter"):
             raise AttachError(f"layer '{name}' already has an attribute 'adapter'")
-        if layers.is_quantized(layer) and not variant.quantized:
+        if layers.is_quantized(layer) and (not variant.quantized or variant.rewrites_base):
+            # a variant that rewrites the base is refused here even without `quantized = False`, not by a
+            # TypeError from layers.write_weight after its init ran (docs/conventions.md §5)
             raise AttachError(
                 f"variant '{cfg.variant}' cannot adapt the quantized layer '{name}' ({type(layer).__name__}): "
                 "it rewrites or needs the dense base weight; dequantizing, rewriting and re-quantizing would "

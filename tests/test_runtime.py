@@ -244,6 +244,46 @@ def test_merge_refused_on_quantized_layer():
     assert impl.is_attached(m)
 
 
+def test_a_rewriting_variant_is_refused_on_a_quantized_layer_without_declaring_it(tmp_path):
+    """A user variant with rewrites_base = True that keeps the default quantized = True: attach refuses the
+    bitsandbytes layer with the clear error naming it, before any init, and leaves the model untouched
+    (it used to crash in layers.write_weight with a TypeError after the init ran)."""
+    import bitsandbytes as bnb
+
+    mod = tmp_path / "residual_variant.py"
+    mod.write_text(
+        "import torch\n"
+        "from impl import register, Variant, TensorDecl\n"
+        "@register\n"
+        "class Residual(Variant):\n"
+        "    name = 'test_residual'\n"
+        "    rewrites_base = True\n"
+        "    def tensors(self, d_in, d_out, cfg):\n"
+        "        return {'A': TensorDecl((cfg.r, d_in), 'empty'), 'B': TensorDecl((d_out, cfg.r), 'empty')}\n"
+        "    def init(self, ad, W, cfg):\n"
+        "        ad.A.copy_(W[:cfg.r]); ad.B.copy_(torch.eye(ad.d_out)[:, :cfg.r])\n"
+        "        return W - ad.B @ ad.A\n"
+        "    def forward(self, ad, x, y):\n"
+        "        return y + (x.to(ad.param_dtype) @ ad.A.t() @ ad.B.t()).to(y.dtype)\n"
+    )
+    impl.load_variant_module(str(mod))
+    try:
+        q = bnb.nn.Linear8bitLt(8, 6, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(torch.randn(6, 8), requires_grad=False, has_fp16_weights=False)
+        m = nn.Sequential(q.to("cpu"))
+        before, flags = state(m), {n: p.requires_grad for n, p in m.named_parameters()}
+        with pytest.raises(impl.AttachError, match="cannot adapt the quantized layer '0'"):
+            impl.attach(m, impl.config("test_residual", r=2, target_names=[r"^0$"]))
+        assert_untouched(m, before, flags)
+        plain = nn.Sequential(nn.Linear(8, 6))  # on a dense layer it attaches and rewrites
+        y0 = plain(torch.ones(1, 8))
+        impl.attach(plain, impl.config("test_residual", r=2, target_names=[r"^0$"]))
+        assert impl.adapters(plain)["0"].rewritten
+        assert torch.allclose(plain(torch.ones(1, 8)), y0, atol=1e-5)
+    finally:
+        impl.REGISTRY.unregister("test_residual")
+
+
 def _saved(tmp_path, arch="llama"):
     m = tiny(arch)
     impl.attach(m, lora_cfg(arch))
