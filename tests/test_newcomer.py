@@ -21,16 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "writing_a_variant.md"
 
 
-def doc_example() -> str:
+def doc_example(name: str = "vera_x") -> str:
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    (vera,) = [b for b in blocks if 'name = "vera_x"' in b]
-    return vera
+    (block,) = [b for b in blocks if f'name = "{name}"' in b]
+    return block
 
 
-def verify(tmp_path, module: Path, *extra: str):
+def verify(tmp_path, module: Path, *extra: str, variant: str = "vera_x"):
     out = tmp_path / "verify.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.verify", "--variant-module", str(module), "--variants", "vera_x", "-n", "0",
+        [sys.executable, "-m", "tools.verify", "--variant-module", str(module), "--variants", variant, "-n", "0",
          "--json", str(out), "--profile", "ci", *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
@@ -87,6 +87,32 @@ def test_documented_variant_passes_then_bugs_are_reported_where_they_are(tmp_pat
     assert res["oracle"]["status"] == "pass"
     assert "fixed (1): vera_x/oracle" in proc.stdout
     assert "chatty library record" in proc.stdout + proc.stderr  # ... unless asked for
+
+
+RESIDUAL_PROPS = "identity_at_init,init_formula,oracle,dropout,merge,merge_oracle,checkpoint_roundtrip,quantized"
+
+
+def test_documented_residual_variant_passes_and_a_residual_bug_is_flagged_by_the_init_checks(tmp_path):
+    """The OLoRA-like example of "Variants that rewrite the base weight": its oracle reads the residual as W, its
+    init_oracle the original weight; it passes (float64 cases included, quantized layers refused without declaring
+    `quantized = False`). A residual that drops the scale fails identity_at_init and init_formula, and the oracle,
+    given the residual, cannot see it (the page's table)."""
+    mod = tmp_path / "olora_x.py"
+    mod.write_text(doc_example("olora_x"))
+    proc, _, res = verify(tmp_path, mod, "--properties", RESIDUAL_PROPS, variant="olora_x")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert {n: r["status"] for n, r in res.items()} == dict.fromkeys(RESIDUAL_PROPS.split(","), "pass")
+
+    old = "return W - cfg.alpha / cfg.r * (ad.B.to(W.dtype) @ ad.A.to(W.dtype))"
+    src = doc_example("olora_x")
+    assert src.count(old) == 1
+    mod.write_text(src.replace(old, "return W - ad.B.to(W.dtype) @ ad.A.to(W.dtype)"))
+    proc, _, res = verify(tmp_path, mod, "--properties", "identity_at_init,init_formula,oracle", variant="olora_x")
+    assert proc.returncode != 0
+    assert res["identity_at_init"]["status"] == "fail" and "identity off by" in res["identity_at_init"]["detail"]
+    r = res["init_formula"]
+    assert r["status"] == "fail" and r["failure_kind"] == "assertion" and "'base_weight'" in r["detail"], r
+    assert res["oracle"]["status"] == "pass"
 
 
 def test_shared_frozen_tensors_declared_but_copied_are_flagged(tmp_path):
