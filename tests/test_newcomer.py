@@ -217,3 +217,16 @@ def test_crash_site_prefers_the_variant_file_and_table_marks_crashes(tmp_path):
     rows = [{"variant": "v", "property": "p", "status": "fail", "failure_kind": "crash"},
             {"variant": "v", "property": "q", "status": "fail", "failure_kind": "assertion"}]
     assert table(rows, ["v"], ["p", "q"]).splitlines()[1].split() == ["v", "E", "F"]
+
+
+def test_verify_help_explains_the_flags_this_page_uses(capsys):
+    """`python -m tools.verify --help` says what --variants, --properties, --variant-module, --json and -n take
+    (a newcomer's trial found them bare)."""
+    from tools.verify import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("--variants VARIANTS comma-separated variant names", "legend, e.g. oracle,merge",
+                   "registering a variant", "under the current folder", "0 or 1: one supervised process"):
+        assert needle in text, needle

@@ -105,18 +105,22 @@ def show_logging_from(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.verify", description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="")
-    ap.add_argument("--properties", default="")
-    ap.add_argument("--variant-module", action="append", default=[])
+    ap.add_argument("--variants", default="", help="comma-separated variant names (default: every registered one)")
+    ap.add_argument("--properties", default="",
+                    help="comma-separated property names, those of the results table's legend, e.g. oracle,merge "
+                         "(default: all)")
+    ap.add_argument("--variant-module", action="append", default=[],
+                    help="a .py file registering a variant (impl.register) and its spec (spec.register); repeatable")
     ap.add_argument("--backend", default=None)
     ap.add_argument("--backend-module", action="append", default=[])
     ap.add_argument("--ref", default=None)
     ap.add_argument("--repo", default=None)
     ap.add_argument("--fetch-only", action="store_true", help="only fetch --repo URL's archive of --ref, then exit")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("-n", "--workers", default="2")
+    ap.add_argument("--profile", default=None, help="Hypothesis profile: verify (default), dev, ci, zoo, history")
+    ap.add_argument("--json", default=None,
+                    help="results file (default: build/verify/<backend>[-<selection>].json under the current folder)")
+    ap.add_argument("-n", "--workers", default="2", help="xdist workers (default 2); 0 or 1: one supervised process")
     ap.add_argument("--log-level", default="ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                     help="show library logging from this level up (default ERROR)")
     ap.add_argument("--peft-version", default=None, help="handled by `nox -s verify`; here it must match the installed peft")
