@@ -202,7 +202,7 @@ LINTERS = ("ruff==0.17.6", "mypy==2.4.1")
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (a focused rule set: undefined names, unused imports, syntax and runtime errors; no style) and mypy over
+    """ruff (a focused rule set: undefined names, unused imports, syntax and runtime errors; no style) over tests/ too, and mypy over
     impl/, spec/, harness/, tools/ and examples/ (configured in pyproject.toml). mypy checks every annotated
     function, and the harness is typed against the backend protocols (harness/backends/protocol.py): a property
     calling a backend member that no protocol declares fails here.
@@ -214,7 +214,7 @@ def lint(session: nox.Session) -> None:
     npm on first use. Same catch on a planted undeclared member (an attr-defined error), 6x less CPU, a plain
     wheel: mypy. Only the linters are installed (no torch): seconds, not a multi-GB environment."""
     session.install(*LINTERS)
-    session.run("ruff", "check", "impl", "spec", "harness", "tools", "examples")
+    session.run("ruff", "check", "impl", "spec", "harness", "tools", "examples", "tests")
     session.run("mypy")
 
 

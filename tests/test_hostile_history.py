@@ -8,7 +8,6 @@ release environments and verify are stand-ins; a hang is a script that sleeps, k
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 from pathlib import Path
 

@@ -6,7 +6,6 @@ repository and archive is made here in tmp_path; nothing touches the network.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import subprocess

@@ -4,7 +4,6 @@ unchecked shown as such, and a selection's own results file."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import pytest
 import torch
