@@ -202,8 +202,8 @@ LINTERS = ("ruff==0.17.6", "mypy==2.4.1")
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (a focused rule set: undefined names, unused imports, syntax and runtime errors; no style) over tests/ too, and mypy over
-    impl/, spec/, harness/, tools/ and examples/ (configured in pyproject.toml). mypy checks every annotated
+    """ruff (a focused rule set: undefined names, unused imports, syntax and runtime errors; no style) over tests/
+    too, and mypy over impl/, spec/, harness/, tools/ and examples/ (configured in pyproject.toml). mypy checks every annotated
     function, and the harness is typed against the backend protocols (harness/backends/protocol.py): a property
     calling a backend member that no protocol declares fails here.
 
