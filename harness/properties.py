@@ -929,6 +929,25 @@ def data_path(spec, be: FullBackend, case):
     return None
 
 
+@prop("label_mask", lambda spec, device: _data_cases(spec, device), needs=("data", "label_mask"),
+      applies=lambda spec, be: None if spec.data != "none" else "the variant uses no calibration data")
+def label_mask(spec, be: FullBackend, case):
+    """Calibration tokens labelled -100 (the Hugging Face ignore index) are left out of the data-driven init as
+    padding is: batches whose left-out tokens hold garbage (1e3) and are marked by labels == -100 alone give the
+    same init as the same batches with those tokens marked as padding (attention_mask == 0) and holding other
+    garbage (-777). A library that never applies the label mask computes its init from the garbage too."""
+    W, _ = base_weight(case)
+    W = W.to(case.dtype).double()
+    r = case.fields["r"]
+    padded = _state_after(spec, be, case, calibration(case, W, r, pad_value=-777.0))
+    labelled = _state_after(spec, be, case, calibration(case, W, r, labelled=True))
+    for n in padded:
+        require(torch.equal(padded[n], labelled[n]),
+                f"tokens labelled -100 change the init of '{n}' (max diff {tol.maxabs(padded[n].double() - labelled[n].double()):.3g} "
+                "against the same tokens as padding): the label mask is not applied")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- quantized
 
 
