@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from . import tolerance as tol
+from .checks import Checks
 from .backends.protocol import FullBackend, checkpoint_suffix, lacks, mode_switch_merges, trainable_precision
 from .models import single
 from .probes import (Falsified, Noted, Probe, Setup, _dt, base_bias, base_out, cfg_of, draws_case, gradient_scales,
@@ -232,24 +233,53 @@ def _grads(be: FullBackend, s: Setup, case: Case) -> dict[str, torch.Tensor | No
       frame="forward")
 def gradient_pattern(spec, be: FullBackend, case):
     """With the default config: exactly the tensors the spec declares have zero gradient at init, every other
-    trainable has a non-zero one, and all are non-zero once every tensor is perturbed."""
+    trainable has a non-zero one, and all are non-zero once every tensor is perturbed; then every element (every
+    block, row, shard) of every trainable gets a non-zero gradient wherever the spec's float64 oracle gives it one:
+    a slice that never enters the forward (a block size or block count that leaves part of a trainable out) has
+    none. Each of the three is its own check verdict."""
     s = setup(spec, be, case)
-    g0 = _grads(be, s, case)
+    ck = Checks()
     live = spec.present(case.d_in, case.d_out, cfg_of(spec, be, case), trainable=True)
-    for ts in live:
-        g = g0.get(ts.name)
-        zero = g is None or not torch.any(g != 0)
-        if ts.zero_grad_at_init:
-            require(zero, f"'{ts.name}' has a non-zero gradient at init, but the spec declares zero ({ts.zero_grad_at_init})")
-        else:
-            require(not zero, f"'{ts.name}' has an all-zero gradient at init (dead start)")
+    with ck("at_init"):
+        g0 = _grads(be, s, case)
+        for ts in live:
+            g = g0.get(ts.name)
+            zero = g is None or not torch.any(g != 0)
+            if ts.zero_grad_at_init:
+                require(zero, f"'{ts.name}' has a non-zero gradient at init, but the spec declares zero ({ts.zero_grad_at_init})")
+            else:
+                require(not zero, f"'{ts.name}' has an all-zero gradient at init (dead start)")
     perturb(spec, be, s.model, case)
     g1 = _grads(be, s, case)
+    with ck("after_perturbing"):
+        for ts in live:
+            g = g1.get(ts.name)
+            require(g is not None and bool(torch.any(g != 0)), f"'{ts.name}' has an all-zero gradient after perturbing")
+            require(bool(torch.isfinite(g).all()), f"'{ts.name}' has a non-finite gradient")
+    with ck("every_element"):
+        _every_element_live(spec, be, s, case, g1, live)
+    return ck.done(None)
+
+
+def _every_element_live(spec, be: FullBackend, s: Setup, case: Case, grads: dict, live) -> None:
+    """Each element of each trainable whose gradient under the spec's float64 oracle (same tensors, input and loss
+    weights as `grads`) is non-zero, above 1e-6 of its tensor's largest, has a non-zero gradient in `grads`.
+    Elements the oracle itself leaves at zero (BOFT's block diagonals: only the skew part acts) are not judged."""
+    x64 = s.x.detach().double().cpu()
+    y_ref, T = oracle_output(spec, be, s, case, x64, grad=True)
+    (y_ref * loss_weights(y_ref, case)).sum().backward()
     for ts in live:
-        g = g1.get(ts.name)
-        require(g is not None and bool(torch.any(g != 0)), f"'{ts.name}' has an all-zero gradient after perturbing")
-        require(bool(torch.isfinite(g).all()), f"'{ts.name}' has a non-finite gradient")
-    return None
+        g, g_ref = grads.get(ts.name), T[ts.name].grad
+        if g is None or g_ref is None or tuple(g.shape) != tuple(g_ref.shape):
+            continue  # a missing gradient is the previous check's finding; a wrong shape trainable_set's
+        feeds = g_ref.abs() > 1e-6 * tol.maxabs(g_ref)
+        dead = feeds & (g.detach().cpu() == 0)
+        k = int(dead.sum())
+        if k:
+            first = tuple(int(i) for i in dead.nonzero()[0])
+            raise Falsified(f"'{ts.name}': {k} of its {int(feeds.sum())} elements that enter the forward get no "
+                            f"gradient (the first at index {first}; the oracle's gradient there is "
+                            f"{float(g_ref[first]):.3g}): a slice of the trainable never reaches the output")
 
 
 LR, STEP_ULPS = 1e-3, 4.0  # training_step's learning rate, and the fewest spacings of a tensor's dtype it moves by
