@@ -104,8 +104,11 @@ def knob_identity(spec, be: FullBackend, case):
 def oracle(spec, be: FullBackend, case):
     """On random non-init adapter tensors, the output and the gradients of every trainable tensor and of the
     input equal the spec's float64 oracle (written from the paper, sharing no code with the implementation).
-    Gradients are compared at the scale of the terms they sum (see gradient_scales)."""
+    Gradients are compared at the scale of the terms they sum (see gradient_scales). The drawn layers are never
+    square (strategies._dims), so each tensor's shape says which side of W it acts on: a tensor shaped for the
+    other side (an orthogonal method rotating W's output side, R W for W R) is named before the oracle runs."""
     s = setup(spec, be, case)
+    _sides(spec, be, s, case)
     perturb(spec, be, s.model, case)
     x = s.x.detach().clone().requires_grad_(True)
     y = s.model(x)
@@ -132,6 +135,19 @@ def oracle(spec, be: FullBackend, case):
                 f"term scale {scales[n]:.3g})", err)
         worst = max(worst, err)
     return max(worst, _across_modes(spec, be, s, case, y_ref.detach(), base_out(s, x64).detach()))
+
+
+def _sides(spec, be: FullBackend, s: Setup, case: Case) -> None:
+    """Each adapter tensor has the spec's shape for this (d_in, d_out): on a layer with d_in != d_out, a tensor
+    sized for the other side of W, e.g. a rotation of the output where the spec rotates the input, differs here."""
+    cfg = cfg_of(spec, be, case)
+    live = be.tensors(s.model)
+    for ts in spec.present(case.d_in, case.d_out, cfg):
+        shape = spec.shape_of(ts, case.d_in, case.d_out, cfg)
+        if ts.name in live and tuple(live[ts.name].shape) != shape:
+            raise Falsified(f"'{ts.name}' has shape {tuple(live[ts.name].shape)} on a layer with d_in={case.d_in}, "
+                            f"d_out={case.d_out}; the spec's {ts.shape} = {shape}: it acts on another side or axis "
+                            "of W than the oracle's")
 
 
 def _across_modes(spec, be: FullBackend, s: Setup, case: Case, y_ref, y_base) -> float:
