@@ -39,11 +39,14 @@ class BlockSizeUnchecked(AntiPaSTORot):
 
 
 class LastBlockDead(AntiPaSTORot):
-    """A block count one short (r // block_size − 1 blocks rotated): the last block stays I, so the last row of
-    each rotation generator never enters the forward and gets no gradient, though it is a trainable Parameter."""
+    """A block loop one short where there are several blocks (a single block is still rotated): the last block
+    stays I, so the last row of each rotation generator never enters the forward and gets no gradient, though it
+    is a trainable Parameter. The rest of the tensor is live: a whole-tensor gradient check passes it."""
 
     def blocks(self, T, cfg):
         R = super().blocks(T, cfg)
+        if R.shape[0] == 1:
+            return R
         eye = torch.eye(cfg.block_size, dtype=R.dtype, device=R.device).expand(1, -1, -1)
         return torch.cat([R[:-1], eye], 0)
 
@@ -56,5 +59,5 @@ MUTANTS = [
     Mutant("antipasto_rot.block_size_unchecked", BlockSizeUnchecked, "config_constraints",
            "a block size that does not divide r accepted at config time"),
     Mutant("antipasto_rot.last_block_dead", LastBlockDead, "gradient_pattern",
-           "the block count one short: the last rotation block stays I and its generator row gets no gradient"),
+           "a block loop one short: the last of several rotation blocks stays I, its generator row gets no gradient"),
 ]
