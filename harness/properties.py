@@ -281,13 +281,14 @@ def _every_element_live(spec, be: FullBackend, s: Setup, case: Case, grads: dict
     """Each element of each trainable whose gradient under the spec's float64 oracle (same tensors, input and loss
     weights as `grads`) is non-zero, above 1e-6 of its tensor's largest, has a non-zero gradient in `grads`.
     Elements the oracle itself leaves at zero (BOFT's block diagonals: only the skew part acts) are not judged."""
+    _sides(spec, be, s, case)  # the oracle needs the spec's shapes
     x64 = s.x.detach().double().cpu()
     y_ref, T = oracle_output(spec, be, s, case, x64, grad=True)
     (y_ref * loss_weights(y_ref, case)).sum().backward()
     for ts in live:
         g, g_ref = grads.get(ts.name), T[ts.name].grad
         if g is None or g_ref is None or tuple(g.shape) != tuple(g_ref.shape):
-            continue  # a missing gradient is the previous check's finding; a wrong shape trainable_set's
+            continue  # a missing gradient is the previous check's finding
         feeds = g_ref.abs() > 1e-6 * tol.maxabs(g_ref)
         dead = feeds & (g.detach().cpu() == 0)
         k = int(dead.sum())
