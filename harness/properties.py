@@ -274,7 +274,7 @@ def gradient_pattern(spec, be: FullBackend, case):
             require(bool(torch.isfinite(g).all()), f"'{ts.name}' has a non-finite gradient")
     with ck("every_element"):
         _every_element_live(spec, be, s, case, g1, live)
-    return ck.done(None)
+    return ck.done(0.0)  # exact checks: 0.0 when they held, carrying each check's verdict (the history's rows)
 
 
 def _every_element_live(spec, be: FullBackend, s: Setup, case: Case, grads: dict, live) -> None:
