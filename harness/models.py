@@ -59,13 +59,13 @@ def calibration(n: int = 3, seed: int = 10) -> list[dict[str, torch.Tensor]]:
 
 
 class Single(nn.Module):
-    """A one-layer model: the unit every property adapts. Extra keyword inputs (attention_mask) are ignored."""
+    """A one-layer model: the unit every property adapts. Extra keyword inputs (attention_mask, labels) are ignored."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, x, attention_mask=None):
+    def forward(self, x, attention_mask=None, labels=None):
         return self.layer(x)
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from . import tolerance as tol
+from .checks import Checks
 from .backends.protocol import FullBackend, checkpoint_suffix, lacks, mode_switch_merges, trainable_precision
 from .models import single
 from .probes import (Falsified, Noted, Probe, Setup, _dt, base_bias, base_out, cfg_of, draws_case, gradient_scales,
@@ -103,8 +104,11 @@ def knob_identity(spec, be: FullBackend, case):
 def oracle(spec, be: FullBackend, case):
     """On random non-init adapter tensors, the output and the gradients of every trainable tensor and of the
     input equal the spec's float64 oracle (written from the paper, sharing no code with the implementation).
-    Gradients are compared at the scale of the terms they sum (see gradient_scales)."""
+    Gradients are compared at the scale of the terms they sum (see gradient_scales). The drawn layers are never
+    square (strategies._dims), so each tensor's shape says which side of W it acts on: a tensor shaped for the
+    other side (an orthogonal method rotating W's output side, R W for W R) is named before the oracle runs."""
     s = setup(spec, be, case)
+    _sides(spec, be, s, case)
     perturb(spec, be, s.model, case)
     x = s.x.detach().clone().requires_grad_(True)
     y = s.model(x)
@@ -131,6 +135,19 @@ def oracle(spec, be: FullBackend, case):
                 f"term scale {scales[n]:.3g})", err)
         worst = max(worst, err)
     return max(worst, _across_modes(spec, be, s, case, y_ref.detach(), base_out(s, x64).detach()))
+
+
+def _sides(spec, be: FullBackend, s: Setup, case: Case) -> None:
+    """Each adapter tensor has the spec's shape for this (d_in, d_out): on a layer with d_in != d_out, a tensor
+    sized for the other side of W, e.g. a rotation of the output where the spec rotates the input, differs here."""
+    cfg = cfg_of(spec, be, case)
+    live = be.tensors(s.model)
+    for ts in spec.present(case.d_in, case.d_out, cfg):
+        shape = spec.shape_of(ts, case.d_in, case.d_out, cfg)
+        if ts.name in live and tuple(live[ts.name].shape) != shape:
+            raise Falsified(f"'{ts.name}' has shape {tuple(live[ts.name].shape)} on a layer with d_in={case.d_in}, "
+                            f"d_out={case.d_out}; the spec's {ts.shape} = {shape}: it acts on another side or axis "
+                            "of W than the oracle's")
 
 
 def _across_modes(spec, be: FullBackend, s: Setup, case: Case, y_ref, y_base) -> float:
@@ -232,24 +249,54 @@ def _grads(be: FullBackend, s: Setup, case: Case) -> dict[str, torch.Tensor | No
       frame="forward")
 def gradient_pattern(spec, be: FullBackend, case):
     """With the default config: exactly the tensors the spec declares have zero gradient at init, every other
-    trainable has a non-zero one, and all are non-zero once every tensor is perturbed."""
+    trainable has a non-zero one, and all are non-zero once every tensor is perturbed; then every element (every
+    block, row, shard) of every trainable gets a non-zero gradient wherever the spec's float64 oracle gives it one:
+    a slice that never enters the forward (a block size or block count that leaves part of a trainable out) has
+    none. Each of the three is its own check verdict."""
     s = setup(spec, be, case)
-    g0 = _grads(be, s, case)
+    ck = Checks()
     live = spec.present(case.d_in, case.d_out, cfg_of(spec, be, case), trainable=True)
-    for ts in live:
-        g = g0.get(ts.name)
-        zero = g is None or not torch.any(g != 0)
-        if ts.zero_grad_at_init:
-            require(zero, f"'{ts.name}' has a non-zero gradient at init, but the spec declares zero ({ts.zero_grad_at_init})")
-        else:
-            require(not zero, f"'{ts.name}' has an all-zero gradient at init (dead start)")
+    with ck("at_init"):
+        g0 = _grads(be, s, case)
+        for ts in live:
+            g = g0.get(ts.name)
+            zero = g is None or not torch.any(g != 0)
+            if ts.zero_grad_at_init:
+                require(zero, f"'{ts.name}' has a non-zero gradient at init, but the spec declares zero ({ts.zero_grad_at_init})")
+            else:
+                require(not zero, f"'{ts.name}' has an all-zero gradient at init (dead start)")
     perturb(spec, be, s.model, case)
     g1 = _grads(be, s, case)
+    with ck("after_perturbing"):
+        for ts in live:
+            g = g1.get(ts.name)
+            require(g is not None and bool(torch.any(g != 0)), f"'{ts.name}' has an all-zero gradient after perturbing")
+            require(bool(torch.isfinite(g).all()), f"'{ts.name}' has a non-finite gradient")
+    with ck("every_element"):
+        _every_element_live(spec, be, s, case, g1, live)
+    return ck.done(0.0)  # exact checks: 0.0 when they held, carrying each check's verdict (the history's rows)
+
+
+def _every_element_live(spec, be: FullBackend, s: Setup, case: Case, grads: dict, live) -> None:
+    """Each element of each trainable whose gradient under the spec's float64 oracle (same tensors, input and loss
+    weights as `grads`) is non-zero, above 1e-6 of its tensor's largest, has a non-zero gradient in `grads`.
+    Elements the oracle itself leaves at zero (BOFT's block diagonals: only the skew part acts) are not judged."""
+    _sides(spec, be, s, case)  # the oracle needs the spec's shapes
+    x64 = s.x.detach().double().cpu()
+    y_ref, T = oracle_output(spec, be, s, case, x64, grad=True)
+    (y_ref * loss_weights(y_ref, case)).sum().backward()
     for ts in live:
-        g = g1.get(ts.name)
-        require(g is not None and bool(torch.any(g != 0)), f"'{ts.name}' has an all-zero gradient after perturbing")
-        require(bool(torch.isfinite(g).all()), f"'{ts.name}' has a non-finite gradient")
-    return None
+        g, g_ref = grads.get(ts.name), T[ts.name].grad
+        if g is None or g_ref is None or tuple(g.shape) != tuple(g_ref.shape):
+            continue  # a missing gradient is the previous check's finding
+        feeds = g_ref.abs() > 1e-6 * tol.maxabs(g_ref)
+        dead = feeds & (g.detach().cpu() == 0)
+        k = int(dead.sum())
+        if k:
+            first = tuple(int(i) for i in dead.nonzero()[0])
+            raise Falsified(f"'{ts.name}': {k} of its {int(feeds.sum())} elements that enter the forward get no "
+                            f"gradient (the first at index {first}; the oracle's gradient there is "
+                            f"{float(g_ref[first]):.3g}): a slice of the trainable never reaches the output")
 
 
 LR, STEP_ULPS = 1e-3, 4.0  # training_step's learning rate, and the fewest spacings of a tensor's dtype it moves by
@@ -926,6 +973,25 @@ def data_path(spec, be: FullBackend, case):
             require(len(str(e)) > 10, f"{label}: unhelpful error {e!r}")
             continue
         raise Falsified(f"attach with {label} did not raise")
+    return None
+
+
+@prop("label_mask", lambda spec, device: _data_cases(spec, device), needs=("data", "label_mask"),
+      applies=lambda spec, be: None if spec.data != "none" else "the variant uses no calibration data")
+def label_mask(spec, be: FullBackend, case):
+    """Calibration tokens labelled -100 (the Hugging Face ignore index) are left out of the data-driven init as
+    padding is: batches whose left-out tokens hold garbage (1e3) and are marked by labels == -100 alone give the
+    same init as the same batches with those tokens marked as padding (attention_mask == 0) and holding other
+    garbage (-777). A library that never applies the label mask computes its init from the garbage too."""
+    W, _ = base_weight(case)
+    W = W.to(case.dtype).double()
+    r = case.fields["r"]
+    padded = _state_after(spec, be, case, calibration(case, W, r, pad_value=-777.0))
+    labelled = _state_after(spec, be, case, calibration(case, W, r, labelled=True))
+    for n in padded:
+        require(torch.equal(padded[n], labelled[n]),
+                f"tokens labelled -100 change the init of '{n}' (max diff {tol.maxabs(padded[n].double() - labelled[n].double()):.3g} "
+                "against the same tokens as padding): the label mask is not applied")
     return None
 
 

@@ -109,7 +109,7 @@ def inputs(case: Case, salt: int = 2, n: int | None = None) -> torch.Tensor:
 
 
 def calibration(case: Case, W: torch.Tensor, r: int, variant: int = 0, pad_value: float = 1e3,
-                tokens: int = 12) -> list[dict[str, torch.Tensor]]:
+                tokens: int = 12, labelled: bool = False) -> list[dict[str, torch.Tensor]]:
     """Anisotropic calibration batches for a single-layer model (docs/conventions.md §8).
 
     A few directions with large variance lying along right singular vectors of W *outside* its top r, plus a
@@ -117,7 +117,9 @@ def calibration(case: Case, W: torch.Tensor, r: int, variant: int = 0, pad_value
     `variant` = 1 gives a different data set for the 'data path is live' check: its large variances lie along
     W's LEADING right singular directions, tilted at random, so that every kind of data-chosen basis (a PCA, a
     covariance orientation, or a selection among W's own singular directions, which a shift within the tail
-    often leaves unchanged) differs from variant 0's.
+    often leaves unchanged) differs from variant 0's. `labelled`: the same tokens are left out through `labels`
+    == -100 (the Hugging Face ignore index) instead of the attention mask, which stays 1 on them; every batch
+    then has labels (0 on the calibration tokens).
     """
     g = case.gen(100 + variant)
     d = W.shape[1]
@@ -137,13 +139,18 @@ def calibration(case: Case, W: torch.Tensor, r: int, variant: int = 0, pad_value
         mask = torch.ones(2, tokens, dtype=torch.long)
         mask[1, -3:] = 0  # right padding
         x[mask == 0] = pad_value
-        batches.append({"x": x.to(case.dtype), "attention_mask": mask})
+        if labelled:
+            batches.append({"x": x.to(case.dtype), "attention_mask": torch.ones_like(mask), "labels": (mask - 1) * 100})
+        else:
+            batches.append({"x": x.to(case.dtype), "attention_mask": mask})
     return batches
 
 
 def calibration_tokens(batches) -> torch.Tensor:
-    """The non-padding tokens of calibration batches as (N, d_in) float64 (what the spec's init sees)."""
-    return torch.cat([b["x"][b["attention_mask"].bool()].double() for b in batches], 0)
+    """The calibration tokens of calibration batches (attention_mask 1, labels not -100) as (N, d_in) float64 (what
+    the spec's init sees)."""
+    return torch.cat([b["x"][b["attention_mask"].bool() & (b.get("labels", b["attention_mask"]) != -100)].double()
+                      for b in batches], 0)
 
 
 def square_or_not(spec: Spec, dtypes=(torch.float32,), device: str = "cpu") -> st.SearchStrategy[Case]:

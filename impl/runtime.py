@@ -178,10 +178,24 @@ def _check_attachable(model: nn.Module, cfg: Config, variant: Variant, calibrati
     return targets
 
 
+LABEL_IGNORE = -100  # a calibration token whose label is this is not a calibration token
+
+
+def token_mask(batch: dict) -> torch.Tensor | None:
+    """The (B, T) mask of a dict batch's calibration tokens: attention_mask != 0 and labels != LABEL_IGNORE, each
+    where the batch has it (None when it has neither)."""
+    mask, labels = batch.get("attention_mask"), batch.get("labels")
+    if labels is None:
+        return mask
+    keep = labels != LABEL_IGNORE
+    return keep if mask is None else keep & mask.to(torch.bool)
+
+
 def capture_inputs(model: nn.Module, targets: dict[str, nn.Module], calibration: Iterable) -> dict[str, torch.Tensor]:
     """Run the model over calibration batches and return each target's inputs as (N, d_in) fp32 on the CPU.
 
-    A dict batch with an `attention_mask` drops the padding tokens (mask == 0) of every (B, T, d) input.
+    A dict batch with an `attention_mask` drops the padding tokens (mask == 0) of every (B, T, d) input, and one
+    with `labels` the tokens labelled LABEL_IGNORE (the Hugging Face ignore index, as PEFT's EVA use_label_mask).
     """
     acts: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
     mask_now: list[torch.Tensor | None] = [None]
@@ -203,7 +217,7 @@ def capture_inputs(model: nn.Module, targets: dict[str, nn.Module], calibration:
         with torch.no_grad(), layers.no_cpu_repack(model):
             for batch in calibration:
                 if isinstance(batch, dict):
-                    mask_now[0] = batch.get("attention_mask")
+                    mask_now[0] = token_mask(batch)
                     model(**batch)
                 elif isinstance(batch, (list, tuple)):
                     mask_now[0] = None

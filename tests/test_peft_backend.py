@@ -116,3 +116,29 @@ def test_a_declared_deviation_size_is_held_to_half_to_twice():
             dev = Deviation("reference_equivalence", "test: plain scale", size=declared, case=fixed)
             res = run_property(prop, dataclasses.replace(spec, deviations=(dev,)), ImplBackend(), "zoo")
             assert res.status == status, (declared, size, res)
+
+
+def _labels_never_read(model_input, peft_config):
+    """PEFT 0.14.0-0.16.0's LM input preparation (tuners/lora/eva.py:252 there): `hasattr(model_input, "labels")`
+    on a dict batch is never true, so tokens labelled -100 enter EVA's SVD despite use_label_mask=True."""
+    mask = model_input.get("attention_mask", torch.ones_like(model_input["input_ids"])).bool()
+    if peft_config.eva_config.use_label_mask and hasattr(model_input, "labels"):
+        mask = torch.logical_and(mask, model_input["labels"] != peft_config.eva_config.label_mask_value)
+    return mask.nonzero()
+
+
+def test_label_mask_flags_peft_eva_that_never_applies_its_label_mask():
+    """The backend runs PEFT's own mask helper (bound as initialize_lora_eva_weights' default, so its code is
+    swapped in place): with the old release's code, label_mask fails on PEFT's EVA."""
+    from peft.tuners.lora import eva
+
+    spec, be = SPECS.get("eva"), PeftBackend()
+    assert _run("label_mask", spec, be).status == "pass"
+    fn = eva.prepare_model_inputs_fn_language_modeling
+    real, fn.__code__ = fn.__code__, _labels_never_read.__code__
+    try:
+        res = _run("label_mask", spec, be)
+    finally:
+        fn.__code__ = real
+    assert res.status == "fail" and res.failure_kind == "assertion", res
+    assert "tokens labelled -100 change the init" in res.detail, res.detail

@@ -79,6 +79,8 @@ LACKS = {
                "ignored, was removed in 185eb29)",
     "config_checks": "lora-lite's configs are plain dataclasses: nothing is checked when one is built",
     "model": "this backend adapts the one-layer models only",
+    "label_mask": "lora-lite's data pass reads no labels from the calibration batches (src/lora_lite has no "
+                  "'labels')",
     "embedding": "lora-lite targets layers with in_features/out_features (nn.Linear, bnb); nn.Embedding has neither",
     "scaled_embedding": "lora-lite targets layers with in_features/out_features; a scaled embedding has neither",
 }

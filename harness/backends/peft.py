@@ -198,14 +198,20 @@ def _bounded_forward(limit: int):
             raise PeftHang(f"PEFT's initialize_lora_eva_weights made {limit} forward passes without finishing: it "
                            "cycles the data forever when the components never converge, e.g. every batch has "
                            "fewer tokens than r (peft/tuners/lora/eva.py:407-456)")
+        if "x" in inputs:  # a one-layer batch: input_ids is only the placeholder PEFT's mask helper reads
+            inputs = {k: v for k, v in inputs.items() if k != "input_ids"}
         return model(**inputs)
 
     return forward
 
 
-def _mask_indices(model_input, peft_config):
-    """EVA's model-input preparation for our dict batches: the (batch, token) indices of non-padding tokens."""
-    return model_input["attention_mask"].bool().nonzero()
+def _eva_batches(calibration) -> list:
+    """The calibration batches as PEFT's own LM input preparation takes them (prepare_model_inputs_fn_language_
+    modeling, which applies attention_mask and, with use_label_mask, labels == -100 itself): a one-layer batch
+    (`x`) gets a placeholder `input_ids`, which that helper reads even when an attention mask is given
+    (eva.py:251, a dict.get default evaluated eagerly)."""
+    return [{**b, "input_ids": torch.zeros(b["x"].shape[:2], dtype=torch.long)}
+            if isinstance(b, dict) and "x" in b and "input_ids" not in b else b for b in calibration]
 
 
 def _pack(folder: Path, spec_name: str) -> bytes:
@@ -390,6 +396,9 @@ class PeftBackend:
         if capability == "knobs":
             return "PEFT's layers have no runtime knobs"
         pm = release_map(spec)
+        if capability == "label_mask" and pm is not None and pm.compare is not None:
+            return ("PEFT's counterpart shares only the init, compared by reference_init (CorDA's preprocess_corda "
+                    "takes a run_model callback and reads no mask: the backend feeds it the calibration tokens only)")
         if capability == "dropout" and pm is not None and not pm.input_dropout:
             return f"PEFT's {pm.config} has no adapter-input dropout field (its rank/module dropouts are other things)"
         return None
@@ -524,11 +533,9 @@ class PeftBackend:
             if fn is None:
                 raise AttachError(f"peft {VERSION} has no initialize_lora_eva_weights")
             kw = {"show_progress_bar": False} if _accepts(fn, "show_progress_bar") else {}
-            # PEFT's default input preparation is for language models: it reads model_input["input_ids"] even
-            # when an attention mask is given (eva.py:251, a dict.get default evaluated eagerly). Our models take
-            # `x`, so pass the documented hook with the same masking (non-padding tokens only).
-            kw["prepare_model_inputs_fn"] = _mask_indices
-            batches = list(calibration)
+            # PEFT's own mask handling runs (its default prepare_model_inputs_fn): a release that never applies a
+            # mask is seen, never masked for it here
+            batches = _eva_batches(calibration)
             if _accepts(fn, "forward_fn"):
                 kw["forward_fn"] = _bounded_forward(EVA_MAX_PASSES * max(1, len(batches)))
             # bitsandbytes repacks a CPU 4-bit layer in place on its first eval-mode no-grad forward (an

@@ -55,6 +55,8 @@ CAPABILITIES: Mapping[str, str] = MappingProxyType({
     "knobs": "changing a runtime knob on the live model: set_knob(model, name, value)",
     "dropout": "the adapter-input dropout field of the spec",
     "data": "data-driven init from calibration batches",
+    "label_mask": "the data-driven init skips calibration tokens whose `labels` are -100 (the Hugging Face ignore "
+                  "index; PEFT's EVA use_label_mask), as it skips padding (attention_mask == 0)",
     "checkpoint": "save(model, path) / load(model, path)",
     "base_hash": "load refuses a model whose base weights differ from the saved ones",
     "config_checks": "config constraints enforced when the config is built (spec_config raises errors.config)",

@@ -1,4 +1,5 @@
-"""antipasto_rot mutants: a non-orthogonal 'rotation', an angle clamp that is not a bound, a config check lost."""
+"""antipasto_rot mutants: a non-orthogonal 'rotation', an angle clamp that is not a bound, a config check lost, a
+block that never enters the forward."""
 import math
 
 import torch
@@ -37,6 +38,19 @@ class BlockSizeUnchecked(AntiPaSTORot):
         return None
 
 
+class LastBlockDead(AntiPaSTORot):
+    """A block loop one short where there are several blocks (a single block is still rotated): the last block
+    stays I, so the last row of each rotation generator never enters the forward and gets no gradient, though it
+    is a trainable Parameter. The rest of the tensor is live: a whole-tensor gradient check passes it."""
+
+    def blocks(self, T, cfg):
+        R = super().blocks(T, cfg)
+        if R.shape[0] == 1:
+            return R
+        eye = torch.eye(cfg.block_size, dtype=R.dtype, device=R.device).expand(1, -1, -1)
+        return torch.cat([R[:-1], eye], 0)
+
+
 MUTANTS = [
     Mutant("antipasto_rot.non_orthogonal", UpperTriangleAsIs, "spectrum",
            "the strict upper triangle used as the Cayley generator, never made skew-symmetric: R not orthogonal"),
@@ -44,4 +58,6 @@ MUTANTS = [
            "elementwise clamp at 2 tan(θ/2) (the reference's): rotation angles exceed max_rotation_angle for bs > 2"),
     Mutant("antipasto_rot.block_size_unchecked", BlockSizeUnchecked, "config_constraints",
            "a block size that does not divide r accepted at config time"),
+    Mutant("antipasto_rot.last_block_dead", LastBlockDead, "gradient_pattern",
+           "a block loop one short: the last of several rotation blocks stays I, its generator row gets no gradient"),
 ]

@@ -1,4 +1,4 @@
-"""eva mutants: load needing calibration data, the data path not wired, dropout ignored."""
+"""eva mutants: load needing calibration data, the data path not wired, dropout ignored, the label mask ignored."""
 import contextlib
 from unittest import mock
 
@@ -49,10 +49,26 @@ def load_reruns_group_init():
         yield
 
 
+@contextlib.contextmanager
+def label_mask_ignored():
+    """The calibration pass reads the attention mask only: tokens labelled -100 count as calibration tokens (PEFT
+    0.14.0-0.16.0's `hasattr(model_input, "labels")` on a dict, tuners/lora/eva.py:252, never true)."""
+    real = runtime.capture_inputs
+
+    def capture(model, targets, calibration):
+        return real(model, targets, [{k: v for k, v in b.items() if k != "labels"} for b in calibration])
+
+    with mock.patch.object(runtime, "capture_inputs", capture):
+        yield
+
+
 MUTANTS = [
     Mutant("eva.load_needs_calibration", EVA, "checkpoint_roundtrip",
            "load re-runs the data-driven group init, so it needs calibration data", patch=load_reruns_group_init),
     Mutant("eva.data_path_unwired", DataIgnored, "data_path",
            "init independent of the calibration data (A from W's singular vectors)"),
     Mutant("eva.dropout_ignored", DropoutIgnored, "dropout", "cfg.dropout accepted but never applied on eva's path"),
+    Mutant("eva.label_mask_ignored", EVA, "label_mask",
+           "the calibration pass applies the attention mask only: tokens labelled -100 shape the init",
+           patch=label_mask_ignored),
 ]

@@ -64,8 +64,8 @@ SPEC = register(
               "PEFT runs an incremental randomised PCA until the components converge (cosine >= tau); we take "
               "one exact float64 eigen-decomposition of the centred Gram matrix of all calibration tokens, so "
               "the components agree with PEFT's converged ones only up to its tolerance. No whitening, no "
-              "sharing of the PCA between layers with identical inputs. Padding (attention_mask == 0) is "
-              "dropped, as PEFT's default LM input preparation does. rslora is drawn by the property engine.",
+              "sharing of the PCA between layers with identical inputs. Padding (attention_mask == 0) and "
+              "tokens labelled -100 are dropped, as PEFT's default LM input preparation does (use_label_mask). rslora is drawn by the property engine.",
         fields=lambda draw, d_in, d_out: {"rslora": draw(st.booleans(), label="rslora")},
     )
 )
