@@ -393,15 +393,15 @@ def test_each_release_gets_the_mapping_it_can_build_or_na_naming_it(monkeypatch,
 
 
 def test_a_deviation_a_release_predates_is_not_declared_there(monkeypatch):
-    """FourierFT's float32 spectrum came in PEFT 0.15.2: on 0.14.0 the spec's declared deviation does not apply
-    (the property is judged as is, not failed for a declared size it no longer shows); from 0.15.2 it does."""
+    """FourierFT's float32 spectrum came in PEFT 0.16.0: on 0.15.2 the spec's declared deviation does not apply
+    (the property is judged as is, not failed for a declared size it does not show there); from 0.16.0 it does."""
     pytest.importorskip("peft")
     from harness.backends import peft as backend
     from harness.engine import declared_deviation
     from spec import SPECS
 
     spec, be = SPECS.get("fourierft"), backend.PeftBackend()
-    for version, declared in (("0.14.0", False), ("0.15.1", False), ("0.15.2", True), ("0.21.2", True)):
+    for version, declared in (("0.12.0", False), ("0.15.2", False), ("0.16.0", True), ("0.21.2", True)):
         monkeypatch.setattr(backend, "VERSION", version)
         dev = declared_deviation(spec, "oracle", be)
         assert (dev is not None and dev.reason.startswith("PEFT builds the dense spectrum")) is declared, version

@@ -221,9 +221,9 @@ MAPS: dict[str, PeftMap] = {
                             "random_loc_seed": cfg.loc_seed, "init_weights": True},
         tensors={"c": ("fourierft_spectrum", "id")},
         notes="init_weights=True: a zero spectrum (PEFT's default draws it from N(0, 1), not the identity).",
-        # the float32 spectrum (spectrum.float() in get_delta_weight) came in 0.15.2; 0.12.0-0.15.1 build it in
-        # the spectrum's own dtype (tuners/fourierft/layer.py:89 in 0.14.0), exact on a float64 layer
-        deviations_since={p: "0.15.2" for p in ("oracle", "dense_equivalence", "model_oracle")},
+        # the float32 spectrum (spectrum.float() in get_delta_weight) came in 0.16.0; 0.12.0-0.15.2 build it in
+        # the spectrum's own dtype (tuners/fourierft/layer.py:89 in 0.15.2), exact on a float64 layer
+        deviations_since={p: "0.16.0" for p in ("oracle", "dense_equivalence", "model_oracle")},
     ),
     "miss": PeftMap(
         config="MissConfig",
