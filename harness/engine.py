@@ -16,7 +16,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from .backends.protocol import Deviations, FullBackend, LibraryDefaults, PropertyNA, SourceClass, Supports, has, rejects
+from .backends.protocol import (Deviations, FullBackend, LibraryDefaults, PropertyNA, ReleaseDeviations, SourceClass,
+                                Supports, has, rejects)
 from .checks import outcomes_of
 from .probes import PROPERTIES, Falsified, Property
 from spec.schema import Deviation, Spec
@@ -464,8 +465,11 @@ def _note_checks(state: dict, spec: Spec, outcomes) -> None:
 
 
 def declared_deviation(spec: Spec, prop: str, backend: FullBackend):
-    """The spec's deviation for (property, backend), else a backend-wide one (a design choice of the backend)."""
+    """The spec's deviation for (property, backend), unless the backend's installed release predates the behaviour
+    it declares; else a backend-wide one (a design choice of the backend)."""
     dev = spec.deviation(prop, backend.name)
+    if dev is not None and has(backend, ReleaseDeviations) and not backend.deviation_shipped(spec, dev):
+        dev = None
     if dev is None and has(backend, Deviations):
         dev = backend.deviation(spec, prop)
     return dev

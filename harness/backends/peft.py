@@ -260,12 +260,37 @@ def _unpack(path: Path, folder: Path) -> str:
 
 def release_map(spec: Spec):
     """The spec's PeftMap as the installed release names it: the first of the mapping and its `older` ones
-    (harness.backends.peft_maps.PeftMap.older) whose config class the release exports; the mapping itself when
-    none is (its missing class is then the n/a reason, naming the release)."""
+    (harness.backends.peft_maps.PeftMap.older) that the release can build (its config class exported, with every
+    field of `requires`); the mapping itself when none is (the n/a reason is then `release_na`, naming the
+    release)."""
     pm = peft_map(spec)
-    if pm is None or not pm.older or _peft is None:
+    if pm is None or _peft is None or (not pm.older and not pm.requires):
         return pm
-    return next((m for m in (pm, *pm.older) if getattr(_peft, m.config, None) is not None), pm)
+    return next((m for m in (pm, *pm.older) if _release_builds(m)), pm)
+
+
+def _release_builds(pm) -> bool:
+    cls = getattr(_peft, pm.config, None)
+    return cls is not None and set(pm.requires) <= _config_fields(cls)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """'0.15.2' -> (0, 15, 2): a release's number, compared field by field."""
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
+
+
+def release_na(pm) -> str | None:
+    """Why the installed release cannot build the mapping (release_map's choice), naming the release; None when it
+    can. A class the release lacks under this mapping's name and every older one; or the same class, but for the
+    method the mapping's `earlier` describes."""
+    cls = getattr(_peft, pm.config, None)
+    if cls is None:
+        names = [m.config for m in pm.older if m.config != pm.config]
+        return f"peft {VERSION} has no {pm.config}" + (f" (nor {' or '.join(names)}, its older name)" if names else "")
+    missing = sorted(set(pm.requires) - _config_fields(cls))
+    if missing:
+        return f"peft {VERSION}'s {pm.config} (no {', '.join(missing)}) is {pm.earlier or 'another method'}"
+    return None
 
 
 def _mapped(layer: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
@@ -354,9 +379,10 @@ class PeftBackend:
             return f"PEFT has no counterpart of '{spec.name}' (harness/backends/peft_maps.py maps none)"
         if pm.compare is not None and not init_only:
             return f"PEFT's {pm.config} shares only the init with '{spec.name}' (other tensors): see reference_init"
-        cls = getattr(_peft, pm.config, None)
-        if cls is None:
-            return f"peft {VERSION} has no {pm.config}"
+        na = release_na(pm)
+        if na is not None:
+            return na
+        cls = getattr(_peft, pm.config)
         try:
             kwargs = pm.kwargs(self._config(spec, {}))  # the spec's config at its defaults
         except Exception as e:  # noqa: BLE001 - a spec whose variant impl lacks still gets a clear reason
@@ -417,6 +443,13 @@ class PeftBackend:
 
     def deviation(self, spec: Spec, prop: str) -> Deviation | None:
         return next((d for d in self.DEVIATIONS if d.property == prop), None)
+
+    def deviation_shipped(self, spec: Spec, dev: Deviation) -> bool:
+        """False when the installed release predates the behaviour the spec's deviation declares (the mapping's
+        deviations_since)."""
+        pm = release_map(spec)
+        since = pm.deviations_since.get(dev.property) if pm is not None else None
+        return since is None or _release(VERSION) >= _release(since)
 
     # ---- config and attach
 

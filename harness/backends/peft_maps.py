@@ -6,7 +6,7 @@ This module imports neither peft nor impl, so its readers work without PEFT inst
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 TRANSFORMS = ("id", "T", "row", "col", "scalar1")
@@ -33,9 +33,17 @@ class PeftMap:
     input_dropout: False when PEFT's config has no field for the spec's adapter-input dropout (the `dropout`
       capability is then unsupported: a dropout the kwargs cannot pass is neither honoured nor refused by PEFT).
     older: the mappings of older releases that name the method (its config class) and its tensors otherwise,
-      newest first. The backend takes the first of this mapping and its `older` ones whose config class the
-      installed release exports (harness.backends.peft.release_map); when none is, the variant is n/a naming the
-      release and this mapping's class. Only a pure renaming belongs here: the same math under other names.
+      newest first. The backend takes the first of this mapping and its `older` ones that the installed release
+      can build: its config class is exported and has every field of `requires` (harness.backends.peft.
+      release_map); when none is, the variant is n/a naming the release and this mapping's class (and the older
+      names it was looked up under). Only a pure renaming belongs here: the same math under other names.
+    requires: config fields that only the releases shipping this mapping's method have, when earlier releases
+      export the same config class for another method (OFT before 0.16); a release whose class lacks one of them
+      makes the variant n/a with `earlier` as the reason.
+    earlier: what the releases whose config class lacks `requires` ship under that class (the n/a reason).
+    deviations_since: property -> the first release with the behaviour the spec's declared PEFT deviation on that
+      property describes; on an older release the declaration does not apply and the property is judged as is
+      (a declared size would otherwise turn the older release's exact result into a failure).
     """
 
     config: str
@@ -47,6 +55,9 @@ class PeftMap:
     calibration: str = "gapped"
     input_dropout: bool = True  # False: PEFT's config has no adapter-input dropout field (the capability is n/a)
     older: tuple["PeftMap", ...] = ()
+    requires: tuple[str, ...] = ()
+    earlier: str = ""
+    deviations_since: Mapping[str, str] = field(default_factory=dict)
 
 
 def corda_compare(ours, peft, cfg):
@@ -65,6 +76,11 @@ def corda_compare(ours, peft, cfg):
         "base_weight": (ours["base_weight"], peft["base_weight"], None),
     }
 
+
+# What PEFT before 0.16 ships as OFTConfig: other tensors than the spec's Q, so no mapping (n/a naming the release).
+_EARLIER_OFT = ("the earlier OFT (0.9-0.13: full b × b blocks oft_r rotating the output side, b = d_out / r; "
+                "0.14-0.15: full blocks oft_r on the input side and a trainable output scale oft_s), with no "
+                "counterpart of the spec's Q (the blocks' strict upper triangles, OFTRotationModule since 0.16)")
 
 _LORA_AB = {"A": ("lora_A.weight", "id"), "B": ("lora_B.weight", "id")}
 
@@ -180,6 +196,8 @@ MAPS: dict[str, PeftMap] = {
         tensors={"Q": ("oft_R.weight", "id")},
         notes="PEFT's r is the number of blocks (oft_block_size = 0 derives the block size); the exact Cayley "
               "transform is selected (PEFT's default is its Cayley–Neumann series).",
+        requires=("use_cayley_neumann",),
+        earlier=_EARLIER_OFT,
     ),
     "oft_neumann": PeftMap(
         config="OFTConfig",
@@ -187,6 +205,8 @@ MAPS: dict[str, PeftMap] = {
                             "module_dropout": 0.0, "coft": False, "block_share": False, "init_weights": True},
         tensors={"Q": ("oft_R.weight", "id")},
         notes="PEFT's default OFT: the Cayley–Neumann series with its default 5 terms (I + S + S² + S³ in (I − S)⁻¹).",
+        requires=("use_cayley_neumann", "num_cayley_neumann_terms"),
+        earlier=_EARLIER_OFT,
     ),
     "boft": PeftMap(
         config="BOFTConfig",
@@ -201,6 +221,9 @@ MAPS: dict[str, PeftMap] = {
                             "random_loc_seed": cfg.loc_seed, "init_weights": True},
         tensors={"c": ("fourierft_spectrum", "id")},
         notes="init_weights=True: a zero spectrum (PEFT's default draws it from N(0, 1), not the identity).",
+        # the float32 spectrum (spectrum.float() in get_delta_weight) came in 0.16.0; 0.12.0-0.15.2 build it in
+        # the spectrum's own dtype (tuners/fourierft/layer.py:89 in 0.15.2), exact on a float64 layer
+        deviations_since={p: "0.16.0" for p in ("oracle", "dense_equivalence", "model_oracle")},
     ),
     "miss": PeftMap(
         config="MissConfig",

@@ -455,6 +455,14 @@ class Deviations(Protocol):
 
 
 @runtime_checkable
+class ReleaseDeviations(Protocol):
+    def deviation_shipped(self, spec: Spec, dev: Deviation) -> bool:
+        """Whether the installed release of the library has the behaviour a spec's declared deviation describes
+        (False: the release predates it, so the property runs undeclared there)."""
+        ...
+
+
+@runtime_checkable
 class BaseBias(Protocol):
     def base_bias(self, model: Model) -> torch.Tensor | None:
         """The base layer's bias Parameter (None: no bias), for a library whose adapted layer does not expose it
