@@ -273,6 +273,23 @@ def test_local_jobs_run_the_shard_commands_then_merge(tmp_path, monkeypatch):
 _orig_local = ph.run_local_shards
 
 
+def test_full_breadth_runs_every_mapped_spec_with_every_property_in_the_ci_profile(tmp_path, monkeypatch):
+    """--full: every spec PEFT has a mapping of, every property (no HISTORY_SKIP), the ci profile, in a shard as in an unsharded run."""
+    from harness.backends.peft_maps import MAPS
+    _fake_history(monkeypatch, tmp_path)
+    seen = []
+    real = _orig_run_jobs
+
+    def recording(*a, verify, **k):  # _fake_history's run_jobs hands its verify stand-in here
+        return real(*a, **k, verify=lambda v, s, site, profile, args, *rest:
+                    seen.append((v, s, profile, args)) or verify(v, s, site, profile, args, *rest))
+    monkeypatch.setitem(globals(), "_orig_run_jobs", recording)
+    ph.main(["run", "--releases", "0.12.0", "--full", "--shard", "1/1", "--out", str(tmp_path / "s.json")])
+    assert sorted(s for _, s, _, _ in seen) == sorted(MAPS) and len(MAPS) >= 19
+    assert {p for _, _, p, _ in seen} == {"ci"}
+    assert all("--properties" not in a for _, _, _, a in seen)  # every property, the whole-model and bnb ones too
+
+
 def test_each_check_of_a_property_gets_its_own_history_row():
     """adapters_on_one_module fails on 'both_active' at every release; its 'both_merged' check, hidden behind it
     before, fails at 0.10.0 only: its own row, first failing 0.10.0, fixed in 0.12.0."""

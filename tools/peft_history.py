@@ -5,6 +5,7 @@
     python -m tools.peft_history one VERSION [tools.verify args]     (what `nox -s verify -- --peft-version X` runs)
     python -m tools.peft_history run ... --shard I/N [--out F]    (one fixed slice of the (release, spec) jobs)
     python -m tools.peft_history run ... --jobs K                  (K such shards as local processes, then merged)
+    python -m tools.peft_history run --full ...                    (every mapped spec, every property, ci profile)
     python -m tools.peft_history merge build/peft_history/shard-*-of-N.json
     python -m tools.peft_history render [--json audits/peft_history.json]
 
@@ -51,6 +52,12 @@ HISTORY_VARIANTS = "lora,dora,pissa,eva,hra,ia3,delora"
 # verify (`nox -s verify -- --backend peft --peft-version X`). `--properties all` runs every property.
 HISTORY_SKIP = ("model_freezing", "model_oracle", "model_targeting", "model_knobs", "model_data_init", "quantized",
                 "reference_quantized")
+
+
+def full_breadth() -> list[str]:
+    """`--full`'s specs: every spec the PEFT backend maps (harness/backends/peft_maps.py), whichever releases have it."""
+    from harness.backends.peft_maps import MAPS
+    return sorted(MAPS)
 
 
 def history_properties(spec: str) -> str:
@@ -681,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--budget-s", type=float, default=3600.0)
     r.add_argument("--profile", default="history")
     r.add_argument("--variants", default=HISTORY_VARIANTS)
+    r.add_argument("--full", action="store_true", help="full breadth: every spec PEFT has a mapping of (a release "
+                   "without it gives n/a naming the release), every property, the ci profile")
     r.add_argument("--properties", default="")
     r.add_argument("-n", "--workers", default=None, help="tools.verify's workers per job (default 2, 1 with --jobs)")
     r.add_argument("--reuse", action="store_true",
@@ -726,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
             versions = select(index_versions(), lo, hi, a.all_patches)
         if not versions:
             raise ReleaseError(f"no PEFT release on the index between {lo} and {hi}")
+        if a.full:
+            a.variants, a.properties, a.profile = ",".join(full_breadth()), "all", "ci"
         variants = [v.strip() for v in a.variants.split(",") if v.strip()]
         k = a.jobs if a.jobs > 0 else (os.cpu_count() or 1)
         shard = parse_shard(a.shard) if a.shard else None
