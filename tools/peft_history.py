@@ -47,9 +47,10 @@ TEMPLATE = "peft_history.md.j2"
 # The variants with a PEFT counterpart and an impl twin (ia3_ff is ia3's twin). The specs of PEFT's other methods
 # (vera, oft, ...) are verified on the pinned release by `nox -s verify -- --backend peft`; `--variants` adds them.
 HISTORY_VARIANTS = "lora,dora,pissa,eva,hra,ia3,delora"
-# The whole-model properties and the bitsandbytes ones take nine tenths of a PEFT verify on CPU (tiny transformers
-# models and bnb's CPU kernels, a few examples each whatever the profile); they are left to the single-release
-# verify (`nox -s verify -- --backend peft --peft-version X`). `--properties all` runs every property.
+# The whole-model properties and the bitsandbytes ones: left to the single-release verify (`nox -s verify --
+# --backend peft --peft-version X`) and to `--full`. Measured over 7 ci-profile jobs once Hypothesis's explain phase
+# was dropped (harness/engine.py _PHASES): about 16% of a job's row-seconds; a job's fixed start-up (imports) is
+# about 9.5 s CPU of its mean 25 s. `--properties all` runs every property.
 HISTORY_SKIP = ("model_freezing", "model_oracle", "model_targeting", "model_knobs", "model_data_init", "quantized",
                 "reference_quantized")
 
