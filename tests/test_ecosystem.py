@@ -123,6 +123,93 @@ def test_failed_install_is_one_line_and_leaves_no_stamp(tmp_path, monkeypatch):
     assert not (envs.env_dir(d) / envs.STAMP).exists()
 
 
+# ----------------------------------------------------------------------------------------------- per-release sets
+
+
+def test_each_release_gets_its_own_requirement_set():
+    """`release_requirements`: a previous release gets the co-requirements its own METADATA asks for; the pinned
+    release keeps `requirements`. Read from the backends' source, nothing installed."""
+    lit, ada = envs.declared("litgpt"), envs.declared("adapters")
+    assert envs.with_version(lit, "0.4.13").requirements == ("litgpt==0.4.13", "lightning==2.4.0.dev20240728")
+    assert envs.with_version(lit, "0.5.13").requirements == lit.requirements == ("litgpt==0.5.13", "lightning==2.6.6")
+    assert envs.with_version(ada, "1.2.0").requirements == ("adapters==1.2.0", "transformers==4.51.3")
+    assert envs.with_version(ada, "1.3.0").requirements == ("adapters==1.3.0", "transformers==4.57.6")
+    assert envs.with_version(envs.declared("loralib"), "0.1.1").requirements == ("loralib==0.1.1",)
+    assert envs.env_dir(envs.with_version(ada, "1.2.0")) != envs.env_dir(ada)
+
+
+def test_a_release_set_replaces_by_name_and_adds(tmp_path):
+    f = _write(tmp_path, "class B:\n    name = 'mylib'\n    requirements = ('mylib==2.0', 'dep==5.0', 'other==1.0')\n"
+                         "    release_requirements = {'<2': ('dep==4.1', 'extra==0.3'), '>=2.1,<3': ('dep==6.0',)}\n")
+    (d,) = envs.declarations(f)
+    assert envs.with_version(d, "1.7").requirements == ("mylib==1.7", "dep==4.1", "other==1.0", "extra==0.3")
+    assert envs.with_version(d, "2.2").requirements == ("mylib==2.2", "dep==6.0", "other==1.0")
+    assert envs.with_version(d, "2.0.1").requirements == ("mylib==2.0.1", "dep==5.0", "other==1.0")  # none matches
+
+
+@pytest.mark.parametrize("rel, message", [
+    ("'latest'", "must be a dict"),
+    ("{'newest': ('dep==1',)}", "is not a version specifier"),
+    ("{'<2': 'dep==1'}", "non-empty tuple of str"),
+    ("{'<2': ()}", "non-empty tuple of str"),
+    ("{'<2': ('dep>=1',)}", "not pinned to one exact version"),
+    ("{'<2': ('mylib==1.0',)}", "lists the library mylib itself"),
+    ("{'<2': ('dep==1', 'Dep==2')}", "twice"),
+    ("{'<2': ('torch==2.0.0',)}", "torch"),
+])
+def test_bad_release_sets_are_one_clear_error(tmp_path, rel, message):
+    body = f"class B:\n    name = 'mylib'\n    requirements = ('mylib==2.0', 'dep==5.0')\n    release_requirements = {rel}\n"
+    with pytest.raises(envs.EnvError, match=message) as e:
+        envs.declarations(_write(tmp_path, body))
+    assert "\n" not in str(e.value)
+
+
+def test_overlapping_release_sets_are_refused_for_the_version_both_match(tmp_path):
+    f = _write(tmp_path, "class B:\n    name = 'mylib'\n    requirements = ('mylib==2.0', 'dep==5.0')\n"
+                         "    release_requirements = {'<2': ('dep==4.0',), '>=1.5,<3': ('dep==4.5',)}\n")
+    (d,) = envs.declarations(f)
+    assert envs.with_version(d, "1.2").requirements == ("mylib==1.2", "dep==4.0")
+    with pytest.raises(envs.EnvError, match=r"mylib 1.7 matches 2 `release_requirements` specifiers") as e:
+        envs.with_version(d, "1.7")
+    assert "\n" not in str(e.value)
+
+
+RESOLUTION_IMPOSSIBLE = """ERROR: Cannot install adapters==1.2.0 and transformers==4.57.6 because these package versions have conflicting dependencies.
+
+The conflict is caused by:
+    The user requested transformers==4.57.6
+    adapters 1.2.0 depends on transformers~=4.51.3
+
+Additionally, some packages in these conflicts have no matching distributions available for your environment:
+    transformers
+
+To fix this you could try to:
+1. loosen the range of package versions you've specified
+2. remove package versions to allow pip to attempt to solve the dependency conflict
+
+ERROR: ResolutionImpossible: for help visit https://pip.pypa.io/en/latest/topics/dependency-resolution/#dealing-with-dependency-conflicts
+"""
+
+
+def test_an_unsatisfiable_set_is_one_line_naming_the_conflict(tmp_path, monkeypatch):
+    """pip's ResolutionImpossible (the text pip 2x prints for adapters 1.2.0 beside 1.3.0's transformers) becomes
+    one line naming both sides of the conflict and where a release's co-requirements are declared."""
+    monkeypatch.setattr(envs, "ENVS", tmp_path)
+    d = envs.Declared("adapters", ("adapters==1.2.0", "transformers==4.57.6"), library="adapters")
+
+    def pip(cmd, **kw):
+        if cmd[1:3] == ["-m", "venv"]:
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        return subprocess.CompletedProcess(cmd, 1 if "adapters==1.2.0" in cmd else 0, "", RESOLUTION_IMPOSSIBLE)
+
+    with pytest.raises(envs.EnvError) as e:
+        envs.ensure(d, run=pip, log=lambda m: None)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "The user requested transformers==4.57.6; adapters 1.2.0 depends on transformers~=4.51.3" in msg
+    assert "release_requirements" in msg and not (envs.env_dir(d) / envs.STAMP).exists()
+
+
 # ----------------------------------------------------------------------------------------------- the audit
 
 
@@ -181,6 +268,33 @@ def test_audit_renders_every_failure_and_release():
     assert "liba 1.0 (a), dora / merge: real bug" in md and "`liba/merge.py:5`" in md
     assert "documented choice" in md and "does not import" in md
     assert "### dora: liba, libb" in md
+
+
+def test_crash_paths_are_portable_when_recorded(tmp_path, monkeypatch):
+    """run_release records `where` and `detail` without this checkout's folder (or the environment's), so the audit
+    JSON and its rendering are the same bytes from any folder."""
+    monkeypatch.setattr(ecosystem, "RESULTS", tmp_path)
+    env = f"{ROOT}/.nox/verify-liba-0123456789/lib/python3.11/site-packages"
+    raw = [{"variant": "dora", "property": "oracle", "status": "fail", "failure_kind": "crash", "example": "Case()",
+            "where": f"{env}/liba/dora.py:12 in f: y", "detail": f"RuntimeError: no [at {ROOT}/harness/probes.py:3 in g]"},
+           {"variant": "lora", "property": "merge", "status": "pass", "detail": None, "where": None, "example": None}]
+    (tmp_path / "a-1.0.json").write_text(json.dumps({"profile": "history", "backend_version": "1.0", "results": raw}))
+    info = {"backend": "a", "version": "1.0", "variants": ["lora", "dora"], "sites": {}, "peft": False}
+    monkeypatch.setattr(envs, "ensure", lambda decl, log=None: Path("python"))
+    monkeypatch.setattr(ecosystem.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, json.dumps(info) + "\n", ""))
+    decl = envs.Declared("a", ("liba==1.0",), library="liba")
+    rec = ecosystem.run_release([decl], "1.0", "history", "1", True, [])
+    got = rec["a"]["results"]
+    assert got[0]["where"] == "liba/dora.py:12 in f: y"
+    assert got[0]["detail"] == "RuntimeError: no [at harness/probes.py:3 in g]"
+    assert got[1] == raw[1] and str(ROOT) not in json.dumps(rec)
+    doc = _doc()
+    doc["libraries"]["liba"]["releases"][0]["backends"] = {"a": {**rec["a"], "results": got}}
+    here, listed = ecosystem.render_markdown(doc), ecosystem.repros()
+    monkeypatch.setattr(ecosystem, "ROOT", tmp_path / "another" / "checkout")  # render from another folder
+    monkeypatch.setattr(ecosystem, "repros", lambda: listed)  # (they are listed relative to the checkout)
+    assert ecosystem.render_markdown(doc) == here and "liba/dora.py:12" in here
 
 
 def test_unknown_library_is_refused():

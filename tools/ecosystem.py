@@ -149,6 +149,12 @@ def probe(backend: str) -> dict:
 # ----------------------------------------------------------------------------------------------- run
 
 
+def portable_results(results: list[dict]) -> list[dict]:
+    """The results with every path in `where` and `detail` made `portable` (the library's file from its package
+    root, ours from the repository root), as they are recorded: the audit JSON names no folder of this machine."""
+    return [{**r, **{k: portable(r[k]) for k in ("where", "detail") if isinstance(r.get(k), str)}} for r in results]
+
+
 def _counts(results: list[dict]) -> dict[str, int]:
     return {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "deviation", "na")}
 
@@ -182,7 +188,7 @@ def run_release(decls: list[envs.Declared], version: str, profile: str, workers:
                                      f"{envs._last_line(v.stdout + v.stderr)}")
             results, reused = json.loads(js.read_text())["results"], False
         out[d.name] = {"version": info["version"], "variants": info["variants"], "sites": info["sites"],
-                       "peft": info["peft"], "results": results, "reused": reused}
+                       "peft": info["peft"], "results": portable_results(results), "reused": reused}
     return out
 
 

@@ -85,6 +85,8 @@ class AdaptersBackend:
 
     name = "adapters"
     requirements: tuple[str, ...] = ("adapters==1.3.0", "transformers==4.57.6")
+    # adapters 1.2.x requires `transformers~=4.51.3` in its wheel's METADATA (1.3.0: `~=4.57.6`)
+    release_requirements: dict[str, tuple[str, ...]] = {"<1.3": ("transformers==4.51.3",)}
     without: tuple[str, ...] = ("peft", "bitsandbytes")
     errors = Errors(config=(ValueError, TypeError, AssertionError), attach=(ValueError, TypeError, AssertionError),
                     checkpoint=(ValueError, KeyError, OSError))

@@ -69,6 +69,8 @@ class LitgptBackend:
 
     name = "litgpt"
     requirements: tuple[str, ...] = ("litgpt==0.5.13", "lightning==2.6.6")
+    # litgpt 0.4.x pins `lightning==2.4.0.dev20240728` in its wheel's METADATA (0.5.13 asks `lightning>=2.6.1`)
+    release_requirements: dict[str, tuple[str, ...]] = {"<0.5": ("lightning==2.4.0.dev20240728",)}
     without: tuple[str, ...] = ()
     errors = Errors(config=(AssertionError, ValueError, TypeError), attach=(AssertionError, ValueError, TypeError),
                     checkpoint=(RuntimeError, KeyError, ValueError))
