@@ -263,6 +263,23 @@ def test_failures_classified_with_their_site():
     assert merge["cells"] == {"a 1.0": "F", "b 2.0": "pass"}
 
 
+def test_torchtune_dora_dropout_is_an_undocumented_choice_quoting_its_source():
+    """torchtune's DoRA drops the LoRA branch's input only (dora.py:168,172,187-191): declared as a deviation read
+    from the source, shown as an undocumented choice; only the train-mode mismatch is excused."""
+    from harness.backends.torchtune import TorchtuneBackend
+    from spec import SPECS
+
+    be = object.__new__(TorchtuneBackend)  # the declaration needs no torchtune
+    dev = be.deviation(SPECS.get("dora"), "dropout")
+    assert dev.reason.startswith("undocumented") and "dora.py:168,172,187-191" in dev.source
+    assert dev.matches("train-mode output is not the hand computation with the shared dropout mask (scaled error 2e4)")
+    assert not dev.matches("eval-mode output differs from the no-dropout oracle (scaled error 3)")
+    assert be.deviation(SPECS.get("lora"), "dropout") is None and be.deviation(SPECS.get("dora"), "oracle") is None
+    r = {"status": "deviation", "detail": f"declared: {dev.reason} [{dev.source}]; observed: ..."}
+    assert ecosystem.classify(r) == "undocumented choice"
+    assert ecosystem.classify({**r, "detail": "declared: \"it merges\""}) == "documented choice"
+
+
 def test_audit_renders_every_failure_and_release():
     md = ecosystem.render_markdown(_doc())
     assert "liba 1.0 (a), dora / merge: real bug" in md and "`liba/merge.py:5`" in md
