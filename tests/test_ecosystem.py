@@ -367,3 +367,28 @@ def test_planted_bug_is_flagged_by_the_property_naming_it(library):
     assert r["clean"]["status"] == "pass", r["clean"]
     assert r["bug"]["status"] == "fail" and r["bug"]["failure_kind"] == "assertion", r["bug"]
     assert "oracle" in r["bug"]["detail"]
+
+
+# ----------------------------------------------------------------------------------------------- not importable
+
+
+@pytest.mark.parametrize("backend, module, blocked", [
+    ("loralib", "harness.backends.loralib:LoralibBackend", "loralib"),
+    ("torchtune", "harness.backends.torchtune:TorchtuneBackend", "torchtune"),
+    ("litgpt", "harness.backends.litgpt:LitgptBackend", "litgpt"),
+    ("adapters", "harness.backends.adapters:AdaptersBackend", "adapters"),
+])
+def test_a_backend_whose_library_does_not_import_says_which_nox_command_builds_it(monkeypatch, backend, module,
+                                                                                    blocked):
+    """One helper (harness/backends/library.py) for the four shipped libraries: one line, naming the command."""
+    import importlib
+
+    mod, cls = module.split(":")
+    monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` raises ImportError
+    for name in [n for n in sys.modules if n.startswith(blocked + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(RuntimeError) as e:
+        getattr(importlib.import_module(mod), cls)()
+    msg = str(e.value)
+    assert "\n" not in msg and f"`nox -s verify -- --backend {backend}` builds its environment" in msg
+    assert "(ModuleNotFoundError: " in msg and blocked in msg.split(" does not import")[0]

@@ -30,6 +30,7 @@ from impl import layers
 from spec.schema import Deviation, Spec
 
 from . import BACKENDS
+from .library import import_library
 from ..strategies import Case
 from .protocol import Errors, Fields, Mapped
 
@@ -96,8 +97,8 @@ class AdaptersBackend:
                     checkpoint=(ValueError, KeyError, OSError))
 
     def __init__(self):
-        self.ad = importlib.import_module("adapters")
-        self.context = importlib.import_module("adapters.context").ForwardContext
+        self.ad = import_library("adapters", self.name)
+        self.context = import_library("adapters.context", self.name).ForwardContext
         self.version = _version("adapters")
 
     def applies(self, spec: Spec) -> str | None:

@@ -17,7 +17,6 @@ quoted from litgpt 0.5.13 (`LACKS`, file:line).
 """
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import version as _version
 
 import torch
@@ -27,6 +26,7 @@ from impl import layers
 from spec.schema import Deviation, Spec
 
 from . import BACKENDS
+from .library import import_library
 from ..strategies import Case
 from .protocol import Errors, Fields
 
@@ -78,7 +78,7 @@ class LitgptBackend:
 
     def __init__(self, module: str = "litgpt.lora"):
         # `module`: where LoRALinear & co. come from (a planted-bug copy in the tests)
-        self.lora = importlib.import_module(module)
+        self.lora = import_library(module, self.name)
         try:
             self.version = _version("litgpt")
         except Exception:  # noqa: BLE001 - a copy outside an installed distribution

@@ -26,6 +26,7 @@ from torch import nn
 from spec.schema import Deviation, Spec
 
 from . import BACKENDS
+from .library import import_library
 from ..strategies import Case
 from .protocol import Errors, Fields
 
@@ -85,11 +86,7 @@ class TorchtuneBackend:
                     checkpoint=(RuntimeError, KeyError))
 
     def __init__(self):
-        try:
-            self.peft = importlib.import_module("torchtune.modules.peft")
-        except ImportError as e:
-            raise RuntimeError(f"torchtune.modules.peft does not import here ({type(e).__name__}: {e}); `nox -s "
-                               "verify -- --backend torchtune` builds its environment") from None
+        self.peft = import_library("torchtune.modules.peft", self.name)
         self.version = importlib.metadata.version("torchtune")
 
     def applies(self, spec: Spec) -> str | None:
