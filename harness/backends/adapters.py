@@ -124,8 +124,9 @@ class AdaptersBackend:
         m = importlib.import_module("adapters.methods.lora")
         cls = self.source_class(spec)
         merge = m.LoRALinear.merge_adapter
+        saved = importlib.import_module("adapters.loading").AdapterLoader.filter_func  # which weights save_adapter keeps
         return {"*": cls.forward, "identity_at_init": cls.forward, "merge": merge, "merge_oracle": merge,
-                "unmerge_restores": m.LoRALinear.reset_adapter, "layer_forward": m.LoRALinear.forward}
+                "unmerge_restores": m.LoRALinear.reset_adapter, "checkpoint_roundtrip": saved}
 
     def deviation(self, spec: Spec, prop: str) -> Deviation | None:
         """adapters' `train_adapter` freezes the whole model (`self.freeze_model(True)`) and `delete_adapter` does
