@@ -253,7 +253,7 @@ class LoralibMergedBackend(LoralibBackend):
         raise TypeError("loralib-merged drives MergedLinear only (the loralib backend drives lora.Embedding)")
 
     def unsupported(self, spec: Spec, capability: str) -> str | None:
-        if capability == "embedding":
+        if capability in ("embedding", "scaled_embedding"):
             return "this backend drives lora.MergedLinear; lora.Embedding is verified by the loralib backend"
         return super().unsupported(spec, capability)
 
