@@ -392,3 +392,20 @@ def test_a_backend_whose_library_does_not_import_says_which_nox_command_builds_i
     msg = str(e.value)
     assert "\n" not in msg and f"`nox -s verify -- --backend {backend}` builds its environment" in msg
     assert "(ModuleNotFoundError: " in msg and blocked in msg.split(" does not import")[0]
+
+
+def test_loralib_merged_declares_every_embedding_kind_it_does_not_drive():
+    """loralib-merged drives MergedLinear only: layer_kinds' embedding and scaled-embedding checks are n/a with its
+    reason, never a crash in its attach_kind (a harness limitation the audit once showed)."""
+    pytest.importorskip("loralib")
+    from harness.backends import make
+    from harness.engine import run_property
+    from harness.probes import PROPERTIES
+    from spec import SPECS
+
+    be = make("loralib-merged")
+    for kind in ("embedding", "scaled_embedding"):
+        assert "MergedLinear" in be.unsupported(SPECS.get("lora"), kind)
+    r = run_property(PROPERTIES["layer_kinds"], SPECS.get("lora"), be, "history")
+    assert r.status in ("pass", "na") and r.failure_kind is None and "drives MergedLinear only" not in (r.detail or ""), \
+        (r.status, r.detail)
