@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tools import ecosystem, envs
 
@@ -409,3 +410,24 @@ def test_loralib_merged_declares_every_embedding_kind_it_does_not_drive():
     r = run_property(PROPERTIES["layer_kinds"], SPECS.get("lora"), be, "history")
     assert r.status in ("pass", "na") and r.failure_kind is None and "drives MergedLinear only" not in (r.detail or ""), \
         (r.status, r.detail)
+
+
+def test_litgpt_before_0_5_declares_its_interleaved_fused_rows():
+    """litgpt 0.4.x places a partly enabled fused q/k/v update on interleaved rows (its zero_pad docstring, lora.py:301);
+    the spec's layout is 0.5's [q | k | v]: those cases are declared with the quote, all-enabled ones still run."""
+    from harness.backends.litgpt import LitgptBackend
+    from harness.strategies import Case
+    from spec import SPECS
+
+    def case(**enable):
+        fields = {"r": 1, "alpha": 2.0, "head_size": 1, "n_head": 2, "n_query_groups": 2,
+                  "enable_q": True, "enable_k": True, "enable_v": True, **enable}
+        return Case(d_in=3, d_out=6, bias=False, dtype=torch.float32, seed=0, fields=fields, batch=(2, 3), device="cpu")
+
+    qkv = SPECS.get("lora_qkv")
+    be = object.__new__(LitgptBackend)  # the declaration needs no litgpt
+    be.version = "0.4.13"
+    assert "interleaved" in be.supports(qkv, case(enable_q=False, enable_k=False))
+    assert be.supports(qkv, case()) is None
+    be.version = "0.5.13"
+    assert be.supports(qkv, case(enable_q=False, enable_k=False)) is None
