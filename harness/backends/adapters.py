@@ -102,8 +102,10 @@ class AdaptersBackend:
         self.version = _version("adapters")
 
     def applies(self, spec: Spec) -> str | None:
-        if spec.name in CONFIGS:
+        if spec.name in CONFIGS and hasattr(self.ad, CONFIGS[spec.name]):
             return None
+        if spec.name in CONFIGS:  # DoRAConfig is new in adapters 1.3 (1.2.x exports none)
+            return f"adapters {self.version} has no {CONFIGS[spec.name]} (`adapters.{CONFIGS[spec.name]}` is not exported)"
         return f"adapters has no '{spec.name}' here (its LoRA family: LoRAConfig, IA3Config, DoRAConfig, VeraConfig)"
 
     def supports(self, spec: Spec, case: Case) -> str | None:
