@@ -431,3 +431,18 @@ def test_litgpt_before_0_5_declares_its_interleaved_fused_rows():
     assert be.supports(qkv, case()) is None
     be.version = "0.5.13"
     assert be.supports(qkv, case(enable_q=False, enable_k=False)) is None
+
+
+def test_adapters_release_without_a_config_class_makes_the_variant_na():
+    """adapters 1.2.x exports no DoRAConfig: dora is n/a for that release with the reason, never a crash row."""
+    import types
+
+    from harness.backends.adapters import AdaptersBackend
+    from spec import SPECS
+
+    be = object.__new__(AdaptersBackend)  # no adapters needed: its module is a stand-in
+    be.ad, be.version = types.SimpleNamespace(LoRAConfig=object, IA3Config=object, VeraConfig=object), "1.2.0"
+    assert be.applies(SPECS.get("lora")) is None and be.applies(SPECS.get("vera")) is None
+    assert "adapters 1.2.0 has no DoRAConfig" in be.applies(SPECS.get("dora"))
+    be.ad.DoRAConfig = object
+    assert be.applies(SPECS.get("dora")) is None
