@@ -35,8 +35,8 @@ from . import tolerance as tol
 from .backends.protocol import FullBackend
 from .backends.peft_maps import peft_map
 from .models import single, tiny
-from .probes import (_dt, cfg_of, engine_base, gradient_scales, loss_weights, perturb, perturb_layers, prop,
-                     require, setup)
+from .probes import (_dt, cfg_of, engine_base, gradient_scales, layouts, loss_weights, perturb, perturb_layers,
+                     prop, require, setup)
 from .strategies import Case, base_weight, calibration, calibration_tokens, cases, inputs
 
 # Declared spectral gap of the reference calibration data: three directions with standard deviations 9, 3 and 1
@@ -414,13 +414,16 @@ def dense_equivalence(spec, be: FullBackend, case):
 # ----------------------------------------------------------------------------------------------- PEFT's extra API
 
 
-@prop("unmerge_restores", lambda spec, device: st.tuples(
-        cases(spec, dtypes=(torch.float32,), bias=True, device=device), st.sampled_from(["linear", "conv1d"])),
+@prop("unmerge_restores", lambda spec, device: cases(spec, dtypes=(torch.float32,), bias=True, device=device),
       needs=("unmerge",), max_examples=10)
-def unmerge_restores(spec, be: FullBackend, drawn):
-    """With every adapter tensor perturbed, on Linear and Conv1D layers: merge_adapter gives the adapted output,
-    and unmerge_adapter restores the base weights (and the adapted output) within tolerance."""
-    case, lay = drawn if isinstance(drawn, tuple) else (drawn, "linear")
+def unmerge_restores(spec, be: FullBackend, case):
+    """With every adapter tensor perturbed, on each layout the backend runs on (`layouts`: Linear, and Conv1D
+    unless the backend lacks it): merge_adapter gives the adapted output, and unmerge_adapter restores the base
+    weights (and the adapted output) within tolerance."""
+    return max(_unmerge_restores_on(spec, be, case, lay) for lay in layouts(spec, be))
+
+
+def _unmerge_restores_on(spec, be: FullBackend, case, lay: str) -> float:
     s = setup(spec, be, case, layout=lay)
     perturb(spec, be, s.model, case)
     g = case.gen(5)

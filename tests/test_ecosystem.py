@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tools import ecosystem, envs
 
@@ -123,6 +124,93 @@ def test_failed_install_is_one_line_and_leaves_no_stamp(tmp_path, monkeypatch):
     assert not (envs.env_dir(d) / envs.STAMP).exists()
 
 
+# ----------------------------------------------------------------------------------------------- per-release sets
+
+
+def test_each_release_gets_its_own_requirement_set():
+    """`release_requirements`: a previous release gets the co-requirements its own METADATA asks for; the pinned
+    release keeps `requirements`. Read from the backends' source, nothing installed."""
+    lit, ada = envs.declared("litgpt"), envs.declared("adapters")
+    assert envs.with_version(lit, "0.4.13").requirements == ("litgpt==0.4.13", "lightning==2.4.0.dev20240728")
+    assert envs.with_version(lit, "0.5.13").requirements == lit.requirements == ("litgpt==0.5.13", "lightning==2.6.6")
+    assert envs.with_version(ada, "1.2.0").requirements == ("adapters==1.2.0", "transformers==4.51.3")
+    assert envs.with_version(ada, "1.3.0").requirements == ("adapters==1.3.0", "transformers==4.57.6")
+    assert envs.with_version(envs.declared("loralib"), "0.1.1").requirements == ("loralib==0.1.1",)
+    assert envs.env_dir(envs.with_version(ada, "1.2.0")) != envs.env_dir(ada)
+
+
+def test_a_release_set_replaces_by_name_and_adds(tmp_path):
+    f = _write(tmp_path, "class B:\n    name = 'mylib'\n    requirements = ('mylib==2.0', 'dep==5.0', 'other==1.0')\n"
+                         "    release_requirements = {'<2': ('dep==4.1', 'extra==0.3'), '>=2.1,<3': ('dep==6.0',)}\n")
+    (d,) = envs.declarations(f)
+    assert envs.with_version(d, "1.7").requirements == ("mylib==1.7", "dep==4.1", "other==1.0", "extra==0.3")
+    assert envs.with_version(d, "2.2").requirements == ("mylib==2.2", "dep==6.0", "other==1.0")
+    assert envs.with_version(d, "2.0.1").requirements == ("mylib==2.0.1", "dep==5.0", "other==1.0")  # none matches
+
+
+@pytest.mark.parametrize("rel, message", [
+    ("'latest'", "must be a dict"),
+    ("{'newest': ('dep==1',)}", "is not a version specifier"),
+    ("{'<2': 'dep==1'}", "non-empty tuple of str"),
+    ("{'<2': ()}", "non-empty tuple of str"),
+    ("{'<2': ('dep>=1',)}", "not pinned to one exact version"),
+    ("{'<2': ('mylib==1.0',)}", "lists the library mylib itself"),
+    ("{'<2': ('dep==1', 'Dep==2')}", "twice"),
+    ("{'<2': ('torch==2.0.0',)}", "torch"),
+])
+def test_bad_release_sets_are_one_clear_error(tmp_path, rel, message):
+    body = f"class B:\n    name = 'mylib'\n    requirements = ('mylib==2.0', 'dep==5.0')\n    release_requirements = {rel}\n"
+    with pytest.raises(envs.EnvError, match=message) as e:
+        envs.declarations(_write(tmp_path, body))
+    assert "\n" not in str(e.value)
+
+
+def test_overlapping_release_sets_are_refused_for_the_version_both_match(tmp_path):
+    f = _write(tmp_path, "class B:\n    name = 'mylib'\n    requirements = ('mylib==2.0', 'dep==5.0')\n"
+                         "    release_requirements = {'<2': ('dep==4.0',), '>=1.5,<3': ('dep==4.5',)}\n")
+    (d,) = envs.declarations(f)
+    assert envs.with_version(d, "1.2").requirements == ("mylib==1.2", "dep==4.0")
+    with pytest.raises(envs.EnvError, match=r"mylib 1.7 matches 2 `release_requirements` specifiers") as e:
+        envs.with_version(d, "1.7")
+    assert "\n" not in str(e.value)
+
+
+RESOLUTION_IMPOSSIBLE = """ERROR: Cannot install adapters==1.2.0 and transformers==4.57.6 because these package versions have conflicting dependencies.
+
+The conflict is caused by:
+    The user requested transformers==4.57.6
+    adapters 1.2.0 depends on transformers~=4.51.3
+
+Additionally, some packages in these conflicts have no matching distributions available for your environment:
+    transformers
+
+To fix this you could try to:
+1. loosen the range of package versions you've specified
+2. remove package versions to allow pip to attempt to solve the dependency conflict
+
+ERROR: ResolutionImpossible: for help visit https://pip.pypa.io/en/latest/topics/dependency-resolution/#dealing-with-dependency-conflicts
+"""
+
+
+def test_an_unsatisfiable_set_is_one_line_naming_the_conflict(tmp_path, monkeypatch):
+    """pip's ResolutionImpossible (the text pip 2x prints for adapters 1.2.0 beside 1.3.0's transformers) becomes
+    one line naming both sides of the conflict and where a release's co-requirements are declared."""
+    monkeypatch.setattr(envs, "ENVS", tmp_path)
+    d = envs.Declared("adapters", ("adapters==1.2.0", "transformers==4.57.6"), library="adapters")
+
+    def pip(cmd, **kw):
+        if cmd[1:3] == ["-m", "venv"]:
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        return subprocess.CompletedProcess(cmd, 1 if "adapters==1.2.0" in cmd else 0, "", RESOLUTION_IMPOSSIBLE)
+
+    with pytest.raises(envs.EnvError) as e:
+        envs.ensure(d, run=pip, log=lambda m: None)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "The user requested transformers==4.57.6; adapters 1.2.0 depends on transformers~=4.51.3" in msg
+    assert "release_requirements" in msg and not (envs.env_dir(d) / envs.STAMP).exists()
+
+
 # ----------------------------------------------------------------------------------------------- the audit
 
 
@@ -176,11 +264,55 @@ def test_failures_classified_with_their_site():
     assert merge["cells"] == {"a 1.0": "F", "b 2.0": "pass"}
 
 
+def test_torchtune_dora_dropout_is_an_undocumented_choice_quoting_its_source():
+    """torchtune's DoRA drops the LoRA branch's input only (dora.py:168,172,187-191): declared as a deviation read
+    from the source, shown as an undocumented choice; only the train-mode mismatch is excused."""
+    from harness.backends.torchtune import TorchtuneBackend
+    from spec import SPECS
+
+    be = object.__new__(TorchtuneBackend)  # the declaration needs no torchtune
+    dev = be.deviation(SPECS.get("dora"), "dropout")
+    assert dev.reason.startswith("undocumented") and "dora.py:168,172,187-191" in dev.source
+    assert dev.matches("train-mode output is not the hand computation with the shared dropout mask (scaled error 2e4)")
+    assert not dev.matches("eval-mode output differs from the no-dropout oracle (scaled error 3)")
+    assert be.deviation(SPECS.get("lora"), "dropout") is None and be.deviation(SPECS.get("dora"), "oracle") is None
+    r = {"status": "deviation", "detail": f"declared: {dev.reason} [{dev.source}]; observed: ..."}
+    assert ecosystem.classify(r) == "undocumented choice"
+    assert ecosystem.classify({**r, "detail": "declared: \"it merges\""}) == "documented choice"
+
+
 def test_audit_renders_every_failure_and_release():
     md = ecosystem.render_markdown(_doc())
     assert "liba 1.0 (a), dora / merge: real bug" in md and "`liba/merge.py:5`" in md
     assert "documented choice" in md and "does not import" in md
     assert "### dora: liba, libb" in md
+
+
+def test_crash_paths_are_portable_when_recorded(tmp_path, monkeypatch):
+    """run_release records `where` and `detail` without this checkout's folder (or the environment's), so the audit
+    JSON and its rendering are the same bytes from any folder."""
+    monkeypatch.setattr(ecosystem, "RESULTS", tmp_path)
+    env = f"{ROOT}/.nox/verify-liba-0123456789/lib/python3.11/site-packages"
+    raw = [{"variant": "dora", "property": "oracle", "status": "fail", "failure_kind": "crash", "example": "Case()",
+            "where": f"{env}/liba/dora.py:12 in f: y", "detail": f"RuntimeError: no [at {ROOT}/harness/probes.py:3 in g]"},
+           {"variant": "lora", "property": "merge", "status": "pass", "detail": None, "where": None, "example": None}]
+    (tmp_path / "a-1.0.json").write_text(json.dumps({"profile": "history", "backend_version": "1.0", "results": raw}))
+    info = {"backend": "a", "version": "1.0", "variants": ["lora", "dora"], "sites": {}, "peft": False}
+    monkeypatch.setattr(envs, "ensure", lambda decl, log=None: Path("python"))
+    monkeypatch.setattr(ecosystem.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, json.dumps(info) + "\n", ""))
+    decl = envs.Declared("a", ("liba==1.0",), library="liba")
+    rec = ecosystem.run_release([decl], "1.0", "history", "1", True, [])
+    got = rec["a"]["results"]
+    assert got[0]["where"] == "liba/dora.py:12 in f: y"
+    assert got[0]["detail"] == "RuntimeError: no [at harness/probes.py:3 in g]"
+    assert got[1] == raw[1] and str(ROOT) not in json.dumps(rec)
+    doc = _doc()
+    doc["libraries"]["liba"]["releases"][0]["backends"] = {"a": {**rec["a"], "results": got}}
+    here, listed = ecosystem.render_markdown(doc), ecosystem.repros()
+    monkeypatch.setattr(ecosystem, "ROOT", tmp_path / "another" / "checkout")  # render from another folder
+    monkeypatch.setattr(ecosystem, "repros", lambda: listed)  # (they are listed relative to the checkout)
+    assert ecosystem.render_markdown(doc) == here and "liba/dora.py:12" in here
 
 
 def test_unknown_library_is_refused():
@@ -236,3 +368,81 @@ def test_planted_bug_is_flagged_by_the_property_naming_it(library):
     assert r["clean"]["status"] == "pass", r["clean"]
     assert r["bug"]["status"] == "fail" and r["bug"]["failure_kind"] == "assertion", r["bug"]
     assert "oracle" in r["bug"]["detail"]
+
+
+# ----------------------------------------------------------------------------------------------- not importable
+
+
+@pytest.mark.parametrize("backend, module, blocked", [
+    ("loralib", "harness.backends.loralib:LoralibBackend", "loralib"),
+    ("torchtune", "harness.backends.torchtune:TorchtuneBackend", "torchtune"),
+    ("litgpt", "harness.backends.litgpt:LitgptBackend", "litgpt"),
+    ("adapters", "harness.backends.adapters:AdaptersBackend", "adapters"),
+])
+def test_a_backend_whose_library_does_not_import_says_which_nox_command_builds_it(monkeypatch, backend, module,
+                                                                                    blocked):
+    """One helper (harness/backends/library.py) for the four shipped libraries: one line, naming the command."""
+    import importlib
+
+    mod, cls = module.split(":")
+    monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` raises ImportError
+    for name in [n for n in sys.modules if n.startswith(blocked + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(RuntimeError) as e:
+        getattr(importlib.import_module(mod), cls)()
+    msg = str(e.value)
+    assert "\n" not in msg and f"`nox -s verify -- --backend {backend}` builds its environment" in msg
+    assert "(ModuleNotFoundError: " in msg and blocked in msg.split(" does not import")[0]
+
+
+def test_loralib_merged_declares_every_embedding_kind_it_does_not_drive():
+    """loralib-merged drives MergedLinear only: layer_kinds' embedding and scaled-embedding checks are n/a with its
+    reason, never a crash in its attach_kind (a harness limitation the audit once showed)."""
+    pytest.importorskip("loralib")
+    from harness.backends import make
+    from harness.engine import run_property
+    from harness.probes import PROPERTIES
+    from spec import SPECS
+
+    be = make("loralib-merged")
+    for kind in ("embedding", "scaled_embedding"):
+        assert "MergedLinear" in be.unsupported(SPECS.get("lora"), kind)
+    r = run_property(PROPERTIES["layer_kinds"], SPECS.get("lora"), be, "history")
+    assert r.status in ("pass", "na") and r.failure_kind is None and "drives MergedLinear only" not in (r.detail or ""), \
+        (r.status, r.detail)
+
+
+def test_litgpt_before_0_5_declares_its_interleaved_fused_rows():
+    """litgpt 0.4.x places a partly enabled fused q/k/v update on interleaved rows (its zero_pad docstring, lora.py:301);
+    the spec's layout is 0.5's [q | k | v]: those cases are declared with the quote, all-enabled ones still run."""
+    from harness.backends.litgpt import LitgptBackend
+    from harness.strategies import Case
+    from spec import SPECS
+
+    def case(**enable):
+        fields = {"r": 1, "alpha": 2.0, "head_size": 1, "n_head": 2, "n_query_groups": 2,
+                  "enable_q": True, "enable_k": True, "enable_v": True, **enable}
+        return Case(d_in=3, d_out=6, bias=False, dtype=torch.float32, seed=0, fields=fields, batch=(2, 3), device="cpu")
+
+    qkv = SPECS.get("lora_qkv")
+    be = object.__new__(LitgptBackend)  # the declaration needs no litgpt
+    be.version = "0.4.13"
+    assert "interleaved" in be.supports(qkv, case(enable_q=False, enable_k=False))
+    assert be.supports(qkv, case()) is None
+    be.version = "0.5.13"
+    assert be.supports(qkv, case(enable_q=False, enable_k=False)) is None
+
+
+def test_adapters_release_without_a_config_class_makes_the_variant_na():
+    """adapters 1.2.x exports no DoRAConfig: dora is n/a for that release with the reason, never a crash row."""
+    import types
+
+    from harness.backends.adapters import AdaptersBackend
+    from spec import SPECS
+
+    be = object.__new__(AdaptersBackend)  # no adapters needed: its module is a stand-in
+    be.ad, be.version = types.SimpleNamespace(LoRAConfig=object, IA3Config=object, VeraConfig=object), "1.2.0"
+    assert be.applies(SPECS.get("lora")) is None and be.applies(SPECS.get("vera")) is None
+    assert "adapters 1.2.0 has no DoRAConfig" in be.applies(SPECS.get("dora"))
+    be.ad.DoRAConfig = object
+    assert be.applies(SPECS.get("dora")) is None

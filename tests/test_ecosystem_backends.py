@@ -70,3 +70,36 @@ def test_planted_scale_bug_is_flagged_by_the_oracle(tmp_path, package, file, old
     planted = _oracle(package, package, _plant(tmp_path, package, file, old, new), "planted")
     assert planted["status"] == "fail" and planted["kind"] == "assertion", planted
     assert "oracle" in planted["detail"], planted
+
+
+CHECKPOINT = """
+import json, sys
+from harness.backends import make
+from harness.engine import run_property
+from harness.probes import PROPERTIES
+from spec import SPECS
+import adapters
+assert adapters.__file__.startswith(sys.argv[1]) == (sys.argv[2] == "planted"), adapters.__file__
+res = run_property(PROPERTIES["checkpoint_roundtrip"], SPECS.get("ia3"), make("adapters"), profile="history")
+print(json.dumps({"status": res.status, "kind": res.failure_kind, "detail": res.detail}))
+"""
+
+
+def test_adapters_checkpoint_goes_through_save_adapter_and_load_adapter(tmp_path):
+    """The adapters backend's checkpoint is adapters' own save_adapter / load_adapter: IA3 round-trips bit-exactly
+    as shipped, and a copy of adapters whose save_adapter leaves out the LoRA-family weights (its filter,
+    adapters/loading.py) fails `checkpoint_roundtrip` on the loaded output."""
+    _needs("adapters")
+
+    def run(path: Path, mode: str) -> dict:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", CHECKPOINT, str(path), mode], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    shipped = run(tmp_path / "none", "shipped")
+    assert shipped["status"] == "pass", shipped
+    planted = run(_plant(tmp_path, "adapters", "loading.py", '".loras.{}.".format(adapter_name) in x',
+                         '".loras_left_out.{}.".format(adapter_name) in x'), "planted")
+    assert planted["status"] == "fail" and "loaded output differs" in planted["detail"], planted

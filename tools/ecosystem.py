@@ -149,6 +149,12 @@ def probe(backend: str) -> dict:
 # ----------------------------------------------------------------------------------------------- run
 
 
+def portable_results(results: list[dict]) -> list[dict]:
+    """The results with every path in `where` and `detail` made `portable` (the library's file from its package
+    root, ours from the repository root), as they are recorded: the audit JSON names no folder of this machine."""
+    return [{**r, **{k: portable(r[k]) for k in ("where", "detail") if isinstance(r.get(k), str)}} for r in results]
+
+
 def _counts(results: list[dict]) -> dict[str, int]:
     return {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "deviation", "na")}
 
@@ -182,7 +188,7 @@ def run_release(decls: list[envs.Declared], version: str, profile: str, workers:
                                      f"{envs._last_line(v.stdout + v.stderr)}")
             results, reused = json.loads(js.read_text())["results"], False
         out[d.name] = {"version": info["version"], "variants": info["variants"], "sites": info["sites"],
-                       "peft": info["peft"], "results": results, "reused": reused}
+                       "peft": info["peft"], "results": portable_results(results), "reused": reused}
     return out
 
 
@@ -243,10 +249,11 @@ def run_all(libs: dict[str, list[envs.Declared]], names: list[str], budget_s: fl
 
 
 def classify(r: dict) -> str:
-    """real bug (a failure of the library), documented choice (a declared deviation quoting the library), harness
-    limitation (a crash inside this harness: fix the harness)."""
-    if r["status"] == "deviation":
-        return "documented choice"
+    """real bug (a failure of the library), documented choice (a declared deviation quoting the library),
+    undocumented choice (a declared deviation quoting the library's source lines, which no text of the library
+    explains), harness limitation (a crash inside this harness: fix the harness)."""
+    if r["status"] == "deviation":  # a declaration read from the library's source alone says "undocumented"
+        return "undocumented choice" if "declared: undocumented" in (r.get("detail") or "") else "documented choice"
     where = r.get("where") or ""
     if r.get("failure_kind") == "crash" and portable(where).startswith(("harness/", "tools/", "impl/", "spec/")):
         return "harness limitation"

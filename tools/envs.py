@@ -9,7 +9,12 @@ importing it (the noxfile reads them before any environment exists):
   properties are then n/a, saying PEFT is not importable).
 - `no_deps: tuple[str, ...]`: names among the requirements installed with `pip --no-deps` (a library whose
   declared dependencies would replace the pinned torch or transformers, or that lists what it does not import).
-Each value must be a literal tuple of strings in the class body.
+- `release_requirements: dict[str, tuple[str, ...]]`: per-release co-requirements, for `--version` (and the
+  ecosystem's previous minor): a PEP 440 version specifier (`"<0.5"`) -> exact requirements that replace the
+  requirements of the same name (or are added) when the library's version matches it. At most one specifier may
+  match a version; none matching keeps `requirements` as they are. The library's own requirement is never listed
+  there (its version is `--version`'s).
+Each value must be a literal (tuple of strings, dict of str -> tuple of strings) in the class body.
 
 The environment holds torch==2.13.0 (constraints.txt), the harness (`-e . --no-deps`), the harness's other
 dependencies from pyproject.toml (but torch and `without`) and the requirements; its folder name hashes all of
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
@@ -37,7 +43,7 @@ CONSTRAINTS = ROOT / "constraints.txt"
 ENVS = ROOT / ".nox"
 BACKENDS = ROOT / "harness" / "backends"
 STAMP = "lora-verify-env.stamp"
-FIELDS = ("name", "requirements", "without", "no_deps")
+FIELDS = ("name", "requirements", "without", "no_deps", "release_requirements")
 
 
 class EnvError(ValueError):
@@ -54,6 +60,7 @@ class Declared:
     no_deps: tuple[str, ...] = ()
     source: str = ""
     library: str = field(default="", compare=False)  # the canonical name of the library's own requirement
+    releases: tuple[tuple[str, tuple[str, ...]], ...] = ()  # release_requirements, as (specifier, requirements)
 
 
 def exact(text: str, where: str = "") -> Requirement:
@@ -78,7 +85,7 @@ def _literal(node: ast.AST, what: str, where: str):
     try:
         return ast.literal_eval(node)
     except (ValueError, SyntaxError):
-        raise EnvError(f"{where}`{what}` must be a literal (a str or a tuple of str)") from None
+        raise EnvError(f"{where}`{what}` must be a literal (a str, a tuple of str, or a dict of str to tuples of str)") from None
 
 
 def declarations(path: Path) -> list[Declared]:
@@ -136,7 +143,36 @@ def validate(found: dict, where: str) -> Declared:
     if any(canonicalize_name(n) == "torch" for n in names + [canonicalize_name(w) for w in vals["without"]]):
         raise EnvError(f"{where}: torch is pinned by constraints.txt; a backend neither requires nor leaves it out")
     lib = canonicalize_name(name) if canonicalize_name(name) in names else names[0]
-    return Declared(name, tuple(str(r) for r in reqs), tuple(vals["without"]), tuple(vals["no_deps"]), where, lib)
+    releases = release_sets(found.get("release_requirements", {}), lib, where)
+    return Declared(name, tuple(str(r) for r in reqs), tuple(vals["without"]), tuple(vals["no_deps"]), where, lib,
+                    releases)
+
+
+def release_sets(raw, lib: str, where: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`release_requirements` checked: a dict of PEP 440 specifier -> a non-empty tuple of exact requirements, none
+    of them the library itself, none twice; returned as sorted (specifier, requirements) pairs."""
+    if not isinstance(raw, dict):
+        raise EnvError(f"{where}: `release_requirements` must be a dict of version specifier -> tuple of str, "
+                       f"got {raw!r}")
+    out = []
+    for spec, reqs in raw.items():
+        try:
+            if not isinstance(spec, str) or not str(SpecifierSet(spec)):
+                raise InvalidSpecifier(spec)
+        except InvalidSpecifier:
+            raise EnvError(f"{where}: `release_requirements` key {spec!r} is not a version specifier "
+                           f"(write e.g. \"<0.5\")") from None
+        if not isinstance(reqs, tuple) or not reqs or not all(isinstance(r, str) for r in reqs):
+            raise EnvError(f"{where}: `release_requirements[{spec!r}]` must be a non-empty tuple of str, got {reqs!r}")
+        parsed = [exact(r, f"{where}: release_requirements[{spec!r}]: ") for r in reqs]
+        names = [canonicalize_name(r.name) for r in parsed]
+        if lib in names:
+            raise EnvError(f"{where}: `release_requirements[{spec!r}]` lists the library {lib} itself; its version "
+                           "is the release's (--version)")
+        if len(set(names)) != len(names) or "torch" in names:
+            raise EnvError(f"{where}: `release_requirements[{spec!r}]` names a package twice, or torch")
+        out.append((str(SpecifierSet(spec)), tuple(str(r) for r in parsed)))
+    return tuple(sorted(out))
 
 
 def shipped() -> dict[str, Path]:
@@ -175,17 +211,33 @@ def declared(name: str | None, module: str | None = None) -> Declared | None:
     return next(d for d in declarations(files[name]) if d.name == name)
 
 
-def with_version(decl: Declared, version: str | None) -> Declared:
-    """The declaration with the library's own requirement at `version` (None: unchanged)."""
-    if not version:
-        return decl
+def release_set(decl: Declared, version: str) -> tuple[str, ...]:
+    """The requirements for the library at `version`: `requirements` with the library's own pinned to it, and the
+    co-requirements of the one `release_requirements` specifier the version matches (none: unchanged); two
+    matching specifiers are an EnvError."""
     try:
-        Version(version)
+        v = Version(version)
     except InvalidVersion:
         raise EnvError(f"--version {version!r} is not a version") from None
-    reqs = tuple(f"{Requirement(r).name}=={version}" if canonicalize_name(Requirement(r).name) == decl.library else r
-                 for r in decl.requirements)
-    return Declared(decl.name, reqs, decl.without, decl.no_deps, decl.source, decl.library)
+    hits = [(spec, reqs) for spec, reqs in decl.releases if SpecifierSet(spec).contains(v, prereleases=True)]
+    if len(hits) > 1:
+        raise EnvError(f"{decl.source}: {decl.library} {version} matches {len(hits)} `release_requirements` "
+                       f"specifiers {[s for s, _ in hits]}; make them disjoint")
+    over = {canonicalize_name(Requirement(r).name): r for r in (hits[0][1] if hits else ())}
+    out = []
+    for r in decl.requirements:
+        n = canonicalize_name(Requirement(r).name)
+        out.append(f"{Requirement(r).name}=={version}" if n == decl.library else over.pop(n, r))
+    return tuple(out) + tuple(over.values())
+
+
+def with_version(decl: Declared, version: str | None) -> Declared:
+    """The declaration with the library's own requirement at `version` and that release's co-requirements
+    (`release_set`); None: unchanged."""
+    if not version:
+        return decl
+    return Declared(decl.name, release_set(decl, version), decl.without, decl.no_deps, decl.source, decl.library,
+                    decl.releases)
 
 
 def library_version(decl: Declared) -> str:
@@ -237,6 +289,22 @@ def _last_line(text: str) -> str:
     return (errors or lines or ["(no output)"])[-1]
 
 
+def _pip_failure(text: str) -> str:
+    """pip's failure in one line; for ResolutionImpossible, the conflicting requirements pip names ("The conflict
+    is caused by: ...") and where to declare a release's own co-requirements."""
+    lines = [l.strip() for l in (text or "").splitlines() if l.strip()]
+    if not any("ResolutionImpossible" in l for l in lines):
+        return _last_line(text)
+    cause = []
+    if "The conflict is caused by:" in lines:
+        for l in lines[lines.index("The conflict is caused by:") + 1:]:
+            if l.startswith(("To fix", "ERROR", "Additionally")):
+                break
+            cause.append(l)
+    return ("pip cannot resolve the requirements (ResolutionImpossible): " + ("; ".join(cause) or _last_line(text))
+            + ". Pin the co-requirements this release needs in the backend's `release_requirements`")
+
+
 def ensure(decl: Declared, python: str = sys.executable, log=print, run=subprocess.run) -> Path:
     """The environment's python: built once (venv, torch, the harness --no-deps, its dependencies, the
     requirements), then reused while its stamp matches. EnvError in one line when pip cannot build it."""
@@ -263,7 +331,7 @@ def ensure(decl: Declared, python: str = sys.executable, log=print, run=subproce
     for cmd in steps:
         p = run(cmd, capture_output=True, text=True, cwd=str(ROOT))
         if p.returncode != 0:
-            raise EnvError(f"{decl.name}: `{' '.join(cmd[2:5])} ...` failed: {_last_line(p.stderr or p.stdout)}")
+            raise EnvError(f"{decl.name}: `{' '.join(cmd[2:5])} ...` failed: {_pip_failure(p.stderr or p.stdout)}")
     stamp.write_text(key)
     return py
 

@@ -15,9 +15,13 @@ Variants: lora, ia3, dora, vera (the specs' names). What adapters lacks is quote
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib
+import json
+import tempfile
 from importlib.metadata import version as _version
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +30,7 @@ from impl import layers
 from spec.schema import Deviation, Spec
 
 from . import BACKENDS
+from .library import import_library
 from ..strategies import Case
 from .protocol import Errors, Fields, Mapped
 
@@ -85,18 +90,22 @@ class AdaptersBackend:
 
     name = "adapters"
     requirements: tuple[str, ...] = ("adapters==1.3.0", "transformers==4.57.6")
+    # adapters 1.2.x requires `transformers~=4.51.3` in its wheel's METADATA (1.3.0: `~=4.57.6`)
+    release_requirements: dict[str, tuple[str, ...]] = {"<1.3": ("transformers==4.51.3",)}
     without: tuple[str, ...] = ("peft", "bitsandbytes")
     errors = Errors(config=(ValueError, TypeError, AssertionError), attach=(ValueError, TypeError, AssertionError),
                     checkpoint=(ValueError, KeyError, OSError))
 
     def __init__(self):
-        self.ad = importlib.import_module("adapters")
-        self.context = importlib.import_module("adapters.context").ForwardContext
+        self.ad = import_library("adapters", self.name)
+        self.context = import_library("adapters.context", self.name).ForwardContext
         self.version = _version("adapters")
 
     def applies(self, spec: Spec) -> str | None:
-        if spec.name in CONFIGS:
+        if spec.name in CONFIGS and hasattr(self.ad, CONFIGS[spec.name]):
             return None
+        if spec.name in CONFIGS:  # DoRAConfig is new in adapters 1.3 (1.2.x exports none)
+            return f"adapters {self.version} has no {CONFIGS[spec.name]} (`adapters.{CONFIGS[spec.name]}` is not exported)"
         return f"adapters has no '{spec.name}' here (its LoRA family: LoRAConfig, IA3Config, DoRAConfig, VeraConfig)"
 
     def supports(self, spec: Spec, case: Case) -> str | None:
@@ -106,6 +115,20 @@ class AdaptersBackend:
 
     def unsupported(self, spec: Spec, capability: str) -> str | None:
         return LACKS.get(capability)
+
+    def source_class(self, spec: Spec) -> type | None:
+        """adapters' module class computing the variant (adapters/methods/lora.py)."""
+        m = importlib.import_module("adapters.methods.lora")
+        return {"lora": m.LoRA, "dora": m.LoRA, "ia3": m.IA3, "vera": m.Vera}.get(spec.name)
+
+    def sites(self, spec: Spec) -> dict:
+        """Where a failing property's computation lives in adapters: by property, "*" for the rest."""
+        m = importlib.import_module("adapters.methods.lora")
+        cls = self.source_class(spec)
+        merge = m.LoRALinear.merge_adapter
+        saved = importlib.import_module("adapters.loading").AdapterLoader.filter_func  # which weights save_adapter keeps
+        return {"*": cls.forward, "identity_at_init": cls.forward, "merge": merge, "merge_oracle": merge,
+                "unmerge_restores": m.LoRALinear.reset_adapter, "checkpoint_roundtrip": saved}
 
     def deviation(self, spec: Spec, prop: str) -> Deviation | None:
         """adapters' `train_adapter` freezes the whole model (`self.freeze_model(True)`) and `delete_adapter` does
@@ -171,6 +194,36 @@ class AdaptersBackend:
     def merge(self, model) -> None:
         hf = self._hf(model)
         hf.merge_adapter(NAME)
+
+    # ---- checkpoint: adapters' own save_adapter / load_adapter
+
+    checkpoint_suffix = ".json"  # the folder save_adapter writes, its files in one JSON (name -> base64 bytes)
+
+    def save(self, model, path) -> None:
+        """`model.save_adapter(folder, name, use_safetensors=True)` as a user saves an adapter (adapter_config.json
+        and the weights), the folder's files kept in the one file `path`."""
+        with tempfile.TemporaryDirectory() as d:
+            self._hf(model).save_adapter(d, NAME, use_safetensors=True)
+            files = {f.name: base64.b64encode(f.read_bytes()).decode() for f in sorted(Path(d).iterdir())}
+        Path(path).write_text(json.dumps({"save_adapter": files}, sort_keys=True))
+
+    def load(self, model, path) -> None:
+        """A fresh base model: `adapters.init`, `model.load_adapter(folder, load_as=name, set_active=True,
+        use_safetensors=True)` as a user loads a saved adapter for inference; no training call."""
+        base = model.layer
+        if type(base) is not nn.Linear:
+            raise TypeError(f"this backend adapts nn.Linear base layers, not {type(base).__name__}")
+        files = json.loads(Path(path).read_text())["save_adapter"]
+        hf = self._hf_model(base)
+        self.ad.init(hf)
+        with tempfile.TemporaryDirectory() as d:
+            for name, data in files.items():
+                if Path(name).name != name:
+                    raise ValueError(f"checkpoint {path}: {name!r} is not a file name")
+                Path(d, name).write_bytes(base64.b64decode(data))
+            hf.load_adapter(d, load_as=NAME, set_active=True, use_safetensors=True)
+        model.layer = InContext(hf.layers[0].self_attn.q_proj, hf, self.context)
+        model.__dict__[_HF] = hf
 
     def merge_adapter(self, model) -> None:
         self._hf(model).merge_adapter(NAME)

@@ -17,7 +17,6 @@ quoted from litgpt 0.5.13 (`LACKS`, file:line).
 """
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import version as _version
 
 import torch
@@ -27,6 +26,7 @@ from impl import layers
 from spec.schema import Deviation, Spec
 
 from . import BACKENDS
+from .library import import_library
 from ..strategies import Case
 from .protocol import Errors, Fields
 
@@ -69,6 +69,8 @@ class LitgptBackend:
 
     name = "litgpt"
     requirements: tuple[str, ...] = ("litgpt==0.5.13", "lightning==2.6.6")
+    # litgpt 0.4.x pins `lightning==2.4.0.dev20240728` in its wheel's METADATA (0.5.13 asks `lightning>=2.6.1`)
+    release_requirements: dict[str, tuple[str, ...]] = {"<0.5": ("lightning==2.4.0.dev20240728",)}
     without: tuple[str, ...] = ()
     errors = Errors(config=(AssertionError, ValueError, TypeError), attach=(AssertionError, ValueError, TypeError),
                     checkpoint=(RuntimeError, KeyError, ValueError))
@@ -76,7 +78,7 @@ class LitgptBackend:
 
     def __init__(self, module: str = "litgpt.lora"):
         # `module`: where LoRALinear & co. come from (a planted-bug copy in the tests)
-        self.lora = importlib.import_module(module)
+        self.lora = import_library(module, self.name)
         try:
             self.version = _version("litgpt")
         except Exception:  # noqa: BLE001 - a copy outside an installed distribution
@@ -95,7 +97,19 @@ class LitgptBackend:
         if spec.name == "lora_qkv" and len(case.batch) != 2:  # its grouped conv1d reads (B, T, C) only
             return ("litgpt's fused layer takes 3-D input only: \"x: input tensor of shape (batch_size, "
                     "context_length, embedding_size)\" (litgpt/lora.py:388, LoRAQKVLinear.forward)")
+        parts = [case.fields.get(k, True) for k in ("enable_q", "enable_k", "enable_v")]
+        if spec.name == "lora_qkv" and not all(parts) and self._interleaved():
+            return ("litgpt before 0.5 interleaves the fused rows per query group, \"Q, K, and V weights are "
+                    "interleaved, so that weights for grouped queries are adjacent to their associated key and value "
+                    "weights\" (litgpt/lora.py:301, LoRAQKVLinear.zero_pad; the rows of the enabled parts: lora_ind, "
+                    ":265-286, litgpt 0.4.13), where the spec's layout is 0.5's [q | k | v]: with a part disabled "
+                    "the update lands on other rows")
         return None
+
+    def _interleaved(self) -> bool:
+        """litgpt < 0.5: the fused q/k/v rows are interleaved per query group (0.5 stacks them [q | k | v])."""
+        parts = (self.version or "").split(".")
+        return len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit() and (int(parts[0]), int(parts[1])) < (0, 5)
 
     def unsupported(self, spec: Spec, capability: str) -> str | None:
         return LACKS.get(capability)

@@ -29,6 +29,7 @@ from impl import layers
 from spec.schema import Deviation, Spec
 
 from . import BACKENDS
+from .library import import_library
 from ..strategies import Case
 from .protocol import Errors, Fields
 
@@ -70,11 +71,7 @@ class LoralibBackend:
                     checkpoint=(RuntimeError, KeyError))
 
     def __init__(self):
-        try:
-            self.lora = importlib.import_module("loralib")
-        except ImportError as e:
-            raise RuntimeError(f"loralib does not import here ({e}); `nox -s verify -- --backend {self.name}` builds "
-                               "its environment") from None
+        self.lora = import_library("loralib", self.name)
         self.version = importlib.metadata.version("loralib")
 
     # ---- applicability
@@ -256,7 +253,7 @@ class LoralibMergedBackend(LoralibBackend):
         raise TypeError("loralib-merged drives MergedLinear only (the loralib backend drives lora.Embedding)")
 
     def unsupported(self, spec: Spec, capability: str) -> str | None:
-        if capability == "embedding":
+        if capability in ("embedding", "scaled_embedding"):
             return "this backend drives lora.MergedLinear; lora.Embedding is verified by the loralib backend"
         return super().unsupported(spec, capability)
 

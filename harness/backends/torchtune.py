@@ -23,9 +23,10 @@ import importlib.metadata
 import torch
 from torch import nn
 
-from spec.schema import Spec
+from spec.schema import Deviation, Spec
 
 from . import BACKENDS
+from .library import import_library
 from ..strategies import Case
 from .protocol import Errors, Fields
 
@@ -85,11 +86,7 @@ class TorchtuneBackend:
                     checkpoint=(RuntimeError, KeyError))
 
     def __init__(self):
-        try:
-            self.peft = importlib.import_module("torchtune.modules.peft")
-        except ImportError as e:
-            raise RuntimeError(f"torchtune.modules.peft does not import here ({type(e).__name__}: {e}); `nox -s "
-                               "verify -- --backend torchtune` builds its environment") from None
+        self.peft = import_library("torchtune.modules.peft", self.name)
         self.version = importlib.metadata.version("torchtune")
 
     def applies(self, spec: Spec) -> str | None:
@@ -120,6 +117,22 @@ class TorchtuneBackend:
 
     def unsupported(self, spec: Spec, capability: str) -> str | None:
         return LACKS.get(capability)
+
+    def deviation(self, spec: Spec, prop: str) -> Deviation | None:
+        """torchtune's DoRA drops the input of the LoRA branch only; the magnitude correction rides on the undropped
+        base output. Read from its source: no torchtune docstring or doc page says so (undocumented)."""
+        if spec.name != "dora" or prop != "dropout":
+            return None
+        return Deviation(
+            "dropout", "undocumented: torchtune's DoRALinear applies dropout to the LoRA branch's input only, and "
+            "its magnitude term multiplies the undropped base output: `base_out = F.linear(x, self.weight, "
+            "self.bias)` (:168), `x = self.dropout(x)` (:172), `dora_out = (mag_norm_scale - 1) * base_out + "
+            "mag_norm_scale * lora_out * self.scaling` (:187-189), so y = m/n (W x + b) + m/n s B A x_d, where the "
+            "spec (PEFT's treatment) has W x + b + (m/n - 1) W x_d + m/n s B A x_d. The two agree in expectation "
+            "over the mask (E[x_d] = x), not per mask; the DoRA paper fixes no dropout placement. The bias term is "
+            "the separate bias_invariance finding",
+            backend=self.name, source="torchtune/modules/peft/dora.py:168,172,187-191 (0.5.0 and 0.6.1)",
+            match="train-mode output is not the hand computation with the shared dropout mask")
 
     def spec_config(self, spec: Spec, case: Case, **over):
         return Fields.of(DEFAULTS, case, {k: v for k, v in over.items() if k != "param_dtype"})
