@@ -315,6 +315,35 @@ def test_crash_paths_are_portable_when_recorded(tmp_path, monkeypatch):
     assert ecosystem.render_markdown(doc) == here and "liba/dora.py:12" in here
 
 
+def test_rerun_replaces_only_the_named_columns_of_reused_results(tmp_path, monkeypatch):
+    """--reuse --rerun P: the reused results keep every row but P's, which verify (asked for P only) replaces, and
+    the stored results file carries the new rows for the next --reuse."""
+    monkeypatch.setattr(ecosystem, "RESULTS", tmp_path)
+    row = lambda v, p, st: {"variant": v, "property": p, "status": st, "detail": None, "where": None, "example": None}
+    old = [row("lora", "oracle", "pass"), row("lora", "merge", "fail"), row("dora", "oracle", "pass")]
+    (tmp_path / "a-1.0.json").write_text(json.dumps({"profile": "history", "backend_version": "1.0", "results": old}))
+    info = {"backend": "a", "version": "1.0", "variants": ["lora", "dora"], "sites": {}, "peft": False}
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        if "verify" in cmd[2]:
+            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"results": [row("lora", "oracle", "fail"),
+                                                                                   row("dora", "oracle", "na")]}))
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(info) + "\n", "")
+    monkeypatch.setattr(envs, "ensure", lambda decl, log=None: Path("python"))
+    monkeypatch.setattr(ecosystem.subprocess, "run", run)
+    decl = envs.Declared("a", ("liba==1.0",), library="liba")
+    rec = ecosystem.run_release([decl], "1.0", "history", "1", True, [], rerun=("oracle",))["a"]
+    verify = [c for c in calls if "tools.verify" in c]
+    assert len(verify) == 1 and verify[0][verify[0].index("--properties") + 1] == "oracle"
+    assert sorted((x["variant"], x["property"], x["status"]) for x in rec["results"]) == [
+        ("dora", "oracle", "na"), ("lora", "merge", "fail"), ("lora", "oracle", "fail")]
+    assert rec["reused"] and rec["rerun"] == ["oracle"]
+    assert json.loads((tmp_path / "a-1.0.json").read_text())["results"] == rec["results"]
+    assert ecosystem.main(["run", "--rerun", "oracle"]) == 2  # without --reuse: one clear error
+
+
 def test_unknown_library_is_refused():
     with pytest.raises(ecosystem.EcosystemError, match="unknown"):
         ecosystem.pick("loralib,nope", {"loralib": []})

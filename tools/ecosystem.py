@@ -1,7 +1,7 @@
 """`python -m tools.ecosystem`: the outside adapter libraries verified as they ship, each in its own environment.
 
     python -m tools.ecosystem run [--libraries loralib,torchtune] [--budget-s 3600] [--profile history] [-n 2]
-                                  [--reuse]
+                                  [--reuse [--rerun PROP,...]]
     python -m tools.ecosystem render [--json audits/ecosystem.json]
     python -m tools.ecosystem probe BACKEND          (inside a library's environment: version, variants, sites)
 
@@ -12,7 +12,9 @@ minor only), each in `.nox/verify-<library>-<hash>/`; every backend of the libra
 tools.verify (results in build/ecosystem/<backend>-<version>.json). One progress line per library release; no new
 release starts once --budget-s is spent. `--reuse` takes a release's results JSON of an earlier run with the same
 profile, and keeps the libraries not named in --libraries from the existing audits/ecosystem.json, so a run for
-`--libraries litgpt,adapters --reuse` adds their rows to the audit.
+`--libraries litgpt,adapters --reuse` adds their rows to the audit. `--reuse --rerun oracle,gradient_pattern` runs
+those properties again on every reused release and replaces their rows (the columns a harness change touched); the
+audit's run names them.
 
 Every failure is classified: a `fail` is a real bug of the library (its failure site: the crash frame inside the
 library, else the library function the property exercised, `sites(spec)` of the backend, as file:line at that
@@ -159,9 +161,26 @@ def _counts(results: list[dict]) -> dict[str, int]:
     return {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "deviation", "na")}
 
 
+def _verify(py, name: str, version: str, js: Path, profile: str, workers: str, variants: list[str],
+            extra: list[str]) -> list[dict]:
+    """tools.verify on one backend in its release's environment: its result rows."""
+    js.parent.mkdir(parents=True, exist_ok=True)
+    if js.exists():
+        js.unlink()
+    cmd = [str(py), "-m", "tools.verify", "--backend", name, "--profile", profile, "--json", str(js),
+           "-n", workers, "--variants", ",".join(variants), *extra]
+    v = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if not js.is_file():
+        raise EcosystemError(f"{name} {version}: verify wrote no results (exit {v.returncode}): "
+                             f"{envs._last_line(v.stdout + v.stderr)}")
+    return json.loads(js.read_text())["results"]
+
+
 def run_release(decls: list[envs.Declared], version: str, profile: str, workers: str, reuse: bool,
-                extra: list[str], log=print) -> dict:
-    """Every backend of one library at one release, in that release's environment."""
+                extra: list[str], rerun: tuple[str, ...] = (), log=print) -> dict:
+    """Every backend of one library at one release, in that release's environment. With `reuse`, the results of
+    an earlier run of the same profile are kept, but for the properties named in `rerun` (the columns a harness
+    change touched), which run again and replace theirs, in build/ecosystem/ too."""
     py = envs.ensure(envs.with_version(decls[0], version), log=lambda m: None)
     for d in decls[1:]:
         envs.ensure(envs.with_version(d, version), log=lambda m: None)
@@ -176,24 +195,23 @@ def run_release(decls: list[envs.Declared], version: str, profile: str, workers:
         old = json.loads(js.read_text()) if reuse and js.is_file() else None
         if old is not None and old.get("profile") == profile and old.get("backend_version") == info["version"]:
             results, reused = old["results"], True
+            if rerun:
+                fresh = _verify(py, d.name, version, js.with_suffix(".rerun.json"), profile, workers,
+                                info["variants"], ["--properties", ",".join(rerun)])
+                results = [x for x in results if x["property"] not in rerun] + fresh
+                from impl.atomic import atomic_write_bytes
+                atomic_write_bytes(js, json.dumps({**old, "results": results}).encode())
         else:
-            js.parent.mkdir(parents=True, exist_ok=True)
-            if js.exists():
-                js.unlink()
-            cmd = [str(py), "-m", "tools.verify", "--backend", d.name, "--profile", profile, "--json", str(js),
-                   "-n", workers, "--variants", ",".join(info["variants"]), *extra]
-            v = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if not js.is_file():
-                raise EcosystemError(f"{d.name} {version}: verify wrote no results (exit {v.returncode}): "
-                                     f"{envs._last_line(v.stdout + v.stderr)}")
-            results, reused = json.loads(js.read_text())["results"], False
+            results, reused = _verify(py, d.name, version, js, profile, workers, info["variants"], extra), False
         out[d.name] = {"version": info["version"], "variants": info["variants"], "sites": info["sites"],
-                       "peft": info["peft"], "results": portable_results(results), "reused": reused}
+                       "peft": info["peft"], "results": portable_results(results), "reused": reused,
+                       **({"rerun": list(rerun)} if reused and rerun else {})}
     return out
 
 
 def run_all(libs: dict[str, list[envs.Declared]], names: list[str], budget_s: float, profile: str, workers: str,
-            reuse: bool, extra: list[str], log=print, previous_doc: dict | None = None) -> tuple[dict, bool]:
+            reuse: bool, extra: list[str], log=print, previous_doc: dict | None = None,
+            rerun: tuple[str, ...] = ()) -> tuple[dict, bool]:
     t0 = time.monotonic()
     out, stopped = {}, False
     plan = []
@@ -218,7 +236,8 @@ def run_all(libs: dict[str, list[envs.Declared]], names: list[str], budget_s: fl
             continue
         t = time.monotonic()
         try:
-            rec.update(status="ran", line=None, backends=run_release(libs[lib], version, profile, workers, reuse, extra))
+            rec.update(status="ran", line=None, backends=run_release(libs[lib], version, profile, workers, reuse, extra,
+                                                                           rerun))
         except (EcosystemError, envs.EnvError) as e:
             rec.update(status="error", line=str(e), backends=None)
         all_reused = rec["status"] == "ran" and all(b["reused"] for b in rec["backends"].values())
@@ -347,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile", default="history")
     r.add_argument("-n", "--workers", default="2")
     r.add_argument("--properties", default="")
+    r.add_argument("--rerun", default="", help="with --reuse: these properties (comma-separated) run again and "
+                   "replace their reused results (the columns a harness change touched)")
     r.add_argument("--reuse", action="store_true",
                    help="reuse build/ecosystem/<backend>-<version>.json of the same profile, and keep the other "
                         "libraries of the existing audits/ecosystem.json")
@@ -375,10 +396,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ecosystem: {', '.join(names)}; profile {a.profile}; budget {a.budget_s:.0f} s", flush=True)
         extra = ["--properties", a.properties] if a.properties else []
         t0 = time.time()
-        done, stopped = run_all(libs, names, a.budget_s, a.profile, a.workers, a.reuse, extra, previous_doc=existing)
+        rerun = tuple(x.strip() for x in a.rerun.split(",") if x.strip())
+        if rerun and not a.reuse:
+            raise EcosystemError("--rerun replaces columns of reused results: it needs --reuse")
+        done, stopped = run_all(libs, names, a.budget_s, a.profile, a.workers, a.reuse, extra, previous_doc=existing,
+                                rerun=rerun)
         merged = {k: v for k, v in ((existing or {}).get("libraries") or {}).items() if k not in done}
         merged.update(_slim(done))
         run = {"libraries": names, "profile": a.profile, "budget_s": a.budget_s, "budget_spent": stopped,
+               **({"rerun": list(rerun)} if rerun else {}),
                "seconds": round(time.time() - t0), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "kept": sorted(set(merged) - set(done))}
         doc = {"schema": SCHEMA, "run": run, "libraries": dict(sorted(merged.items()))}
