@@ -385,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
             _, md = write(doc)
             print(f"rendered {md}")
             return 0
+        rerun = tuple(x.strip() for x in a.rerun.split(",") if x.strip())
+        if rerun and not a.reuse:
+            raise EcosystemError("--rerun replaces columns of reused results: it needs --reuse")
         libs = libraries()
         names = pick(a.libraries, libs)
         existing = None
@@ -396,9 +399,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ecosystem: {', '.join(names)}; profile {a.profile}; budget {a.budget_s:.0f} s", flush=True)
         extra = ["--properties", a.properties] if a.properties else []
         t0 = time.time()
-        rerun = tuple(x.strip() for x in a.rerun.split(",") if x.strip())
-        if rerun and not a.reuse:
-            raise EcosystemError("--rerun replaces columns of reused results: it needs --reuse")
         done, stopped = run_all(libs, names, a.budget_s, a.profile, a.workers, a.reuse, extra, previous_doc=existing,
                                 rerun=rerun)
         merged = {k: v for k, v in ((existing or {}).get("libraries") or {}).items() if k not in done}
