@@ -290,6 +290,14 @@ def test_full_breadth_runs_every_mapped_spec_with_every_property_in_the_ci_profi
     assert all("--properties" not in a for _, _, _, a in seen)  # every property, the whole-model and bnb ones too
 
 
+@pytest.mark.parametrize("flag", [["--profile", "history"], ["--variants", "lora"], ["--properties", "oracle"]])
+def test_full_refuses_an_explicit_profile_specs_or_properties(flag, capsys, monkeypatch):
+    """--full decides the profile, the specs and the properties; one given as well is refused, never overridden."""
+    monkeypatch.setattr(ph, "index_versions", lambda: pytest.fail("refused before the index is read"))
+    assert ph.main(["run", "--full", *flag]) == 2
+    assert f"drop {flag[0]}" in capsys.readouterr().err
+
+
 def test_each_check_of_a_property_gets_its_own_history_row():
     """adapters_on_one_module fails on 'both_active' at every release; its 'both_merged' check, hidden behind it
     before, fails at 0.10.0 only: its own row, first failing 0.10.0, fixed in 0.12.0."""

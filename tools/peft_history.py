@@ -687,11 +687,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--peft-versions", default="0.9.0..0.21.2", help="A..B, or V")
     r.add_argument("--all-patches", action="store_true", help="every release, not only the newest patch per minor")
     r.add_argument("--budget-s", type=float, default=3600.0)
-    r.add_argument("--profile", default="history")
-    r.add_argument("--variants", default=HISTORY_VARIANTS)
+    r.add_argument("--profile", default=None, help="Hypothesis profile (default history)")
+    r.add_argument("--variants", default=None, help=f"specs, comma-separated (default {HISTORY_VARIANTS})")
     r.add_argument("--full", action="store_true", help="full breadth: every spec PEFT has a mapping of (a release "
                    "without it gives n/a naming the release), every property, the ci profile")
-    r.add_argument("--properties", default="")
+    r.add_argument("--properties", default=None, help="comma-separated, or all (default: all but the slow ones)")
     r.add_argument("-n", "--workers", default=None, help="tools.verify's workers per job (default 2, 1 with --jobs)")
     r.add_argument("--reuse", action="store_true",
                    help="reuse build/peft_history/jobs/peft-<version>-<spec>.json of the same profile")
@@ -729,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"peft history ({len(docs)} shards) -> {md}, {js}")
             return 0 if all(r["status"] == "ran" for r in history["releases"]) else 1
         positive_seconds(a.budget_s, "--budget-s"), positive_seconds(a.timeout_s, "--timeout-s")
+        given = [f"--{n}" for n in ("profile", "variants", "properties") if getattr(a, n) is not None]
+        if a.full and given:
+            raise ValueError(f"--full sets the profile, the specs and the properties itself: drop {', '.join(given)}")
         lo, hi = parse_range(a.peft_versions)
         if a.releases:
             versions = sorted({v.strip() for v in a.releases.split(",") if v.strip()}, key=parse_version)
@@ -738,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ReleaseError(f"no PEFT release on the index between {lo} and {hi}")
         if a.full:
             a.variants, a.properties, a.profile = ",".join(full_breadth()), "all", "ci"
+        else:
+            a.variants, a.properties, a.profile = a.variants or HISTORY_VARIANTS, a.properties or "", a.profile or "history"
         variants = [v.strip() for v in a.variants.split(",") if v.strip()]
         k = a.jobs if a.jobs > 0 else (os.cpu_count() or 1)
         shard = parse_shard(a.shard) if a.shard else None
