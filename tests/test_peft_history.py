@@ -197,10 +197,13 @@ def _fake_history(monkeypatch, tmp_path):
             raise ph.ReleaseError("peft 0.11.1 cannot be installed: ERROR: x")
         return {"site": tmp_path, "shims": [], "transformers": "5.0"}
 
-    def verify(v, s, site, profile, args, python, timeout_s):
-        bad = s == "lora" and v == "0.10.0"
-        return [_res(s, "merge", "fail" if bad else "pass", "check" if bad else None, "drift 3e-2" if bad else ""),
-                _res(s, "oracle", "na" if s == "delora" and v == "0.9.0" else "pass", detail=f"peft {v} has no D")]
+    def verify(v, specs, site, profile, args, python, timeout_s):
+        rows = []
+        for s in specs:
+            bad = s == "lora" and v == "0.10.0"
+            rows += [_res(s, "merge", "fail" if bad else "pass", "check" if bad else None, "drift 3e-2" if bad else ""),
+                     _res(s, "oracle", "na" if s == "delora" and v == "0.9.0" else "pass", detail=f"peft {v} has no D")]
+        return rows
 
     monkeypatch.setattr(ph, "_verify_job", verify)
     monkeypatch.setattr(ph, "run_jobs", lambda *a, **k: _orig_run_jobs(*a, **{**k, "verify": verify, "prepare": prepare}))
@@ -281,8 +284,8 @@ def test_full_breadth_runs_every_mapped_spec_with_every_property_in_the_ci_profi
     real = _orig_run_jobs
 
     def recording(*a, verify, **k):  # _fake_history's run_jobs hands its verify stand-in here
-        return real(*a, **k, verify=lambda v, s, site, profile, args, *rest:
-                    seen.append((v, s, profile, args)) or verify(v, s, site, profile, args, *rest))
+        return real(*a, **k, verify=lambda v, specs, site, profile, args, *rest:
+                    seen.extend((v, s, profile, args) for s in specs) or verify(v, specs, site, profile, args, *rest))
     monkeypatch.setitem(globals(), "_orig_run_jobs", recording)
     ph.main(["run", "--releases", "0.12.0", "--full", "--shard", "1/1", "--out", str(tmp_path / "s.json")])
     assert sorted(s for _, s, _, _ in seen) == sorted(MAPS) and len(MAPS) >= 19
@@ -346,6 +349,31 @@ def test_a_release_that_names_the_method_otherwise_gets_its_older_mapping(monkey
                                                                 "BoneConfig, its older name)")
     monkeypatch.undo()
     assert backend.release_map(SPECS.get("miss")).config == "MissConfig"  # the current release: today's names
+
+
+def test_the_jobs_of_one_release_are_one_verify_process_split_back_into_jobs(tmp_path, monkeypatch):
+    """Consecutive jobs of a release share one verify (one start of torch + PEFT); each job gets its own rows, its
+    properties' seconds plus an equal share of the start, and its own job file, which --reuse then takes."""
+    monkeypatch.setattr(ph, "SHARDS", tmp_path)
+    clock, real_clock = iter([0.0, 1.0, 1.0, 100.0, 110.0, 1.0, 200.0, 204.0]), ph.time.monotonic
+    monkeypatch.setattr(ph.time, "monotonic", lambda: next(clock))  # t0, budget checks, (start, end) of each verify
+    calls = []
+
+    def verify(v, specs, site, profile, args, python, timeout_s):
+        calls.append((v, specs, timeout_s))
+        return [{**_res(s, "oracle", "pass"), "seconds": 1.0} for s in specs]
+    jobs = [("0.9.0", "lora"), ("0.9.0", "dora"), ("0.10.0", "lora")]
+    out, _ = ph.run_jobs(jobs, 1e6, ["-n", "1"], "ci", log=lambda *a, **k: None, verify=verify, timeout_s=60.0,
+                         prepare=lambda v: {"site": tmp_path, "shims": [], "transformers": "5.0"})
+    assert calls == [("0.9.0", ["lora", "dora"], 120.0), ("0.10.0", ["lora"], 60.0)]
+    assert [(r["variant"], [x["variant"] for x in r["results"]]) for r in out] == [("lora", ["lora"]),
+                                                                                    ("dora", ["dora"]),
+                                                                                    ("lora", ["lora"])]
+    assert [r["seconds"] for r in out] == [5.0, 5.0, 4.0]  # 1 s of properties + (10 s - 2 s) / 2; 1 + 3
+    monkeypatch.setattr(ph.time, "monotonic", real_clock)
+    again, _ = ph.run_jobs(jobs, 1e6, ["-n", "1"], "ci", log=lambda *a, **k: None, reuse=True,
+                           verify=lambda *a: pytest.fail("a reused job ran"))
+    assert [r["results"] for r in again] == [r["results"] for r in out]
 
 
 def test_reuse_takes_a_job_of_the_same_profile_and_arguments_with_its_seconds(tmp_path, monkeypatch):

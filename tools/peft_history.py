@@ -29,6 +29,7 @@ to every shard of a matrix so that all of them agree on the release list without
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -462,24 +463,32 @@ def _reused_job(version: str, variant: str, profile: str, verify_args: list[str]
     return {**meta, "results": [x for x in doc["results"] if x["variant"] == variant]}
 
 
-def _verify_job(version: str, variant: str, site: Path, profile: str, verify_args: list[str], python: str,
+def _verify_job(version: str, variants: list[str], site: Path, profile: str, verify_args: list[str], python: str,
                 timeout_s: float | None) -> list[dict]:
-    """tools.verify on one spec against one release, in that release's environment: its result rows;
-    ReleaseError in one line when it writes none."""
-    js = _job_file(version, variant)
-    js.parent.mkdir(parents=True, exist_ok=True)
-    if js.exists():
-        js.unlink()
+    """tools.verify on some specs against one release, in that release's environment, as one process (its start,
+    importing torch, transformers and PEFT, costs as much as a spec's properties): their result rows; ReleaseError
+    in one line when it writes none."""
+    import tempfile
+
+    folder = SHARDS / "jobs"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f"peft-{version}-", suffix=".verify.json")
+    os.close(fd)
+    js = Path(name)
+    js.unlink()
     cmd = [python, "-m", "tools.verify", "--backend", "peft", "--peft-version", version, "--profile", profile,
-           "--variants", variant, "--json", str(js), *verify_args]
+           "--variants", ",".join(variants), "--json", str(js), *verify_args]
+    what = f"peft {version} / {', '.join(variants)}"
     try:
         p = subprocess.run(cmd, env=env_vars(site), cwd=str(ROOT), capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise _timed_out(f"peft {version} / {variant}: verify", timeout_s) from None
+        raise _timed_out(f"{what}: verify", timeout_s) from None
     if not js.is_file():
-        raise ReleaseError(f"peft {version} / {variant}: verify wrote no results (exit {p.returncode}): "
-                           f"{_last_line(p.stdout + p.stderr)}")
-    return [x for x in json.loads(js.read_text())["results"] if x["variant"] == variant]
+        raise ReleaseError(f"{what}: verify wrote no results (exit {p.returncode}): {_last_line(p.stdout + p.stderr)}")
+    try:
+        return [x for x in json.loads(js.read_text())["results"] if x["variant"] in variants]
+    finally:
+        js.unlink()
 
 
 def _locked_env(version: str, python: str) -> Path:
@@ -499,11 +508,13 @@ def _locked_env(version: str, python: str) -> Path:
 def run_jobs(jobs: list[tuple[str, str]], budget_s: float, verify_args: list[str], profile: str,
              python: str = sys.executable, log=print, verify=_verify_job, timeout_s: float | None = None,
              prepare=None, reuse: bool = False) -> tuple[list[dict], bool]:
-    """Run the (release, spec) jobs in order; each release's environment is prepared (installed and probed) once.
+    """Run the (release, spec) jobs in order; each release's environment is prepared (installed and probed) once,
+    and each run of consecutive jobs of one release is one verify process (a shard's slice is release-major).
     Once budget_s is spent no job starts: it is recorded 'skipped'. A release that cannot be installed or imported
-    makes each of its jobs an 'error' naming why. reuse: a job whose results an earlier run with the same profile
-    and verify arguments left in build/peft_history/jobs/ is taken as is, with that run's seconds (delete the file
-    to rerun it). A job's verify that runs past `timeout_s` is killed: an error row naming the limit. Returns (one
+    makes each of its jobs an 'error' naming why. A job's seconds are its properties' seconds plus an equal share
+    of its process's start. reuse: a job whose results an earlier run with the same profile and verify arguments
+    left in build/peft_history/jobs/ is taken as is, with that run's seconds (delete the file to rerun it). A
+    verify that runs past `timeout_s` per job it holds is killed: an error row naming the limit. Returns (one
     record per job, whether the budget stopped the run)."""
     budget_s = positive_seconds(budget_s, "--budget-s")
     timeout_s = None if timeout_s is None else positive_seconds(timeout_s, "--timeout-s")
@@ -515,24 +526,42 @@ def run_jobs(jobs: list[tuple[str, str]], budget_s: float, verify_args: list[str
     prepare = prepare or _prepare
     envs: dict[str, dict | ReleaseError] = {}
     t0 = time.monotonic()
-    out, stopped = [], False
-    for k, (v, s) in enumerate(jobs, 1):
-        rec = {"version": v, "variant": s, "profile": profile}
-        if time.monotonic() - t0 > budget_s:
-            stopped = True
-            rec.update(status="skipped", line=f"not started: the budget of {budget_s:.0f} s was spent", results=None,
-                       seconds=None)
+    out: list[dict] = []
+    stopped = False
+
+    def done(rec: dict) -> None:
+        k = len(out) + 1
+        v, s = rec["version"], rec["variant"]
+        if rec["status"] == "skipped":
             log(f"[{k}/{len(jobs)}] peft {v} / {s}: skipped (budget of {budget_s:.0f} s spent)", flush=True)
-            out.append(rec)
+        elif rec.get("reused"):
+            log(f"[{k}/{len(jobs)}] peft {v} / {s}: reused", flush=True)
+        elif rec["status"] == "ran":
+            n = {st: sum(x["status"] == st for x in rec["results"]) for st in ("pass", "fail", "deviation", "na")}
+            log(f"[{k}/{len(jobs)}] peft {v} / {s}: {n['pass']} pass, {n['fail']} fail, {n['deviation']} dev, "
+                f"{n['na']} na in {rec['seconds']:.0f} s", flush=True)
+        else:
+            log(f"[{k}/{len(jobs)}] peft {v} / {s}: ERROR {rec['line']} ({rec['seconds']:.0f} s)", flush=True)
+        out.append(rec)
+
+    for v, group in itertools.groupby(jobs, key=lambda j: j[0]):
+        todo = []
+        for _, s in group:
+            if stopped or time.monotonic() - t0 > budget_s:
+                stopped = True
+                done({"version": v, "variant": s, "profile": profile, "status": "skipped", "results": None,
+                      "seconds": None, "line": f"not started: the budget of {budget_s:.0f} s was spent"})
+                continue
+            old = _reused_job(v, s, profile, verify_args) if reuse else None
+            if old is not None:
+                done({"version": v, "variant": s, "profile": profile, "status": "ran", "line": None,
+                      "results": old["results"], "seconds": old["seconds"], "reused": True,
+                      "shims": old.get("shims"), "transformers": old.get("transformers")})
+            else:
+                todo.append(s)
+        if not todo:
             continue
         t = time.monotonic()
-        old = _reused_job(v, s, profile, verify_args) if reuse else None
-        if old is not None:
-            rec.update(status="ran", line=None, results=old["results"], seconds=old["seconds"], reused=True,
-                       shims=old.get("shims"), transformers=old.get("transformers"))
-            log(f"[{k}/{len(jobs)}] peft {v} / {s}: reused", flush=True)
-            out.append(rec)
-            continue
         try:
             if v not in envs:
                 try:
@@ -542,26 +571,35 @@ def run_jobs(jobs: list[tuple[str, str]], budget_s: float, verify_args: list[str
             env = envs[v]
             if isinstance(env, ReleaseError):
                 raise env
-            rec.update(shims=env.get("shims"), transformers=env.get("transformers"))
-            rec.update(status="ran", line=None,
-                       results=verify(v, s, env["site"], profile, verify_args, python, timeout_s))
+            limit = None if timeout_s is None else timeout_s * len(todo)
+            results, line = verify(v, todo, env["site"], profile, verify_args, python, limit), None
         except ReleaseError as e:
-            rec.update(status="error", line=str(e), results=None)
-        rec["seconds"] = round(time.monotonic() - t, 1)
-        if rec["status"] == "ran" and verify is _verify_job:
-            from impl.atomic import atomic_write_bytes
-
-            meta = {k2: rec.get(k2) for k2 in ("seconds", "shims", "transformers")}
-            atomic_write_bytes(_job_file(v, s, ".meta.json"),
-                               json.dumps({**meta, "profile": profile, "verify_args": verify_args}).encode())
-        if rec["status"] == "ran":
-            n = {st: sum(x["status"] == st for x in rec["results"]) for st in ("pass", "fail", "deviation", "na")}
-            log(f"[{k}/{len(jobs)}] peft {v} / {s}: {n['pass']} pass, {n['fail']} fail, {n['deviation']} dev, "
-                f"{n['na']} na in {rec['seconds']:.0f} s", flush=True)
-        else:
-            log(f"[{k}/{len(jobs)}] peft {v} / {s}: ERROR {rec['line']} ({rec['seconds']:.0f} s)", flush=True)
-        out.append(rec)
+            env, results, line = {}, None, str(e)
+        wall = time.monotonic() - t
+        by = {s: [x for x in results or [] if x["variant"] == s] for s in todo}
+        share = max(0.0, wall - sum(x.get("seconds") or 0.0 for rs in by.values() for x in rs)) / len(todo)
+        for s in todo:
+            rec = {"version": v, "variant": s, "profile": profile, "shims": env.get("shims"),
+                   "transformers": env.get("transformers"), "status": "error" if line else "ran", "line": line,
+                   "results": None if line else by[s],
+                   "seconds": round(share + sum(x.get("seconds") or 0.0 for x in by[s]), 1)}
+            if not line:
+                _write_job(rec, profile, verify_args)
+            done(rec)
     return out, stopped
+
+
+def _write_job(rec: dict, profile: str, verify_args: list[str]) -> None:
+    """build/peft_history/jobs/peft-<release>-<spec>.json and its .meta.json: what `--reuse` takes."""
+    from impl.atomic import atomic_write_bytes
+
+    v, s = rec["version"], rec["variant"]
+    _job_file(v, s).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(_job_file(v, s), json.dumps({"profile": profile, "backend_version": v,
+                                                    "results": rec["results"]}).encode())
+    meta = {k: rec.get(k) for k in ("seconds", "shims", "transformers")}
+    atomic_write_bytes(_job_file(v, s, ".meta.json"),
+                       json.dumps({**meta, "profile": profile, "verify_args": verify_args}).encode())
 
 
 def releases_from_jobs(versions: list[str], variants: list[str], records: list[dict]) -> list[dict]:
