@@ -97,6 +97,34 @@ def test_peft_eva_without_enough_tokens_is_stopped_not_hung():
         be.attach(s.model, spec, case, few)
 
 
+def test_model_oracle_gives_peft_eva_calibration_it_converges_on_and_still_catches_a_wrong_scale(monkeypatch):
+    """model_oracle's calibration batches held 14 tokens each: PEFT's EVA (every release 0.14.0-0.21.2) needs 348
+    passes over them to converge at r = 8 on the GPT-2 model, so the backend's bound stopped it and the oracle never
+    ran. With CAL_TOKENS a row it converges and the check runs; on impl it still flags an EVA forward that scales
+    by alpha instead of alpha / r."""
+    from harness import differential
+    from harness.probes import Falsified
+    from harness.zoo import Mutant, installed
+    from impl.variants.eva import EVA
+    from impl.variants.lora import lora_add
+
+    class AlphaScale(EVA):
+        def forward(self, ad, x, y):
+            return lora_add(y, ad.drop(x), ad.A, ad.B, ad.cfg.alpha)
+
+    spec, prop = SPECS.get("eva"), PROPERTIES["model_oracle"]
+    drawn = (Case(d_in=8, d_out=9, bias=False, dtype=torch.float64, seed=0,
+                  fields={"r": 8, "alpha": 2.0, "rslora": False}), "gpt2")  # the history's minimal example
+    prop.check(spec, PeftBackend(), drawn)
+    prop.check(spec, ImplBackend(), drawn)
+    with installed(Mutant("eva.alpha_scale", AlphaScale, "model_oracle", "alpha instead of alpha / r")) as bad:
+        with pytest.raises(Falsified, match="per-layer oracle"):
+            prop.check(bad, ImplBackend(), drawn)
+    monkeypatch.setattr(differential, "CAL_TOKENS", 8)  # the batches as they were
+    with pytest.raises(PeftHang):
+        prop.check(spec, PeftBackend(), drawn)
+
+
 def test_a_declared_deviation_size_is_held_to_half_to_twice():
     """The shared rsLoRA misreading, declared as a deviation with its size on a fixed case: reported as a
     deviation while the size holds, a failure once the declared size is off by more than 2x."""
