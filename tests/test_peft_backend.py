@@ -170,3 +170,26 @@ def test_label_mask_flags_peft_eva_that_never_applies_its_label_mask():
         fn.__code__ = real
     assert res.status == "fail" and res.failure_kind == "assertion", res
     assert "tokens labelled -100 change the init" in res.detail, res.detail
+
+
+def test_training_step_says_when_a_library_left_its_own_state_trainable():
+    """PEFT 0.21.2's cast_adapter_dtype re-wraps AdaLoRA's frozen ranknum of a bf16 model in a fresh nn.Parameter
+    (requires_grad=True, tuners_utils.py:2745), so training moves it. training_step counted it, as every tensor
+    outside the spec's, as a base tensor; its message now says the library left it trainable. The same defect
+    planted on float32 (where 0.21.2 keeps ranknum frozen) is flagged alike."""
+    spec, be, prop = SPECS.get("adalora"), PeftBackend(), PROPERTIES["training_step"]
+    case = Case(d_in=2, d_out=1, bias=False, dtype=torch.float32, seed=0, fields={"r": 1, "alpha": 2.0})
+    prop.check(spec, be, case)
+    real = PeftBackend.attach
+
+    def attach_ranknum_trainable(self, model, *a, **kw):
+        out = real(self, model, *a, **kw)
+        self._layer(model).ranknum["default"].requires_grad_(True)
+        return out
+
+    with mock.patch.object(PeftBackend, "attach", attach_ranknum_trainable):
+        with pytest.raises(AssertionError, match="'layer.ranknum.default' changed in training .*left trainable"):
+            prop.check(spec, be, case)
+    if peft.__version__ == "0.21.2":  # the real defect, on the history's minimal example
+        with pytest.raises(AssertionError, match="'layer.ranknum.default' changed in training .*left trainable"):
+            prop.check(spec, be, case.with_(dtype=torch.bfloat16))
