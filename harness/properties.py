@@ -350,8 +350,10 @@ def training_step(spec, be: FullBackend, case):
         else:
             require(torch.equal(live[ts.name].detach(), before[ts.name]), f"frozen '{ts.name}' changed in training")
     after = snapshot(s.model)
+    trainable = {n for n, p in s.model.named_parameters() if p.requires_grad}  # a library's own state left trainable
     for k, v in base_before.items():
-        require(k in after and torch.equal(after[k], v), f"base tensor '{k}' changed in training")
+        require(k in after and torch.equal(after[k], v), f"base tensor '{k}' changed in training" + (
+            " (not one of the spec's tensors, yet left trainable: requires_grad=True)" if k in trainable else ""))
     leaks = [n for n, p in s.model.named_parameters() if not p.requires_grad and p.grad is not None]
     require(not leaks, f"frozen parameters received gradients: {leaks}")
     return None

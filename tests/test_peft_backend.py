@@ -97,6 +97,34 @@ def test_peft_eva_without_enough_tokens_is_stopped_not_hung():
         be.attach(s.model, spec, case, few)
 
 
+def test_model_oracle_gives_peft_eva_calibration_it_converges_on_and_still_catches_a_wrong_scale(monkeypatch):
+    """model_oracle's calibration batches held 14 tokens each: PEFT's EVA (every release 0.14.0-0.21.2) needs 348
+    passes over them to converge at r = 8 on the GPT-2 model, so the backend's bound stopped it and the oracle never
+    ran. With CAL_TOKENS a row it converges and the check runs; on impl it still flags an EVA forward that scales
+    by alpha instead of alpha / r."""
+    from harness import differential
+    from harness.probes import Falsified
+    from harness.zoo import Mutant, installed
+    from impl.variants.eva import EVA
+    from impl.variants.lora import lora_add
+
+    class AlphaScale(EVA):
+        def forward(self, ad, x, y):
+            return lora_add(y, ad.drop(x), ad.A, ad.B, ad.cfg.alpha)
+
+    spec, prop = SPECS.get("eva"), PROPERTIES["model_oracle"]
+    drawn = (Case(d_in=8, d_out=9, bias=False, dtype=torch.float64, seed=0,
+                  fields={"r": 8, "alpha": 2.0, "rslora": False}), "gpt2")  # the history's minimal example
+    prop.check(spec, PeftBackend(), drawn)
+    prop.check(spec, ImplBackend(), drawn)
+    with installed(Mutant("eva.alpha_scale", AlphaScale, "model_oracle", "alpha instead of alpha / r")) as bad:
+        with pytest.raises(Falsified, match="per-layer oracle"):
+            prop.check(bad, ImplBackend(), drawn)
+    monkeypatch.setattr(differential, "CAL_TOKENS", 8)  # the batches as they were
+    with pytest.raises(PeftHang):
+        prop.check(spec, PeftBackend(), drawn)
+
+
 def test_a_declared_deviation_size_is_held_to_half_to_twice():
     """The shared rsLoRA misreading, declared as a deviation with its size on a fixed case: reported as a
     deviation while the size holds, a failure once the declared size is off by more than 2x."""
@@ -142,3 +170,26 @@ def test_label_mask_flags_peft_eva_that_never_applies_its_label_mask():
         fn.__code__ = real
     assert res.status == "fail" and res.failure_kind == "assertion", res
     assert "tokens labelled -100 change the init" in res.detail, res.detail
+
+
+def test_training_step_says_when_a_library_left_its_own_state_trainable():
+    """PEFT 0.21.2's cast_adapter_dtype re-wraps AdaLoRA's frozen ranknum of a bf16 model in a fresh nn.Parameter
+    (requires_grad=True, tuners_utils.py:2745), so training moves it. training_step counted it, as every tensor
+    outside the spec's, as a base tensor; its message now says the library left it trainable. The same defect
+    planted on float32 (where 0.21.2 keeps ranknum frozen) is flagged alike."""
+    spec, be, prop = SPECS.get("adalora"), PeftBackend(), PROPERTIES["training_step"]
+    case = Case(d_in=2, d_out=1, bias=False, dtype=torch.float32, seed=0, fields={"r": 1, "alpha": 2.0})
+    prop.check(spec, be, case)
+    real = PeftBackend.attach
+
+    def attach_ranknum_trainable(self, model, *a, **kw):
+        out = real(self, model, *a, **kw)
+        self._layer(model).ranknum["default"].requires_grad_(True)
+        return out
+
+    with mock.patch.object(PeftBackend, "attach", attach_ranknum_trainable):
+        with pytest.raises(AssertionError, match="'layer.ranknum.default' changed in training .*left trainable"):
+            prop.check(spec, be, case)
+    if peft.__version__ == "0.21.2":  # the real defect, on the history's minimal example
+        with pytest.raises(AssertionError, match="'layer.ranknum.default' changed in training .*left trainable"):
+            prop.check(spec, be, case.with_(dtype=torch.bfloat16))
