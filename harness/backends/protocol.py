@@ -448,6 +448,14 @@ class PropertyNA(Protocol):
 
 
 @runtime_checkable
+class QuantizedNA(Protocol):
+    def quantized_na(self, spec: Spec, layer: str) -> str | None:
+        """Why the library cannot run this spec on the `layer` kind ("bnb4" / "bnb8") of bitsandbytes layer in
+        this environment, decided before running it (None: it can; the `quantized` property checks that kind)."""
+        ...
+
+
+@runtime_checkable
 class Deviations(Protocol):
     def deviation(self, spec: Spec, prop: str) -> Deviation | None:
         """A backend-wide declared design difference for (spec, property), with its source line."""
