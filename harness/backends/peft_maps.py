@@ -88,9 +88,10 @@ class BnbPath:
 
 
 # Measured (bitsandbytes wheels from the registry, the harness's layers on a CPU-only machine, torch 2.13.0):
-# 0.43.3 and 0.44.1 have MatmulLtState.memory_efficient_backward but run neither Linear8bitLt nor Linear4bit on CPU
-# ("Torch not compiled with CUDA enabled" / "quantization state not initialized"); 0.45.0 drops the attribute and
-# still runs neither; 0.50.2 runs both. So no bitsandbytes release serves these paths on CPU: no per-release pin.
+# 0.42.0, 0.43.3 and 0.44.1 have MatmulLtState.memory_efficient_backward but run neither Linear8bitLt nor
+# Linear4bit on CPU ("Torch not compiled with CUDA enabled" / "quantization state not initialized"); 0.45.0 drops
+# the attribute and still runs neither; 0.50.2 runs both. No bitsandbytes release serves these paths on CPU, so a
+# per-release bitsandbytes pin cannot help.
 _NO_BNB = ("no bitsandbytes release has it and runs on CPU (0.44.1, the last with it, runs neither Linear8bitLt nor "
            "Linear4bit without CUDA; bitsandbytes {bnb} lacks it)")
 BNB_PATHS: tuple[BnbPath, ...] = (
