@@ -41,7 +41,7 @@ from impl.errors import AttachError, CheckpointError, ConfigError
 from . import BACKENDS
 from spec.schema import Deviation, Spec
 from ..strategies import Case
-from .peft_maps import TRANSFORMS, peft_map
+from .peft_maps import BNB_PATHS, TRANSFORMS, bnb_na, peft_map
 from .protocol import Errors, Fields, Mapped
 
 ADAPTER = "default"
@@ -293,6 +293,35 @@ def release_na(pm) -> str | None:
     return None
 
 
+def _peft_file(path: str) -> str:
+    """A file of the installed PEFT as the audit cites it: peft/<path inside the package>."""
+    root = Path(_peft.__file__).resolve().parent
+    return "peft/" + Path(path).resolve().relative_to(root).as_posix()
+
+
+def _bnb_source(where: str, pm) -> list[tuple[str, int, str]]:
+    """The installed release's code a BnbPath probes (harness.backends.peft_maps.bnb_na's `source`): every module
+    of the mapping's tuner package ("tuner"), or one function or class ("module:Qualname"); none it lacks."""
+    if where == "tuner":
+        package = Path(inspect.getfile(getattr(_peft, pm.config))).parent
+        return [(_peft_file(f), 1, f.read_text()) for f in sorted(package.glob("*.py"))]
+    module, _, name = where.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+        lines, first = inspect.getsourcelines(obj)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return []
+    return [(_peft_file(inspect.getsourcefile(obj)), first, "".join(lines))]
+
+
+def _bnb_environment() -> tuple[dict[str, bool], str]:
+    """What the BnbPath needs are checked against (their `lacks` keys), and bitsandbytes' version."""
+    import bitsandbytes as bnb
+
+    return ({"MatmulLtState.memory_efficient_backward": hasattr(bnb.MatmulLtState(), "memory_efficient_backward"),
+             "cuda": torch.cuda.is_available()}, bnb.__version__)
+
+
 def _mapped(layer: nn.Module, spec: Spec) -> dict[str, torch.Tensor]:
     """The spec's tensors of one PEFT tuner layer, through the spec's PeftMap."""
     live = {}
@@ -439,7 +468,22 @@ class PeftBackend:
                         "so Parameter identity cannot be checked")
         if prop == "checkpoint_roundtrip" and not hasattr(_peft.PeftModel, "from_pretrained"):
             return f"peft {VERSION} has no PeftModel.from_pretrained"
+        if prop == "quantized" and pm is not None and release_na(pm) is None:
+            why = [self.quantized_na(spec, lay) for lay in ("bnb4", "bnb8")]
+            if all(why):  # (one layer kind alone: the property checks the other and says which it left out)
+                return "; ".join(f"{lay}: {w}" for lay, w in zip(("bnb4", "bnb8"), why))
         return None
+
+    def quantized_na(self, spec: Spec, layer: str) -> str | None:
+        """Why the installed release cannot run this spec on the `layer` kind ("bnb4" / "bnb8") of bitsandbytes
+        layer here: a path of harness.backends.peft_maps.BNB_PATHS the release's source takes and the environment
+        cannot serve (or PEFT's own refusal), naming the release and PEFT's file:line; None when it can run it."""
+        pm = release_map(spec)
+        if pm is None or pm.compare is not None:
+            return None
+        kwargs = pm.kwargs(self._config(spec, {}))
+        has, bnb = _bnb_environment()
+        return bnb_na(BNB_PATHS, layer, kwargs, lambda where: _bnb_source(where, pm), has, VERSION, bnb)
 
     def deviation(self, spec: Spec, prop: str) -> Deviation | None:
         return next((d for d in self.DEVIATIONS if d.property == prop), None)

@@ -6,8 +6,9 @@ This module imports neither peft nor impl, so its readers work without PEFT inst
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 TRANSFORMS = ("id", "T", "row", "col", "scalar1")
 
@@ -58,6 +59,75 @@ class PeftMap:
     requires: tuple[str, ...] = ()
     earlier: str = ""
     deviations_since: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BnbPath:
+    """A bitsandbytes code path some PEFT releases take that the running environment cannot serve (or that PEFT
+    itself refuses), decided by probing the installed release's source, never by catching its error at run time.
+
+    layers: the bitsandbytes layer kinds ("bnb4", "bnb8") the path serves.
+    source: where the release's code is probed: "tuner" (every module of the package of the mapping's config
+      class, e.g. peft/tuners/lora/) or "module:Qualname" (one function or class, e.g.
+      "peft.tuners.lora.bnb:Linear4bit").
+    marker: a regular expression (multi-line) of the code taking the path; a release has the path when it matches.
+    lacks: what the path needs that the environment may lack: a key of the backend's environment probe
+      ("MatmulLtState.memory_efficient_backward": bitsandbytes has that attribute; "cuda": torch sees a GPU);
+      "" for PEFT's own explicit refusal (then the path is always n/a).
+    when: a PEFT config kwarg that must be true for the path to be taken ("use_dora"); "" for every config.
+    why: the n/a reason, formatted with {release} (PEFT's version), {site} (peft/<file>:<line> of the match) and
+      {bnb} (bitsandbytes' version).
+    """
+
+    layers: tuple[str, ...]
+    source: str
+    marker: str
+    lacks: str
+    why: str
+    when: str = ""
+
+
+# Measured (bitsandbytes wheels from the registry, the harness's layers on a CPU-only machine, torch 2.13.0):
+# 0.42.0, 0.43.3 and 0.44.1 have MatmulLtState.memory_efficient_backward but run neither Linear8bitLt nor
+# Linear4bit on CPU ("Torch not compiled with CUDA enabled" / "quantization state not initialized"); 0.45.0 drops
+# the attribute and still runs neither; 0.50.2 runs both. No bitsandbytes release serves these paths on CPU, so a
+# per-release bitsandbytes pin cannot help.
+_NO_BNB = ("no bitsandbytes release has it and runs on CPU (0.44.1, the last with it, runs neither Linear8bitLt nor "
+           "Linear4bit without CUDA; bitsandbytes {bnb} lacks it)")
+BNB_PATHS: tuple[BnbPath, ...] = (
+    BnbPath(("bnb4",), "peft.tuners.lora.bnb:Linear4bit", r"does not support DoRA yet", "",
+            "peft {release} refuses DoRA on a bitsandbytes Linear4bit ({site}: 'does not support DoRA yet')",
+            when="use_dora"),
+    BnbPath(("bnb8",), "peft.tuners.lora.bnb:Linear8bitLt", r"does not support DoRA yet", "",
+            "peft {release} refuses DoRA on a bitsandbytes Linear8bitLt ({site}: 'does not support DoRA yet')",
+            when="use_dora"),
+    BnbPath(("bnb8",), "tuner", r"state\.memory_efficient_backward", "MatmulLtState.memory_efficient_backward",
+            "peft {release}'s Linear8bitLt path reads bitsandbytes' MatmulLtState.memory_efficient_backward "
+            "({site}), gone from bitsandbytes since 0.45.0; " + _NO_BNB),
+    BnbPath(("bnb4", "bnb8"), "peft.utils.integrations:dequantize_bnb_weight",
+            r'if is_cpu:\s*\n\s*weight = weight\.to\(torch\.device\("cuda"\)\)', "cuda",
+            "peft {release}'s DoRA dequantizes a bitsandbytes weight on CUDA, a CPU weight moved there unconditionally "
+            "({site}), and this machine has no CUDA", when="use_dora"),
+)
+
+
+def bnb_na(paths, layer: str, kwargs: Mapping[str, Any], source: Callable[[str], Iterable[tuple[str, int, str]]],
+           has: Mapping[str, bool], release: str, bnb: str) -> str | None:
+    """Why PEFT `release` cannot run the `layer` kind of bitsandbytes layer here: the first of `paths` for that
+    layer whose `when` kwarg is set, whose code the release has and whose need the environment lacks; None when
+    none is. source(where) -> the code probed, as (file as peft/<path>, its first line number, text) pieces (none
+    when the release lacks it); has: the environment probe (BnbPath.lacks keys)."""
+    for p in paths:
+        if layer not in p.layers or (p.when and not kwargs.get(p.when)):
+            continue
+        if p.lacks and has.get(p.lacks, False):
+            continue
+        for file, first, text in source(p.source):
+            m = re.search(p.marker, text)
+            if m is not None:
+                line = first + text.count("\n", 0, m.end())
+                return p.why.format(release=release, site=f"{file}:{line}", bnb=bnb)
+    return None
 
 
 def corda_compare(ours, peft, cfg):

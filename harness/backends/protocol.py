@@ -12,8 +12,8 @@ lacks one of those members (the check reports a capability whose members are par
 that reason, never a crash. `FullBackend` is every required and capability member together: the type the
 properties see (which of its capability members a property may call, its `needs=` says).
 
-Optional members, each its own protocol (`Supports`, `PropertyNA`, `Deviations`, `BaseBias`, `CheckpointSuffix`,
-`SourceClass`, `ResultsStem`): the harness asks `has(be, Supports)` before calling one.
+Optional members, each its own protocol (`Supports`, `PropertyNA`, `QuantizedNA`, `Deviations`, `BaseBias`,
+`CheckpointSuffix`, `SourceClass`, `ResultsStem`): the harness asks `has(be, Supports)` before calling one.
 
 What the harness passes: `spec` (spec.schema.Spec): read `spec.name` (the variant) and, to map names, the spec's
 tensor names (spec/variants/<name>.py); `case` (harness.strategies.Case): `case.fields` holds the drawn config fields
@@ -448,6 +448,14 @@ class PropertyNA(Protocol):
 
 
 @runtime_checkable
+class QuantizedNA(Protocol):
+    def quantized_na(self, spec: Spec, layer: str) -> str | None:
+        """Why the library cannot run this spec on the `layer` kind ("bnb4" / "bnb8") of bitsandbytes layer in
+        this environment, decided before running it (None: it can; the `quantized` property checks that kind)."""
+        ...
+
+
+@runtime_checkable
 class Deviations(Protocol):
     def deviation(self, spec: Spec, prop: str) -> Deviation | None:
         """A backend-wide declared design difference for (spec, property), with its source line."""
@@ -526,7 +534,8 @@ class TrainablePrecision(Protocol):
 
 
 OPTIONAL: Mapping[str, type] = MappingProxyType({
-    "supports": Supports, "property_na": PropertyNA, "deviation": Deviations, "base_bias": BaseBias,
+    "supports": Supports, "property_na": PropertyNA, "quantized_na": QuantizedNA, "deviation": Deviations,
+    "base_bias": BaseBias,
     "checkpoint_suffix": CheckpointSuffix, "source_class": SourceClass, "results_stem": ResultsStem,
     "defaults_case": LibraryDefaults, "mode_switch_merges": ModeSwitchMerges, "trainable_precision": TrainablePrecision})
 # The protocol declaring each capability's methods (the signatures check_backend compares).
