@@ -2,8 +2,8 @@
 peft/tuners/loha/layer.py:193,201 at 0.21.2; the same call at every release since 0.9.0): a PEFT bug the history's
 `loha / model_oracle` row reports at every release. This pins its cause: on the failing float64 case the same PEFT
 layer with only the scale passed exactly passes the oracles, so nothing else (the harness's model building, r
-above the width) contributes. tests/test_peft_specs_1.py::test_loha_scale_rounded_to_float32_in_a_float64_model_is_flagged
-pins the failure itself."""
+above the width) contributes. The failure itself is pinned by
+tests/test_peft_specs_1.py::test_loha_scale_rounded_to_float32_in_a_float64_model_is_flagged."""
 from unittest import mock
 
 import pytest
