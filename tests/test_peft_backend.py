@@ -193,3 +193,34 @@ def test_training_step_says_when_a_library_left_its_own_state_trainable():
     if peft.__version__ == "0.21.2":  # the real defect, on the history's minimal example
         with pytest.raises(AssertionError, match="'layer.ranknum.default' changed in training .*left trainable"):
             prop.check(spec, be, case.with_(dtype=torch.bfloat16))
+
+
+def test_a_release_that_refuses_targets_of_different_shapes_makes_the_whole_model_checks_na(monkeypatch):
+    """peft 0.11.1's VeRA refuses target layers of different shapes ("VeRA only supports a single dimension
+    size"), which every whole-model check adapts (q/k/v of a GQA model): n/a naming the release and PEFT's words,
+    never a crash row. A refusal of one shape as well is no shape rule: no n/a then."""
+    import harness.backends.peft as backend
+    from harness.engine import run_property
+
+    real = backend._peft.get_peft_model
+
+    def shape_rule(model, cfg, *a, **k):
+        if len({m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)}) > 1:
+            raise ValueError("Multiple target layers with different dimensions were specified. VeRA only supports a "
+                             "single dimension size.")
+        return real(model, cfg, *a, **k)
+
+    monkeypatch.setattr(backend._peft, "get_peft_model", shape_rule)
+    why = PeftBackend().unsupported(SPECS.get("vera"), "model")
+    assert why.startswith(f"peft {backend.VERSION} refuses vera on target layers of different shapes") and \
+        "VeRA only supports a single dimension size" in why
+    r = run_property(PROPERTIES["model_oracle"], SPECS.get("vera"), PeftBackend(), profile="ci")
+    assert r.status == "na" and "single dimension size" in r.detail
+
+    def refuses_all(model, cfg, *a, **k):
+        raise ValueError("no")
+
+    monkeypatch.setattr(backend._peft, "get_peft_model", refuses_all)
+    assert PeftBackend().unsupported(SPECS.get("vera"), "model") is None
+    monkeypatch.setattr(backend._peft, "get_peft_model", real)
+    assert PeftBackend().unsupported(SPECS.get("vera"), "model") is None  # 0.12.0 on: VeRA takes mixed shapes

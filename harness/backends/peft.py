@@ -28,6 +28,7 @@ import importlib
 import inspect
 import io
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -398,6 +399,7 @@ class PeftBackend:
                 f"the installed peft does not import with transformers {transformers.__version__}: "
                 f"{type(IMPORT_ERROR).__name__}: {str(IMPORT_ERROR).splitlines()[0] if str(IMPORT_ERROR) else ''}"
             )
+        self._shape_refusals: dict[str, str | None] = {}  # spec name -> _mixed_shapes_refusal (a probe per spec)
 
     # ---- applicability
 
@@ -456,6 +458,13 @@ class PeftBackend:
                     "takes a run_model callback and reads no mask: the backend feeds it the calibration tokens only)")
         if capability == "dropout" and pm is not None and not pm.input_dropout:
             return f"PEFT's {pm.config} has no adapter-input dropout field (its rank/module dropouts are other things)"
+        if capability == "model" and pm is not None and pm.compare is None and release_na(pm) is None:
+            if spec.name not in self._shape_refusals:
+                self._shape_refusals[spec.name] = _mixed_shapes_refusal(pm, self._config(spec, {}))
+            refused = self._shape_refusals[spec.name]
+            if refused:
+                return (f"peft {VERSION} refuses {spec.name} on target layers of different shapes, which every "
+                        f"whole-model check adapts: {refused}")
         return None
 
     def property_na(self, spec: Spec, prop: str) -> str | None:
@@ -925,6 +934,26 @@ def _conv2d_refusal(pm, config) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+def _mixed_shapes_refusal(pm, config) -> str | None:
+    """PEFT's own refusal of this config on target layers of different shapes (e.g. peft 0.11.1's "VeRA only
+    supports a single dimension size", tuners/vera/model.py), found by adapting two Linear layers of different
+    shapes; None when PEFT takes them, or when it refuses two layers of one shape too (then it is no shape rule)."""
+    def refusal(d_out: int) -> str | None:
+        model = nn.Sequential()
+        model.add_module("a", nn.Linear(4, 4))
+        model.add_module("b", nn.Linear(4, d_out))
+        cfg = getattr(_peft, pm.config)(**_subconfigs(dict(pm.kwargs(config))), target_modules=["a", "b"])
+        try:
+            with warnings.catch_warnings():  # (a probe: PEFT's notes on the tiny layers are not the run's)
+                warnings.simplefilter("ignore")
+                _peft.get_peft_model(model, cfg)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    return refusal(2) if refusal(4) is None else None
 
 
 BACKENDS["peft"] = PeftBackend
