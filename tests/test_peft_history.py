@@ -114,6 +114,15 @@ def test_history_first_failing_and_fixed_in_and_render(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically, no temporary left
 
 
+def test_a_failure_followed_by_a_declared_deviation_is_fixed_there():
+    """hra/model_oracle crashes on 0.12.0 (a dtype bug) and shows the declared Conv1D refusal from 0.16.0: the
+    crash is fixed in 0.16.0, not 'not fixed' because the later cells are dev rather than pass."""
+    releases = [{"version": v, "status": "ran", "results": [_res("hra", "model_oracle", st, kind)]}
+                for v, st, kind in (("0.12.0", "fail", "crash"), ("0.16.0", "deviation", None))]
+    row = ph.build_history(releases)["rows"][0]
+    assert row["cells"] == {"0.12.0": "E", "0.16.0": "dev"} and row["fixed_in"] == "0.16.0"
+
+
 def test_missing_feature_is_na_naming_the_release(monkeypatch):
     """A release without DeLoRA, without EVA's data pass or whose init_lora_weights lists no 'pissa' makes the
     property n/a with the reason, never a failure counted against PEFT."""

@@ -287,8 +287,8 @@ def portable(text: str) -> str:
 def build_history(releases: list[dict]) -> dict:
     """releases: [{'version', 'status': 'ran'|'error'|'skipped', 'line', 'results': [...] | None, ...}] oldest
     first -> the history: rows (variant, property) that are not 'pass' at some release that ran, a cell per
-    release, and per failing row the first release it failed at, the release that fixed it (first passing or
-    na-free release after the last failure... the first release after a failing one where it passes) and the
+    release, and per failing row the first release it failed at, the release that fixed it (the first release
+    after the last failing one where it passes, or shows only a declared deviation) and the
     detail and minimal example of its first and latest failure."""
     ran = [r for r in releases if r["status"] == "ran"]
     by = {r["version"]: {(x["variant"], x["property"]): x for x in per_check(r["results"])} for r in ran}
@@ -310,8 +310,8 @@ def build_history(releases: list[dict]) -> dict:
             for v in versions:
                 if cells[v] in ("F", "E"):
                     seen_fail, row["fixed_in"] = True, None
-                elif seen_fail and cells[v] == "pass" and row["fixed_in"] is None:
-                    row["fixed_in"] = v
+                elif seen_fail and cells[v] in ("pass", "dev") and row["fixed_in"] is None:
+                    row["fixed_in"] = v  # (dev: the failure is gone, what is left is a declared deviation)
             # one entry per distinct failure detail, with the releases showing it
             distinct: dict[str, dict] = {}
             for v in fails:
