@@ -512,7 +512,7 @@ def dropout(spec, be: FullBackend, case):
     return max(err, err2)
 
 
-@prop("dropout_live", _dt(torch.float32), max_examples=8,
+@prop("dropout_live", _dt(torch.float32), max_examples=8, needs=("dropout",),
       applies=lambda spec, be: None if spec.dropout == "honoured" else "the spec declares dropout rejected")
 def dropout_live(spec, be: FullBackend, case):
     """With dropout 0.5 and perturbed trainables, train-mode outputs under two random states differ from each other

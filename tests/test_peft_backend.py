@@ -224,3 +224,16 @@ def test_a_release_that_refuses_targets_of_different_shapes_makes_the_whole_mode
     assert PeftBackend().unsupported(SPECS.get("vera"), "model") is None
     monkeypatch.setattr(backend._peft, "get_peft_model", real)
     assert PeftBackend().unsupported(SPECS.get("vera"), "model") is None  # 0.12.0 on: VeRA takes mixed shapes
+
+
+def test_dropout_live_is_na_where_the_release_has_no_adapter_input_dropout(monkeypatch):
+    """PEFT's BoneConfig (the miss mapping before 0.17.1) has no dropout field: dropout_live, like dropout and
+    eval_deterministic, needs the backend's dropout capability, so it is n/a there instead of 'dropout is not
+    applied' (a dropout the backend never passed to PEFT)."""
+    import harness.backends.peft as backend
+
+    spec = SPECS.get("miss")
+    monkeypatch.setattr(backend, "release_map", lambda s: dataclasses.replace(backend.peft_map(s), input_dropout=False))
+    for name in ("dropout", "dropout_live", "eval_deterministic"):
+        r = run_property(PROPERTIES[name], spec, PeftBackend(), profile="ci")
+        assert r.status == "na" and "no adapter-input dropout field" in r.detail, (name, r.status, r.detail)
