@@ -87,7 +87,7 @@ def test_a_release_whose_verify_hangs_is_an_error_row_naming_the_limit(tmp_path,
                                prepare=lambda v: {"site": tmp_path, "shims": [], "transformers": "5.0"})
     assert not stopped and out[0]["status"] == "error"
     assert "did not finish within the timeout of 0.5 s (killed)" in out[0]["line"]
-    assert "timeout of 0.5 s" in lines[0]
+    assert lines[0] == "peft 0.9.0: lora in one verify" and "timeout of 0.5 s" in lines[1]
 
 
 def test_pip_and_the_probe_have_limits_too(tmp_path, monkeypatch):

@@ -561,6 +561,7 @@ def run_jobs(jobs: list[tuple[str, str]], budget_s: float, verify_args: list[str
                 todo.append(s)
         if not todo:
             continue
+        log(f"peft {v}: {', '.join(todo)} in one verify", flush=True)
         t = time.monotonic()
         try:
             if v not in envs:
