@@ -112,6 +112,8 @@ def test_history_first_failing_and_fixed_in_and_render(tmp_path):
     assert "peft 0.13.2 cannot be installed" in text and "\n- Budget 10 s; the run took 12 s. **The budget was spent" in text
     assert json.loads(js.read_text())["rows"][0]["cells"]
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically, no temporary left
+    repros = sorted((ph.ROOT / "audits" / "peft_history" / "repro").glob("*.py"))
+    assert repros and all(f"](peft_history/repro/{p.name}): PEFT " in text for p in repros)  # each, with its claim
 
 
 def test_a_failure_followed_by_a_declared_deviation_is_fixed_there():
