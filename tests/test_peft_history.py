@@ -113,7 +113,7 @@ def test_history_first_failing_and_fixed_in_and_render(tmp_path):
     assert json.loads(js.read_text())["rows"][0]["cells"]
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically, no temporary left
     repros = sorted((ph.ROOT / "audits" / "peft_history" / "repro").glob("*.py"))
-    assert repros and all(f"](peft_history/repro/{p.name}): PEFT " in text for p in repros)  # each, with its claim
+    assert repros and all(f"`audits/peft_history/repro/{p.name}`: PEFT " in text for p in repros)  # with its claim
 
 
 def test_a_failure_followed_by_a_declared_deviation_is_fixed_there():

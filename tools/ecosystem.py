@@ -321,15 +321,10 @@ def build(libs_doc: dict) -> dict:
 
 
 def repros(folder: Path = AUDIT.parent / "ecosystem" / "repro") -> list[dict]:
-    """The standalone reproductions (audits/ecosystem/repro/*.py, or another audit's folder): file and the first
-    paragraph of its docstring, on one line."""
-    import ast
+    """The standalone reproductions (audits/ecosystem/repro/*.py): tools.render.repro_list."""
+    from tools.render import repro_list
 
-    out = []
-    for f in sorted(folder.glob("*.py")):
-        doc = ast.get_docstring(ast.parse(f.read_text())) or ""
-        out.append({"file": f.relative_to(ROOT).as_posix(), "claim": " ".join(doc.split("\n\n")[0].split())})
-    return out
+    return repro_list(folder, ROOT)
 
 
 def render_markdown(doc: dict) -> str:

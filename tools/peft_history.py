@@ -371,11 +371,10 @@ def releases_meta(releases: list[dict]) -> list[dict]:
 
 
 def render_markdown(history: dict, run: dict) -> str:
-    from tools.ecosystem import repros
-    from tools.render import make_env
+    from tools.render import make_env, repro_list
 
     return make_env().get_template(TEMPLATE).render(h=history, run=run,
-                                                    repros=repros(AUDIT.parent / "peft_history" / "repro"))
+                                                    repros=repro_list(AUDIT.parent / "peft_history" / "repro", ROOT))
 
 
 def write_history(history: dict, run: dict, stem: Path = AUDIT) -> tuple[Path, Path]:

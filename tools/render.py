@@ -75,6 +75,18 @@ _LINK_JOIN = re.compile(r"\]([(\[:])")
 _AUTOLINK = re.compile(r"(?i)\b(https?|ftp)(:)(?=//)|\b(www)(\.)(?=[A-Za-z0-9])")
 
 
+def repro_list(folder: Path, root: Path) -> list[dict]:
+    """An audit's standalone reproductions (folder/*.py): each as its file (relative to root) and its claim, the
+    first paragraph of its docstring on one line."""
+    import ast
+
+    out = []
+    for f in sorted(folder.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(f.read_text(encoding="utf-8"))) or ""
+        out.append({"file": f.relative_to(root).as_posix(), "claim": " ".join(doc.split("\n\n")[0].split())})
+    return out
+
+
 def md_text(value: Any) -> Escaped:
     """The one escaping filter every value from input passes through (the environment's finalize, so a template
     cannot forget it): HTML and Markdown link syntax neutralised, nothing else touched, so text without such
