@@ -13,3 +13,9 @@ def import_library(module: str, backend: str) -> ModuleType:
     except ImportError as e:
         raise RuntimeError(f"{module} does not import here ({type(e).__name__}: {e}); `nox -s verify -- --backend "
                            f"{backend}` builds its environment") from None
+
+
+def release_number(version: str) -> tuple[int, ...]:
+    """'0.15.2' -> (0, 15, 2): a library release's number, compared field by field (parts that are not plain
+    numbers, as in '0.5.0rc1', are left out)."""
+    return tuple(int(p) for p in version.split(".") if p.isdigit())

@@ -26,7 +26,7 @@ from impl import layers
 from spec.schema import Deviation, Spec
 
 from . import BACKENDS
-from .library import import_library
+from .library import import_library, release_number
 from ..strategies import Case
 from .protocol import Errors, Fields
 
@@ -108,8 +108,8 @@ class LitgptBackend:
 
     def _interleaved(self) -> bool:
         """litgpt < 0.5: the fused q/k/v rows are interleaved per query group (0.5 stacks them [q | k | v])."""
-        parts = (self.version or "").split(".")
-        return len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit() and (int(parts[0]), int(parts[1])) < (0, 5)
+        number = release_number(self.version or "")
+        return len(number) >= 2 and number[:2] < (0, 5)
 
     def unsupported(self, spec: Spec, capability: str) -> str | None:
         return LACKS.get(capability)

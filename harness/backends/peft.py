@@ -42,6 +42,7 @@ from impl.errors import AttachError, CheckpointError, ConfigError
 from . import BACKENDS
 from spec.schema import Deviation, Spec
 from ..strategies import Case
+from .library import release_number
 from .peft_maps import BNB_PATHS, TRANSFORMS, bnb_na, peft_map
 from .protocol import Errors, Fields, Mapped
 
@@ -275,11 +276,6 @@ def _release_builds(pm) -> bool:
     return cls is not None and set(pm.requires) <= _config_fields(cls)
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """'0.15.2' -> (0, 15, 2): a release's number, compared field by field."""
-    return tuple(int(p) for p in version.split(".") if p.isdigit())
-
-
 def release_na(pm) -> str | None:
     """Why the installed release cannot build the mapping (release_map's choice), naming the release; None when it
     can. A class the release lacks under this mapping's name and every older one; or the same class, but for the
@@ -399,7 +395,6 @@ class PeftBackend:
                 f"the installed peft does not import with transformers {transformers.__version__}: "
                 f"{type(IMPORT_ERROR).__name__}: {str(IMPORT_ERROR).splitlines()[0] if str(IMPORT_ERROR) else ''}"
             )
-        self._shape_refusals: dict[str, str | None] = {}  # spec name -> _mixed_shapes_refusal (a probe per spec)
 
     # ---- applicability
 
@@ -459,9 +454,9 @@ class PeftBackend:
         if capability == "dropout" and pm is not None and not pm.input_dropout:
             return f"PEFT's {pm.config} has no adapter-input dropout field (its rank/module dropouts are other things)"
         if capability == "model" and pm is not None and pm.compare is None and release_na(pm) is None:
-            if spec.name not in self._shape_refusals:
-                self._shape_refusals[spec.name] = _mixed_shapes_refusal(pm, self._config(spec, {}))
-            refused = self._shape_refusals[spec.name]
+            cfg = self._config(spec, {})  # a refusal of two layers of one shape as well is no shape rule
+            refused = _adapt_refusal(pm, cfg, a=nn.Linear(4, 4), b=nn.Linear(4, 2)) \
+                if _adapt_refusal(pm, cfg, a=nn.Linear(4, 4), b=nn.Linear(4, 4)) is None else None
             if refused:
                 return (f"peft {VERSION} refuses {spec.name} on target layers of different shapes, which every "
                         f"whole-model check adapts: {refused}")
@@ -502,7 +497,7 @@ class PeftBackend:
         deviations_since)."""
         pm = release_map(spec)
         since = pm.deviations_since.get(dev.property) if pm is not None else None
-        return since is None or _release(VERSION) >= _release(since)
+        return since is None or release_number(VERSION) >= release_number(since)
 
     # ---- config and attach
 
@@ -769,7 +764,7 @@ class PeftBackend:
             if pm.feedforward:
                 return ("PEFT's feed-forward IA3 on Conv2d gates the c_in input channels, not the c_in*kh*kw patch "
                         "entries: no Linear-layout counterpart of the spec's g")
-            refused = _conv2d_refusal(pm, self._config(spec, {}))
+            refused = _adapt_refusal(pm, self._config(spec, {}), layer=nn.Conv2d(2, 2, 1))
             if refused:
                 return f"peft {VERSION} refuses {spec.name} on Conv2d: {refused}"
         if spec.rewrites_base and capability in ("embedding", "scaled_embedding", "conv2d"):
@@ -923,37 +918,22 @@ def _lora_like(pm) -> bool:
     return pm is not None and pm.config == "LoraConfig" and pm.compare is None
 
 
-def _conv2d_refusal(pm, config) -> str | None:
-    """PEFT's own refusal of this config on a Conv2d layer (e.g. peft 0.9.0's "Conv2d does not support DoRA yet",
-    tuners/lora/layer.py:656), found by adapting a 1x1 convolution; None when PEFT takes it."""
+def _adapt_refusal(pm, config, **layers: nn.Module) -> str | None:
+    """PEFT's own refusal (its ValueError) of this config on a model of these layers, every one targeted, found by
+    adapting them; None when PEFT takes them. E.g. peft 0.9.0's "Conv2d does not support DoRA yet"
+    (tuners/lora/layer.py:656) on a 1x1 convolution, peft 0.11.1's "VeRA only supports a single dimension size"
+    (tuners/vera/model.py) on two Linear layers of different shapes."""
     model = nn.Sequential()
-    model.add_module("layer", nn.Conv2d(2, 2, 1))
-    cfg = getattr(_peft, pm.config)(**_subconfigs(dict(pm.kwargs(config))), target_modules=["layer"])
+    for name, layer in layers.items():
+        model.add_module(name, layer)
+    cfg = getattr(_peft, pm.config)(**_subconfigs(dict(pm.kwargs(config))), target_modules=list(layers))
     try:
-        _peft.get_peft_model(model, cfg)
+        with warnings.catch_warnings():  # (a probe: PEFT's notes on the tiny layers are not the run's)
+            warnings.simplefilter("ignore")
+            _peft.get_peft_model(model, cfg)
     except ValueError as e:
         return str(e)
     return None
-
-
-def _mixed_shapes_refusal(pm, config) -> str | None:
-    """PEFT's own refusal of this config on target layers of different shapes (e.g. peft 0.11.1's "VeRA only
-    supports a single dimension size", tuners/vera/model.py), found by adapting two Linear layers of different
-    shapes; None when PEFT takes them, or when it refuses two layers of one shape too (then it is no shape rule)."""
-    def refusal(d_out: int) -> str | None:
-        model = nn.Sequential()
-        model.add_module("a", nn.Linear(4, 4))
-        model.add_module("b", nn.Linear(4, d_out))
-        cfg = getattr(_peft, pm.config)(**_subconfigs(dict(pm.kwargs(config))), target_modules=["a", "b"])
-        try:
-            with warnings.catch_warnings():  # (a probe: PEFT's notes on the tiny layers are not the run's)
-                warnings.simplefilter("ignore")
-                _peft.get_peft_model(model, cfg)
-        except ValueError as e:
-            return str(e)
-        return None
-
-    return refusal(2) if refusal(4) is None else None
 
 
 BACKENDS["peft"] = PeftBackend
