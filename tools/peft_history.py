@@ -50,8 +50,9 @@ TEMPLATE = "peft_history.md.j2"
 HISTORY_VARIANTS = "lora,dora,pissa,eva,hra,ia3,delora"
 # The whole-model properties and the bitsandbytes ones: left to the single-release verify (`nox -s verify --
 # --backend peft --peft-version X`) and to `--full`. Measured over 7 ci-profile jobs once Hypothesis's explain phase
-# was dropped (harness/engine.py _PHASES): about 16% of a job's row-seconds; a job's fixed start-up (imports) is
-# about 9.5 s CPU of its mean 25 s. `--properties all` runs every property.
+# was dropped (harness/engine.py _PHASES): about 16% of a job's row-seconds; a verify process's fixed start-up
+# (imports) was about 9.5 s CPU of a job's mean 25 s, which is why run_jobs gives a release's jobs one process.
+# `--properties all` runs every property.
 HISTORY_SKIP = ("model_freezing", "model_oracle", "model_targeting", "model_knobs", "model_data_init", "quantized",
                 "reference_quantized")
 
@@ -471,25 +472,21 @@ def _verify_job(version: str, variants: list[str], site: Path, profile: str, ver
     in one line when it writes none."""
     import tempfile
 
-    folder = SHARDS / "jobs"
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=folder, prefix=f"peft-{version}-", suffix=".verify.json")
-    os.close(fd)
-    js = Path(name)
-    js.unlink()
-    cmd = [python, "-m", "tools.verify", "--backend", "peft", "--peft-version", version, "--profile", profile,
-           "--variants", ",".join(variants), "--json", str(js), *verify_args]
+    (SHARDS / "jobs").mkdir(parents=True, exist_ok=True)
     what = f"peft {version} / {', '.join(variants)}"
-    try:
-        p = subprocess.run(cmd, env=env_vars(site), cwd=str(ROOT), capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise _timed_out(f"{what}: verify", timeout_s) from None
-    if not js.is_file():
-        raise ReleaseError(f"{what}: verify wrote no results (exit {p.returncode}): {_last_line(p.stdout + p.stderr)}")
-    try:
+    with tempfile.TemporaryDirectory(dir=SHARDS / "jobs", prefix=f"peft-{version}-") as tmp:
+        js = Path(tmp) / "verify.json"  # (the shards' processes run releases side by side: a folder each)
+        cmd = [python, "-m", "tools.verify", "--backend", "peft", "--peft-version", version, "--profile", profile,
+               "--variants", ",".join(variants), "--json", str(js), *verify_args]
+        try:
+            p = subprocess.run(cmd, env=env_vars(site), cwd=str(ROOT), capture_output=True, text=True,
+                               timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise _timed_out(f"{what}: verify", timeout_s) from None
+        if not js.is_file():
+            raise ReleaseError(f"{what}: verify wrote no results (exit {p.returncode}): "
+                               f"{_last_line(p.stdout + p.stderr)}")
         return [x for x in json.loads(js.read_text())["results"] if x["variant"] in variants]
-    finally:
-        js.unlink()
 
 
 def _locked_env(version: str, python: str) -> Path:
